@@ -1,0 +1,287 @@
+"""treg-score's pipeline: read rows -> validate and encode -> score in chunks -> rewards -> shards."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from treg_data import __version__
+from treg_data.encoding import CONTEXTS, EncodedPair, LengthLimits, PairEncoder, tokenizer_fingerprint
+from treg_data.errors import BadRow, UserError, first_line
+from treg_data.inputs import InvalidRow, open_source, worker_range
+from treg_data.pairs import Columns, parse_pair, row_id
+from treg_data.revision_prompts import load_revision_prompts
+from treg_data.rewards import REWARD_TRANSFORM, contrastive_rewards
+from treg_data.scorers import EngineOptions, Scorer, build_scorer
+from treg_data.schema import SIDES
+from treg_data.shards import Progress, ShardStore
+
+SHOWN_SKIPS = 5
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    model: str
+    dataset: str
+    output: str
+    split: str = "train"
+    dataset_config: str | None = None
+    columns: Columns = Columns()
+    scorer_model: str | None = None
+    revision: str | None = None
+    backend: str = "vllm"
+    revision_template: str | None = None
+    chat_template: str | None = None
+    max_length: int = 2048
+    max_prompt_length: int = 1800
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    batch_size: int = 256
+    shard_size: int = 10_000
+    num_workers: int = 1
+    worker_index: int = 0
+    strict: bool = False
+    overwrite: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Summary:
+    output: Path
+    pairs_read: int
+    pairs_scored: int
+    skipped_by_reason: dict[str, int]
+    tokens: int
+    seconds: float
+    score_seconds: float  # time inside the scorer, engine start excluded
+    scoring_path: str
+    manifest: Path | None
+    pairs_scored_now: int = 0
+
+    def text(self) -> str:
+        skipped = sum(self.skipped_by_reason.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_by_reason.items())) or "none"
+        rate = self.tokens / self.score_seconds if self.score_seconds else 0.0
+        pairs_rate = (self.pairs_scored_now / self.score_seconds) if self.score_seconds else 0.0
+        lines = [
+            f"treg-score finished in {self.seconds:.1f}s ({self.scoring_path})",
+            f"  pairs read     {self.pairs_read}",
+            f"  pairs scored   {self.pairs_scored}",
+            f"  pairs skipped  {skipped} ({reasons})",
+            f"  tokens scored  {self.tokens} this run: {rate:,.0f} tokens/s, {pairs_rate:,.1f} pairs/s while scoring",
+            f"  output         {self.output}"
+            + (f" (manifest: {self.manifest.name})" if self.manifest else " (waiting for other workers)"),
+        ]
+        return "\n".join(lines)
+
+
+def run(config: ScoreConfig) -> Summary:
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(config.model, config.revision, config.chat_template)
+    if config.scorer_model and config.scorer_model != config.model:
+        check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)
+    revision_prompts = load_revision_prompts(config.revision_template)
+    encoder = PairEncoder(tokenizer, revision_prompts, LengthLimits(config.max_length, config.max_prompt_length, 0))
+    max_model_len = config.max_model_len or default_max_model_len(config, encoder)
+    encoder.limits = LengthLimits(config.max_length, config.max_prompt_length, max_model_len)
+
+    source = open_source(config.dataset, config.split, config.dataset_config)
+    start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
+    provenance = {
+        "model": config.model,
+        "model_revision": config.revision,
+        "scorer_model": config.scorer_model or config.model,
+        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
+        "dataset": str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
+        "dataset_config": config.dataset_config,
+        "split": config.split,
+        "columns": vars(config.columns),
+        "revision_prompts": revision_prompts.as_dict(),
+        "reward_transform": REWARD_TRANSFORM,
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+        "max_model_len": max_model_len,
+        "backend": config.backend,
+        "dtype": config.dtype,
+        "num_workers": config.num_workers,
+        "shard_size": config.shard_size,
+        "treg_version": __version__,
+    }
+    store = ShardStore(config.output, config.split, config.worker_index, config.num_workers, provenance)
+    progress = store.resume(start, config.overwrite)
+    if progress.next_input > start:
+        print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}", file=sys.stderr)
+
+    options = EngineOptions(
+        model=config.scorer_model or config.model, revision=config.revision, dtype=config.dtype,
+        max_model_len=max_model_len, tensor_parallel_size=config.tensor_parallel_size,
+        gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager, seed=config.seed,
+    )
+    writer = _ChunkedScoring(config, encoder, store, progress, options)
+    tokens_before, rows_before = progress.tokens, progress.rows
+    try:
+        writer.run(source.rows(progress.next_input, stop), total=stop - progress.next_input)
+    finally:
+        if writer.scorer is not None:
+            writer.scorer.close()
+    manifest = store.finish(progress, start, stop, {"scoring_path": writer.scoring_path})
+    return Summary(
+        output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
+        skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
+        seconds=time.perf_counter() - started, score_seconds=writer.score_seconds,
+        scoring_path=writer.scoring_path, manifest=manifest, pairs_scored_now=progress.rows - rows_before,
+    )
+
+
+class _ChunkedScoring:
+    """Scores `batch_size` pairs per engine call and cuts shards of exactly `shard_size` rows."""
+
+    def __init__(self, config: ScoreConfig, encoder: PairEncoder, store: ShardStore, progress: Progress, options: EngineOptions):
+        self.config, self.encoder, self.store, self.progress, self.options = config, encoder, store, progress, options
+        self.scorer: Scorer | None = None  # started on the first pair to score, after input checks
+        self.pending: list[tuple[int, dict | None, dict | None, int]] = []  # (index, row, skip, tokens)
+        self.shard_start = progress.next_input
+        self.score_seconds = 0.0
+
+    @property
+    def scoring_path(self) -> str:
+        return f"{self.config.backend}:{self.scorer.path}" if self.scorer else f"{self.config.backend}: nothing to score"
+
+    def run(self, rows, total: int) -> None:
+        bar = tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, file=sys.stderr)
+        tokens = 0
+        chunk: list[tuple[int, object]] = []
+        for item in rows:
+            chunk.append(item)
+            if len(chunk) == self.config.batch_size:
+                tokens += self._process(chunk, bar)
+                if self.score_seconds:
+                    bar.set_postfix_str(f"{tokens / self.score_seconds:,.0f} tok/s")
+                chunk = []
+        if chunk:
+            tokens += self._process(chunk, bar)
+        self._flush(final=True)
+        bar.close()
+
+    def _process(self, chunk, bar) -> int:
+        encoded: list[tuple[int, EncodedPair]] = []
+        for index, row in chunk:
+            try:
+                if isinstance(row, InvalidRow):
+                    raise BadRow(row.reason, row.detail)
+                encoded.append((index, self.encoder.encode(parse_pair(row, self.config.columns))))
+            except BadRow as bad:
+                self._skip(index, row, bad, bar)
+        if encoded:
+            if self.scorer is None:
+                self.scorer = build_scorer(self.config.backend, self.options)
+                tqdm.write(f"scoring path: {self.scoring_path}", file=sys.stderr)
+            started = time.perf_counter()
+            rows = score_pairs(self.scorer, [p for _, p in encoded])
+            self.score_seconds += time.perf_counter() - started
+            for (index, pair), row in zip(encoded, rows):
+                self.pending.append((index, row, None, pair.num_tokens))
+        self.pending.sort(key=lambda item: item[0])
+        self._flush(final=False)
+        bar.update(len(chunk))
+        return sum(pair.num_tokens for _, pair in encoded)
+
+    def _skip(self, index: int, row, bad: BadRow, bar) -> None:
+        rid = row.id if isinstance(row, InvalidRow) else row_id(row, self.config.columns)
+        if self.config.strict:
+            raise UserError(f"row {rid} (input row {index}): {bad.reason}: {bad.detail} (--strict)")
+        entry = {"id": rid, "reason": bad.reason, "detail": bad.detail}
+        if len(self.progress.skipped) + sum(1 for p in self.pending if p[2]) < SHOWN_SKIPS:
+            tqdm.write(f"skipped {rid}: {bad.reason} ({bad.detail})", file=sys.stderr)
+        self.pending.append((index, None, entry, 0))
+
+    def _flush(self, final: bool) -> None:
+        """Write every full shard in `pending`; at the end, the remainder too."""
+        size = self.config.shard_size
+        while True:
+            row_positions = [i for i, item in enumerate(self.pending) if item[1] is not None]
+            if len(row_positions) >= size:
+                cut = row_positions[size - 1] + 1
+            elif final and row_positions:
+                cut = len(self.pending)
+            else:
+                break
+            taken, self.pending = self.pending[:cut], self.pending[cut:]
+            end = taken[-1][0] + 1
+            self.store.write_shard(
+                self.progress.next_shard, [r for _, r, _, _ in taken if r is not None], self.shard_start, end,
+                tokens=sum(t for *_, t in taken), skipped=[s for _, _, s, _ in taken if s is not None],
+            )
+            self.progress.next_shard += 1
+            self.progress.rows += sum(1 for _, r, _, _ in taken if r is not None)
+            self.progress.tokens += sum(t for *_, t in taken)
+            self.progress.skipped += [s for _, _, s, _ in taken if s is not None]
+            self.shard_start = self.progress.next_input = end
+        if final:  # skips after the last row belong to no shard; the worker manifest keeps them
+            self.progress.skipped += [s for _, _, s, _ in self.pending if s is not None]
+            self.pending = []
+
+
+def score_pairs(scorer: Scorer, pairs: list[EncodedPair]) -> list[dict]:
+    """One scorer call for all six sequences of every pair, then one shard row per pair."""
+    requests = [(resp.prefixes[ctx], resp.ids) for p in pairs for resp in (p.chosen, p.rejected) for ctx in CONTEXTS]
+    logps = iter(scorer.score(requests))
+    rows = []
+    for p in pairs:
+        row = {"id": p.pair.id, "prompt": p.pair.prompt, "chosen": [p.pair.chosen], "rejected": [p.pair.rejected],
+               "prompt_ids": p.prompt_ids}
+        for side, resp in zip(SIDES, (p.chosen, p.rejected)):
+            by_context = {ctx: next(logps) for ctx in CONTEXTS}
+            row[f"{side}_ids"] = resp.ids
+            for ctx in CONTEXTS:
+                row[f"{side}_{ctx}_logps"] = by_context[ctx]
+            row[f"{side}_rewards"] = contrastive_rewards(by_context["better"], by_context["worse"])
+        rows.append(row)
+    return rows
+
+
+def load_tokenizer(name: str, revision: str | None, chat_template: str | None):
+    from transformers import AutoTokenizer
+
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise UserError(f"model folder {name} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
+        raise UserError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from None
+    if chat_template:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot read --chat-template {chat_template}: {err}") from None
+    return tokenizer
+
+
+def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str) -> None:
+    if policy_tokenizer.get_vocab() != scorer_tokenizer.get_vocab():
+        raise UserError(
+            f"--scorer-model {scorer_name} has a different vocabulary from --model; token rewards need "
+            "identical token ids, so use a scorer from the same model family and tokenizer"
+        )
+
+
+def default_max_model_len(config: ScoreConfig, encoder: PairEncoder) -> int:
+    """Room for a revision sequence of a max-length pair: it quotes the response and then holds it,
+    so about twice max_length plus the revision prompt; capped at the model's context."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(config.scorer_model or config.model, revision=config.revision)
+    except Exception as err:
+        raise UserError(f"cannot load the model config of {config.scorer_model or config.model!r}: {first_line(err)}") from None
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    wanted = 2 * config.max_length + encoder.template_overhead()
+    return min(wanted, context) if context else wanted

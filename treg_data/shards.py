@@ -1,0 +1,201 @@
+"""Parquet shards that reruns can trust (datatrove-style), and the manifest.
+
+Layout of an output folder:
+    data/{split}-{worker:05d}-of-{workers:05d}-{shard:05d}.parquet   shards, rows in input order
+    manifests/worker-{worker:05d}-of-{workers:05d}.json                written when a worker finishes
+    manifest.json, skipped.jsonl                                       written once every worker has
+
+A shard is written to a hidden temporary name, flushed to disk and renamed, so a file with the
+final name is always complete. Its Parquet metadata holds the provenance and the input rows it
+covers; a rerun continues after the last complete shard and writes exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from treg_data.errors import UserError
+from treg_data.schema import METADATA_KEY, SCHEMA
+
+IGNORED_PROVENANCE = ("treg_version",)  # may differ between compatible runs
+
+
+@dataclass
+class Progress:
+    """What a worker has done so far: input position and counts, carried across reruns."""
+
+    next_input: int
+    next_shard: int = 0
+    rows: int = 0
+    tokens: int = 0
+    skipped: list[dict] = field(default_factory=list)  # {"id", "reason", "detail"}
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(Counter(entry["reason"] for entry in self.skipped))
+
+
+class ShardStore:
+    def __init__(self, output: str | Path, split: str, worker_index: int, num_workers: int, provenance: dict):
+        self.root = Path(output)
+        self.data_dir = self.root / "data"
+        self.split = split
+        self.worker_index = worker_index
+        self.num_workers = num_workers
+        self.provenance = provenance
+        self.prefix = f"{split}-{worker_index:05d}-of-{num_workers:05d}-"
+
+    # ---- resume -------------------------------------------------------------------------
+
+    def resume(self, start: int, overwrite: bool) -> Progress:
+        """Check the folder holds only compatible work, then return where this worker stands."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for tmp in self.data_dir.glob(f".{self.prefix}*"):
+            tmp.unlink()  # left by a killed run; never trusted
+        self._refuse_or_remove_foreign(overwrite)
+        if overwrite:
+            for path in self._own_shards():
+                path.unlink()
+            self.worker_manifest_path.unlink(missing_ok=True)
+        progress = Progress(next_input=start)
+        for number, path in enumerate(self._own_shards()):
+            meta = read_shard_metadata(path)["shard"]
+            if path.name != self.shard_name(number) or meta["input_start"] != progress.next_input:
+                raise UserError(f"{path} does not continue the shards before it; remove it or use --overwrite")
+            progress.next_input = meta["input_end"]
+            progress.next_shard = number + 1
+            progress.rows += meta["rows"]
+            progress.tokens += meta["tokens"]
+            progress.skipped += meta["skipped"]
+        return progress
+
+    def _refuse_or_remove_foreign(self, overwrite: bool) -> None:
+        for path in self._first_shards_and_manifests():
+            theirs = _provenance_of(path)
+            differences = provenance_differences(self.provenance, theirs)
+            if not differences:
+                continue
+            if not overwrite:
+                raise UserError(
+                    f"{self.root} already holds data scored with other settings ({', '.join(differences)} differ, "
+                    f"e.g. {path.name}); use a new --output, or --overwrite to replace it"
+                )
+            stem = path.name.split("-of-")[0] if path.suffix == ".parquet" else None
+            for stale in (self.data_dir.glob(f"{stem}-of-*") if stem else [path]):
+                stale.unlink()
+        if overwrite:
+            for name in ("manifest.json", "skipped.jsonl"):
+                (self.root / name).unlink(missing_ok=True)
+
+    def _first_shards_and_manifests(self) -> list[Path]:
+        firsts = sorted(self.data_dir.glob("*-00000.parquet"))
+        return firsts + sorted((self.root / "manifests").glob("*.json"))
+
+    def _own_shards(self) -> list[Path]:
+        return sorted(self.data_dir.glob(f"{self.prefix}*.parquet"))
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def shard_name(self, number: int) -> str:
+        return f"{self.prefix}{number:05d}.parquet"
+
+    def write_shard(self, number: int, rows: list[dict], input_start: int, input_end: int,
+                    tokens: int, skipped: list[dict]) -> Path:
+        meta = {
+            "provenance": self.provenance,
+            "shard": {"input_start": input_start, "input_end": input_end, "rows": len(rows),
+                      "tokens": tokens, "skipped": skipped},
+        }
+        table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)}))
+        final = self.data_dir / self.shard_name(number)
+        tmp = self.data_dir / f".{final.name}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        _fsync_and_rename(tmp, final)
+        return final
+
+    @property
+    def worker_manifest_path(self) -> Path:
+        return self.root / "manifests" / f"worker-{self.worker_index:05d}-of-{self.num_workers:05d}.json"
+
+    def finish(self, progress: Progress, input_start: int, input_end: int, extra: dict) -> Path | None:
+        """Record this worker as done; write manifest.json when every worker is. Returns its path."""
+        worker = {
+            "provenance": self.provenance,
+            "worker_index": self.worker_index,
+            "input_start": input_start,
+            "input_end": input_end,
+            "shards": [self.shard_name(n) for n in range(progress.next_shard)],
+            "rows": progress.rows,
+            "tokens": progress.tokens,
+            "skipped": progress.skipped,
+            **extra,
+        }
+        _write_json(self.worker_manifest_path, worker)
+        return merge_manifests(self.root, self.num_workers)
+
+
+def merge_manifests(root: Path, num_workers: int) -> Path | None:
+    """Combine the worker manifests once all are present. Deterministic, so racing writers agree."""
+    paths = [root / "manifests" / f"worker-{i:05d}-of-{num_workers:05d}.json" for i in range(num_workers)]
+    if not all(p.exists() for p in paths):
+        return None
+    workers = [json.loads(p.read_text()) for p in paths]
+    skipped = [entry for w in workers for entry in w["skipped"]]
+    manifest = {
+        "format": "treg-shards/1",
+        "provenance": workers[0]["provenance"],
+        "counts": {
+            "pairs_read": sum(w["input_end"] - w["input_start"] for w in workers),
+            "pairs_scored": sum(w["rows"] for w in workers),
+            "pairs_skipped": len(skipped),
+            "skipped_by_reason": dict(sorted(Counter(e["reason"] for e in skipped).items())),
+            "tokens": sum(w["tokens"] for w in workers),
+        },
+        "shards": [f"data/{name}" for w in workers for name in w["shards"]],
+        "skipped_examples": skipped[:20],
+        "scoring_path": sorted({w.get("scoring_path", "") for w in workers} - {""}),
+    }
+    _write_text(root / "skipped.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
+    _write_json(root / "manifest.json", manifest)
+    return root / "manifest.json"
+
+
+def read_shard_metadata(path: str | Path) -> dict:
+    metadata = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise UserError(f"{path} is not a treg shard (no '{METADATA_KEY.decode()}' metadata)")
+    return json.loads(metadata[METADATA_KEY])
+
+
+def provenance_differences(ours: dict, theirs: dict) -> list[str]:
+    keys = (set(ours) | set(theirs)) - set(IGNORED_PROVENANCE)
+    return sorted(k for k in keys if ours.get(k) != theirs.get(k))
+
+
+def _provenance_of(path: Path) -> dict:
+    if path.suffix == ".parquet":
+        return read_shard_metadata(path)["provenance"]
+    return json.loads(path.read_text())["provenance"]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync_and_rename(tmp, path)
+
+
+def _fsync_and_rename(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)

@@ -1,0 +1,116 @@
+"""Build a tiny causal LM and tokenizer locally, for tests, demos and benchmarks (no downloads).
+
+The tokenizer is a byte-level BPE trained on text generated here, so it can encode any
+unicode; the model is a randomly initialised Llama (or Qwen2 / GPT-2) small enough for a CPU.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+# A chat template in the style of Llama 3: each turn is a header, the content verbatim, and an
+# end-of-turn token. Content is not trimmed, so whitespace at the edges survives rendering.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start|>' + message['role'] + '<|sep|>\n' + message['content'] + '<|eot|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start|>assistant<|sep|>\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|bos|>", "<|eot|>", "<|start|>", "<|sep|>", "<|pad|>"]
+
+_WORDS = (
+    "the a an of to and in is it that for on with as was be by this are or from at which but "
+    "not have has had were can all their there one more will would been if do what about when "
+    "answer question response revise helpful correct coherent concise verbose incorrect "
+    "number sum two three four five six seven eight nine ten dog cat list sort copy word text "
+    "please write explain why how make good bad better worse first last test capital letter "
+    "hello world python code function value result because therefore however example"
+).split()
+
+
+def corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
+    """Deterministic pseudo-English lines with digits and punctuation to train the BPE on."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+        line = " ".join(words)
+        lines.append(line[0].upper() + line[1:] + rng.choice([".", "?", "!", ":", ","]))
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eot|>",
+        pad_token="<|pad|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 256,
+    vocab_size: int = 512,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised model + tokenizer folder that transformers and vLLM load.
+
+    vLLM's CPU attention needs head_dim >= 64, hence hidden_size / num_heads = 64 by default.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer(vocab_size)
+    common = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    if arch == "gpt2":
+        config = GPT2Config(
+            n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+            n_positions=max_position_embeddings, **common,
+        )
+    else:
+        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+        config = config_class(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            **common,
+        )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
