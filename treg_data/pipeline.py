@@ -19,7 +19,7 @@ from treg_data.revision_prompts import load_revision_prompts
 from treg_data.rewards import REWARD_TRANSFORM, contrastive_rewards
 from treg_data.scorers import EngineOptions, Scorer, build_scorer
 from treg_data.schema import SIDES
-from treg_data.shards import Progress, ShardStore
+from treg_data.shards import Progress, ShardStore, merge_manifests
 
 SHOWN_SKIPS = 5
 
@@ -117,9 +117,6 @@ def run(config: ScoreConfig) -> Summary:
     }
     store = ShardStore(config.output, config.split, config.worker_index, config.num_workers, provenance)
     progress = store.resume(start, config.overwrite)
-    if progress.next_input > start:
-        print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}", file=sys.stderr)
-
     options = EngineOptions(
         model=config.scorer_model or config.model, revision=config.revision, dtype=config.dtype,
         max_model_len=max_model_len, tensor_parallel_size=config.tensor_parallel_size,
@@ -127,12 +124,21 @@ def run(config: ScoreConfig) -> Summary:
     )
     writer = _ChunkedScoring(config, encoder, store, progress, options)
     tokens_before, rows_before = progress.tokens, progress.rows
-    try:
-        writer.run(source.rows(progress.next_input, stop), total=stop - progress.next_input)
-    finally:
-        if writer.scorer is not None:
-            writer.scorer.close()
-    manifest = store.finish(progress, start, stop, {"scoring_path": writer.scoring_path})
+    if progress.finished:
+        print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
+        manifest = merge_manifests(store.root, config.num_workers)
+    else:
+        if progress.next_input > start:
+            print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}", file=sys.stderr)
+        # Re-read from the start of the chunk the last run was in, so every chunk holds the same
+        # pairs as in an uninterrupted run and batch-dependent rounding cannot differ.
+        chunk_start = progress.next_input - (progress.next_input - start) % config.batch_size
+        try:
+            writer.run(source.rows(chunk_start, stop), total=stop - chunk_start)
+        finally:
+            if writer.scorer is not None:
+                writer.scorer.close()
+        manifest = store.finish(progress, start, stop, {"scoring_path": writer.scoring_path})
     return Summary(
         output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
@@ -179,7 +185,8 @@ class _ChunkedScoring:
                     raise BadRow(row.reason, row.detail)
                 encoded.append((index, self.encoder.encode(parse_pair(row, self.config.columns))))
             except BadRow as bad:
-                self._skip(index, row, bad, bar)
+                if index >= self.progress.next_input:  # earlier ones are already in shards
+                    self._skip(index, row, bad, bar)
         if encoded:
             if self.scorer is None:
                 self.scorer = build_scorer(self.config.backend, self.options)
@@ -188,7 +195,8 @@ class _ChunkedScoring:
             rows = score_pairs(self.scorer, [p for _, p in encoded])
             self.score_seconds += time.perf_counter() - started
             for (index, pair), row in zip(encoded, rows):
-                self.pending.append((index, row, None, pair.num_tokens))
+                if index >= self.progress.next_input:
+                    self.pending.append((index, row, None, pair.num_tokens))
         self.pending.sort(key=lambda item: item[0])
         self._flush(final=False)
         bar.update(len(chunk))

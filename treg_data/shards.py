@@ -36,6 +36,7 @@ class Progress:
     rows: int = 0
     tokens: int = 0
     skipped: list[dict] = field(default_factory=list)  # {"id", "reason", "detail"}
+    finished: bool = False  # the worker manifest exists: nothing left to do
 
     def skip_counts(self) -> dict[str, int]:
         return dict(Counter(entry["reason"] for entry in self.skipped))
@@ -63,6 +64,10 @@ class ShardStore:
             for path in self._own_shards():
                 path.unlink()
             self.worker_manifest_path.unlink(missing_ok=True)
+        if self.worker_manifest_path.exists():  # this worker finished before: nothing left to do
+            done = json.loads(self.worker_manifest_path.read_text())
+            return Progress(next_input=done["input_end"], next_shard=len(done["shards"]), rows=done["rows"],
+                            tokens=done["tokens"], skipped=done["skipped"], finished=True)
         progress = Progress(next_input=start)
         for number, path in enumerate(self._own_shards()):
             meta = read_shard_metadata(path)["shard"]

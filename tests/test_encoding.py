@@ -1,0 +1,109 @@
+import pytest
+from conftest import make_pairs
+
+from treg_data.encoding import CONTEXTS, LengthLimits, PairEncoder, tokenizer_fingerprint
+from treg_data.errors import BadRow, UserError
+from treg_data.pairs import Columns, parse_pair
+from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS, fill, load_revision_prompts, transcript
+
+LIMITS = LengthLimits(max_length=256, max_prompt_length=128, max_model_len=640)
+
+
+@pytest.fixture
+def encoder(tokenizer):
+    return PairEncoder(tokenizer, DEFAULT_REVISION_PROMPTS, LIMITS)
+
+
+def _render(tokenizer, messages, generation_prompt):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+@pytest.mark.parametrize("index", [1, 2, 3], ids=["system+user", "multi-turn", "unicode-whitespace"])
+def test_response_ids_identical_in_all_three_contexts(tokenizer, encoder, index):
+    pair = parse_pair(make_pairs(4)[index], Columns())
+    encoded = encoder.encode(pair)
+    for answer, response in ((pair.chosen, encoded.chosen), (pair.rejected, encoded.rejected)):
+        # The ids are those of the answer inside the policy's own rendering, end-of-turn included...
+        full = _render(tokenizer, pair.prompt + [answer], generation_prompt=False)
+        assert tokenizer.decode(encoded.prompt_ids + response.ids) == full
+        assert tokenizer.decode(response.ids) == answer["content"] + "<|eot|>"
+        assert response.ids[-1] == tokenizer.convert_tokens_to_ids("<|eot|>")
+        # ...and every scored sequence ends with exactly those ids after its own prefix.
+        assert response.prefixes["ref"] == encoded.prompt_ids
+        for context in CONTEXTS:
+            sequence = response.prefixes[context] + response.ids
+            assert sequence[len(response.prefixes[context]):] == response.ids
+        # The revision prompts quote the answer text and the conversation.
+        better = tokenizer.decode(response.prefixes["better"])
+        assert answer["content"] in better and pair.prompt[-1]["content"] in better
+        assert "more helpful" in better and "less helpful" in tokenizer.decode(response.prefixes["worse"])
+
+
+def test_whitespace_at_the_boundaries_survives(tokenizer, encoder):
+    pair = parse_pair(make_pairs(4)[3], Columns())
+    assert pair.chosen["content"].startswith(" \t") and pair.chosen["content"].endswith(" \n\n")
+    encoded = encoder.encode(pair)
+    assert tokenizer.decode(encoded.chosen.ids).startswith(" \t")
+
+
+def _pair(prompt, chosen, rejected="No."):
+    return parse_pair({"prompt": prompt, "chosen": chosen, "rejected": rejected}, Columns())
+
+
+def test_length_policy_skips_and_never_truncates(tokenizer):
+    limits = LengthLimits(max_length=60, max_prompt_length=20, max_model_len=400)
+    encoder = PairEncoder(tokenizer, DEFAULT_REVISION_PROMPTS, limits)
+    with pytest.raises(BadRow, match="prompt_too_long"):
+        encoder.encode(_pair("word " * 30, "Yes."))
+    with pytest.raises(BadRow, match="too_long"):
+        encoder.encode(_pair("Hi", "word " * 60))
+    tight = PairEncoder(tokenizer, DEFAULT_REVISION_PROMPTS, LengthLimits(60, 20, 90))
+    with pytest.raises(BadRow, match="revision_too_long"):
+        tight.encode(_pair("Hi", "word " * 20))
+    encoded = encoder.encode(_pair("Hi", "word " * 20))
+    assert len(encoded.prompt_ids) + len(encoded.chosen.ids) <= 60
+    assert all(len(p) + len(encoded.chosen.ids) <= 400 for p in encoded.chosen.prefixes.values())
+
+
+def test_revision_template_from_file(tmp_path):
+    path = tmp_path / "revise.yaml"
+    path.write_text("better: 'Improve {response} for {prompt} {not a placeholder}'\nworse: 'Spoil {response} ({prompt})'\n")
+    prompts = load_revision_prompts(path)
+    assert prompts.better.startswith("Improve")
+    conversation = [{"role": "user", "content": "say {response}"}]
+    assert fill(prompts.better, conversation, "R") == "Improve R for say {response} {not a placeholder}"
+
+
+@pytest.mark.parametrize("text", ["better: 'only {prompt}'\nworse: '{prompt} {response}'\n", "- a list\n", "better: 1\n"])
+def test_bad_revision_templates_are_refused(tmp_path, text):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError):
+        load_revision_prompts(path)
+
+
+def test_transcript_of_multi_turn_names_roles():
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum?"}]
+    assert transcript(messages) == "User: Hi\n\nAssistant: Hello\n\nUser: Sum?"
+    assert transcript(messages[:1]) == "Hi"
+
+
+def test_tokenizer_fingerprint_tracks_the_chat_template(tokenizer):
+    before = tokenizer_fingerprint(tokenizer)
+    assert before == tokenizer_fingerprint(tokenizer)
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = original + " "
+        assert tokenizer_fingerprint(tokenizer) != before
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_tokenizer_without_chat_template_is_refused(tokenizer):
+    original = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = None
+        with pytest.raises(UserError, match="--chat-template"):
+            PairEncoder(tokenizer, DEFAULT_REVISION_PROMPTS, LIMITS)
+    finally:
+        tokenizer.chat_template = original
