@@ -1,0 +1,110 @@
+"""The real vLLM engine (CPU build) through the real command line: parity with the transformers
+reference scorer, and resume after SIGKILL mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
+
+pytestmark = pytest.mark.engine
+
+LOGPS = [f"{side}_{ctx}_logps" for side in ("chosen", "rejected") for ctx in ("ref", "better", "worse")]
+
+
+def _command(model, data, output, *extra):
+    return [sys.executable, "-m", "treg_data.cli", "--model", model, "--dataset", data, "--output", str(output),
+            "--dtype", "float32", "--max-length", "256", "--max-prompt-length", "128", "--enforce-eager", *extra]
+
+
+def _run(args):
+    return subprocess.run(args, capture_output=True, text=True, timeout=900)
+
+
+def _rows(output):
+    return pq.read_table(Path(output) / "data").to_pylist()
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_model, tmp_path_factory):
+    """One uninterrupted vLLM run and one reference run over the same input."""
+    root = tmp_path_factory.mktemp("engine")
+    rows = make_pairs(120)
+    for offset, bad in enumerate(bad_rows()):
+        rows.insert(5 + 9 * offset, bad)
+    data = write_jsonl(root / "pairs.jsonl", rows)
+    small = ["--batch-size", "6", "--shard-size", "10"]
+    vllm_run = _run(_command(tiny_model, data, root / "vllm", *small))
+    assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
+    hf_run = _run(_command(tiny_model, data, root / "hf", "--backend", "hf", *small))
+    assert hf_run.returncode == 0, hf_run.stderr[-3000:]
+    return dict(root=root, data=data, rows=rows, small=small, vllm=vllm_run, hf=hf_run)
+
+
+def test_vllm_matches_the_reference_scorer_on_every_token(scored):
+    vllm_rows, hf_rows = _rows(scored["root"] / "vllm"), _rows(scored["root"] / "hf")
+    assert [r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows] == [r["id"] for r in scored["rows"] if r["id"] not in BAD_REASONS]
+    worst = 0.0
+    for a, b in zip(vllm_rows, hf_rows):
+        for side in ("prompt", "chosen", "rejected"):
+            assert a[f"{side}_ids"] == b[f"{side}_ids"]
+        for column in LOGPS:
+            worst = max(worst, float(np.abs(np.subtract(a[column], b[column])).max()))
+    assert worst <= 1e-4, worst
+
+
+def test_command_line_reports_path_skips_and_summary(scored):
+    out, err = scored["vllm"].stdout, scored["vllm"].stderr
+    assert "scoring path: vllm:flat_prompt_logprobs" in err
+    assert "skipped bad-missing: missing_field" in err
+    assert "Traceback" not in err
+    assert "pairs scored   120" in out and "pairs skipped  7" in out and "tokens/s" in out
+    manifest = json.loads((scored["root"] / "vllm" / "manifest.json").read_text())
+    assert manifest["scoring_path"] == ["vllm:flat_prompt_logprobs"]
+    assert manifest["counts"]["skipped_by_reason"]["too_long"] == 1
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model, scored):
+    output = scored["root"] / "killed"
+    args = _command(tiny_model, scored["data"], output, *scored["small"])
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while len(list((output / "data").glob("*.parquet"))) < 3:
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the engine's worker processes die too
+    process.wait()
+    written = len(list((output / "data").glob("*.parquet")))
+    assert not (output / "manifest.json").exists() and written < 12
+
+    rerun = _run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming after" in rerun.stderr
+    assert _rows(output) == _rows(scored["root"] / "vllm")
+    counts = lambda path: json.loads((path / "manifest.json").read_text())["counts"]  # noqa: E731
+    assert counts(output) == counts(scored["root"] / "vllm")
+
+
+def test_strict_stops_at_the_bad_row_with_one_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", bad_rows()[3:4] + make_pairs(2))
+    result = _run(_command(tiny_model, data, tmp_path / "out", "--strict"))
+    assert result.returncode == 2
+    assert "bad-nonstring" in result.stderr and "non_string_content" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_model_and_dataset_give_one_line(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(2))
+    for args, expected in [
+        (_command(str(tmp_path / "missing-model"), data, tmp_path / "o1"), "does not exist"),
+        (_command(tiny_model, "no-such-org/no-such-dataset", tmp_path / "o2"), "cannot load dataset"),
+    ]:
+        result = _run(args)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
