@@ -147,14 +147,24 @@ def run(config: ScoreConfig) -> Summary:
     )
 
 
+@dataclass
+class _Done:
+    """A processed input row waiting for its shard: a scored row or a skip report."""
+
+    index: int
+    row: dict | None = None
+    skip: dict | None = None
+    tokens: int = 0
+
+
 class _ChunkedScoring:
     """Scores `batch_size` pairs per engine call and cuts shards of exactly `shard_size` rows."""
 
     def __init__(self, config: ScoreConfig, encoder: PairEncoder, store: ShardStore, progress: Progress, options: EngineOptions):
         self.config, self.encoder, self.store, self.progress, self.options = config, encoder, store, progress, options
         self.scorer: Scorer | None = None  # started on the first pair to score, after input checks
-        self.pending: list[tuple[int, dict | None, dict | None, int]] = []  # (index, row, skip, tokens)
-        self.shard_start = progress.next_input
+        self.pending: list[_Done] = []
+        self.shown_skips = 0
         self.score_seconds = 0.0
 
     @property
@@ -168,16 +178,19 @@ class _ChunkedScoring:
         for item in rows:
             chunk.append(item)
             if len(chunk) == self.config.batch_size:
-                tokens += self._process(chunk, bar)
-                if self.score_seconds:
-                    bar.set_postfix_str(f"{tokens / self.score_seconds:,.0f} tok/s")
+                tokens += self._process(chunk)
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{tokens / max(self.score_seconds, 1e-9):,.0f} tok/s")
                 chunk = []
         if chunk:
-            tokens += self._process(chunk, bar)
+            self._process(chunk)
+            bar.update(len(chunk))
         self._flush(final=True)
         bar.close()
 
-    def _process(self, chunk, bar) -> int:
+    def _process(self, chunk) -> int:
+        """Encode, score and queue one chunk; rows before `next_input` are already in shards and
+        are only re-scored to keep the chunk as in an uninterrupted run."""
         encoded: list[tuple[int, EncodedPair]] = []
         for index, row in chunk:
             try:
@@ -185,56 +198,53 @@ class _ChunkedScoring:
                     raise BadRow(row.reason, row.detail)
                 encoded.append((index, self.encoder.encode(parse_pair(row, self.config.columns))))
             except BadRow as bad:
-                if index >= self.progress.next_input:  # earlier ones are already in shards
-                    self._skip(index, row, bad, bar)
+                if index >= self.progress.next_input:
+                    self._skip(index, row, bad)
         if encoded:
             if self.scorer is None:
                 self.scorer = build_scorer(self.config.backend, self.options)
                 tqdm.write(f"scoring path: {self.scoring_path}", file=sys.stderr)
             started = time.perf_counter()
-            rows = score_pairs(self.scorer, [p for _, p in encoded])
+            rows = score_pairs(self.scorer, [pair for _, pair in encoded])
             self.score_seconds += time.perf_counter() - started
-            for (index, pair), row in zip(encoded, rows):
-                if index >= self.progress.next_input:
-                    self.pending.append((index, row, None, pair.num_tokens))
-        self.pending.sort(key=lambda item: item[0])
+            self.pending += [_Done(index, row=row, tokens=pair.num_tokens)
+                             for (index, pair), row in zip(encoded, rows) if index >= self.progress.next_input]
+        self.pending.sort(key=lambda done: done.index)
         self._flush(final=False)
-        bar.update(len(chunk))
         return sum(pair.num_tokens for _, pair in encoded)
 
-    def _skip(self, index: int, row, bad: BadRow, bar) -> None:
+    def _skip(self, index: int, row, bad: BadRow) -> None:
         rid = row.id if isinstance(row, InvalidRow) else row_id(row, self.config.columns)
         if self.config.strict:
             raise UserError(f"row {rid} (input row {index}): {bad.reason}: {bad.detail} (--strict)")
-        entry = {"id": rid, "reason": bad.reason, "detail": bad.detail}
-        if len(self.progress.skipped) + sum(1 for p in self.pending if p[2]) < SHOWN_SKIPS:
+        if self.shown_skips < SHOWN_SKIPS:
+            self.shown_skips += 1
             tqdm.write(f"skipped {rid}: {bad.reason} ({bad.detail})", file=sys.stderr)
-        self.pending.append((index, None, entry, 0))
+        self.pending.append(_Done(index, skip={"id": rid, "reason": bad.reason, "detail": bad.detail}))
 
     def _flush(self, final: bool) -> None:
-        """Write every full shard in `pending`; at the end, the remainder too."""
-        size = self.config.shard_size
+        """Write every full shard in `pending`; at the end, the remainder too. A shard covers the
+        input rows from the previous shard's end to its last row, skips included."""
         while True:
-            row_positions = [i for i, item in enumerate(self.pending) if item[1] is not None]
-            if len(row_positions) >= size:
-                cut = row_positions[size - 1] + 1
-            elif final and row_positions:
+            scored_positions = [i for i, done in enumerate(self.pending) if done.row is not None]
+            if len(scored_positions) >= self.config.shard_size:
+                cut = scored_positions[self.config.shard_size - 1] + 1
+            elif final and scored_positions:
                 cut = len(self.pending)
             else:
                 break
             taken, self.pending = self.pending[:cut], self.pending[cut:]
-            end = taken[-1][0] + 1
-            self.store.write_shard(
-                self.progress.next_shard, [r for _, r, _, _ in taken if r is not None], self.shard_start, end,
-                tokens=sum(t for *_, t in taken), skipped=[s for _, _, s, _ in taken if s is not None],
-            )
+            rows = [done.row for done in taken if done.row is not None]
+            skipped = [done.skip for done in taken if done.skip is not None]
+            tokens, end = sum(done.tokens for done in taken), taken[-1].index + 1
+            self.store.write_shard(self.progress.next_shard, rows, self.progress.next_input, end, tokens, skipped)
             self.progress.next_shard += 1
-            self.progress.rows += sum(1 for _, r, _, _ in taken if r is not None)
-            self.progress.tokens += sum(t for *_, t in taken)
-            self.progress.skipped += [s for _, _, s, _ in taken if s is not None]
-            self.shard_start = self.progress.next_input = end
+            self.progress.next_input = end
+            self.progress.rows += len(rows)
+            self.progress.tokens += tokens
+            self.progress.skipped += skipped
         if final:  # skips after the last row belong to no shard; the worker manifest keeps them
-            self.progress.skipped += [s for _, _, s, _ in self.pending if s is not None]
+            self.progress.skipped += [done.skip for done in self.pending]
             self.pending = []
 
 

@@ -1,0 +1,36 @@
+"""Index arithmetic of both vLLM scoring paths, without starting the engine (the flat path runs
+for real in test_engine.py; the token-id-rows path needs a GPU with the V2 model runner)."""
+
+import numpy as np
+import pytest
+import vllm
+
+from treg_data.scorers.vllm_scorer import VLLMScorer, flat_response_logprobs
+
+
+def test_flat_logprobs_pick_exactly_the_response_positions():
+    from vllm.logprobs import FlatLogprobs
+
+    prefix, response = [1, 5, 6], [7, 8]
+    flat = FlatLogprobs()
+    flat.append(None)  # the first token has no log-prob
+    for token, logprob in zip([5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0]):
+        flat.append({token: vllm.logprobs.Logprob(logprob=logprob, rank=1)})
+    np.testing.assert_array_equal(flat_response_logprobs(flat, prefix, response), [-3.0, -4.0])
+    with pytest.raises(RuntimeError, match="other tokens"):
+        flat_response_logprobs(flat, prefix, [7, 9])
+
+
+def test_token_id_rows_ask_for_one_row_per_response_token():
+    scorer = object.__new__(VLLMScorer)
+    scorer._sampling_params = vllm.SamplingParams
+    prefix, response = [1, 5, 6, 9], [7, 8, 2]
+    params = scorer._row_params(prefix, response)
+    # vLLM scores rows start .. prompt_len - 2; row i predicts token start + i + 1.
+    rows = len(prefix) + len(response) - 1 - params.prompt_logprob_start
+    assert rows == len(response) == params.prompt_logprob_token_ids.shape[0]
+    predicted = [params.prompt_logprob_start + i + 1 for i in range(rows)]
+    sequence = prefix + response
+    assert [sequence[p] for p in predicted] == response
+    assert params.prompt_logprob_token_ids[:, 0].tolist() == response
+    assert params.detokenize is False and params.max_tokens == 1
