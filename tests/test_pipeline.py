@@ -159,3 +159,21 @@ def test_scorer_with_another_vocabulary_is_refused_before_any_work(tiny_model, t
 def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         pipeline.run(_config(str(tmp_path / "nope"), "unused", tmp_path / "out"))
+
+
+def test_tokenizer_without_chat_template_needs_one_from_a_file(tiny_model, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare)
+    (bare / "chat_template.jinja").unlink()
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(2))
+    with pytest.raises(UserError, match="--chat-template"):
+        pipeline.run(_config(str(bare), data, tmp_path / "o1"))
+    template = tmp_path / "template.jinja"
+    template.write_text((Path(tiny_model) / "chat_template.jinja").read_text())
+    summary = pipeline.run(_config(str(bare), data, tmp_path / "o2", chat_template=str(template)))
+    assert summary.pairs_scored == 2

@@ -83,19 +83,28 @@ class PairEncoder:
         return EncodedResponse(ids=ids, prefixes=prefixes)
 
     def _render(self, messages: list[Message], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return render(self.tokenizer, messages, generation_prompt)
 
     def _ids(self, text: str) -> list[int]:
-        # The chat template writes its own special tokens (BOS included) into the text.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return token_ids(self.tokenizer, text)
 
-    def template_overhead(self) -> int:
-        """Tokens a revision sequence adds beyond twice the response and the prompt's own text."""
-        empty = [{"role": "user", "content": ""}]
-        return max(
-            len(self._ids(self._render([{"role": "user", "content": fill(t, empty, "")}], generation_prompt=True)))
-            for t in (self.revision_prompts.better, self.revision_prompts.worse)
-        )
+
+def render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    # The chat template writes its own special tokens (BOS included) into the text.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def revision_overhead(tokenizer, revision_prompts: RevisionPrompts) -> int:
+    """Tokens a revision sequence adds beyond twice the response and the prompt's own text."""
+    empty = [{"role": "user", "content": ""}]
+    return max(
+        len(token_ids(tokenizer, render(tokenizer, [{"role": "user", "content": fill(t, empty, "")}], True)))
+        for t in (revision_prompts.better, revision_prompts.worse)
+    )
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from treg_data import __version__
-from treg_data.encoding import CONTEXTS, EncodedPair, LengthLimits, PairEncoder, tokenizer_fingerprint
+from treg_data.encoding import CONTEXTS, EncodedPair, LengthLimits, PairEncoder, revision_overhead, tokenizer_fingerprint
 from treg_data.errors import BadRow, UserError, first_line
 from treg_data.inputs import InvalidRow, open_source, worker_range
 from treg_data.pairs import Columns, parse_pair, row_id
@@ -89,9 +89,8 @@ def run(config: ScoreConfig) -> Summary:
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)
     revision_prompts = load_revision_prompts(config.revision_template)
-    encoder = PairEncoder(tokenizer, revision_prompts, LengthLimits(config.max_length, config.max_prompt_length, 0))
-    max_model_len = config.max_model_len or default_max_model_len(config, encoder)
-    encoder.limits = LengthLimits(config.max_length, config.max_prompt_length, max_model_len)
+    max_model_len = config.max_model_len or default_max_model_len(config, revision_overhead(tokenizer, revision_prompts))
+    encoder = PairEncoder(tokenizer, revision_prompts, LengthLimits(config.max_length, config.max_prompt_length, max_model_len))
 
     source = open_source(config.dataset, config.split, config.dataset_config)
     start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
@@ -280,6 +279,8 @@ def load_tokenizer(name: str, revision: str | None, chat_template: str | None):
             tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
         except OSError as err:
             raise UserError(f"cannot read --chat-template {chat_template}: {err}") from None
+    if not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {name!r} has no chat template; pass one with --chat-template FILE")
     return tokenizer
 
 
@@ -291,7 +292,7 @@ def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str) 
         )
 
 
-def default_max_model_len(config: ScoreConfig, encoder: PairEncoder) -> int:
+def default_max_model_len(config: ScoreConfig, revision_prompt_tokens: int) -> int:
     """Room for a revision sequence of a max-length pair: it quotes the response and then holds it,
     so about twice max_length plus the revision prompt; capped at the model's context."""
     from transformers import AutoConfig
@@ -301,5 +302,5 @@ def default_max_model_len(config: ScoreConfig, encoder: PairEncoder) -> int:
     except Exception as err:
         raise UserError(f"cannot load the model config of {config.scorer_model or config.model!r}: {first_line(err)}") from None
     context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    wanted = 2 * config.max_length + encoder.template_overhead()
+    wanted = 2 * config.max_length + revision_prompt_tokens
     return min(wanted, context) if context else wanted
