@@ -25,6 +25,7 @@ from treg_data.errors import UserError
 from treg_data.schema import METADATA_KEY, SCHEMA
 
 IGNORED_PROVENANCE = ("treg_version",)  # may differ between compatible runs
+ROW_GROUP_SIZE = 1000  # the unit readers fetch, so streaming needs little memory
 
 
 @dataclass
@@ -120,7 +121,7 @@ class ShardStore:
         table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)}))
         final = self.data_dir / self.shard_name(number)
         tmp = self.data_dir / f".{final.name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
         _fsync_and_rename(tmp, final)
         return final
 

@@ -4,6 +4,7 @@ for the whole batch: the output projection and log-softmax run a chunk of rows a
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 
 
 def final_logit_transform(config):
@@ -31,11 +32,21 @@ def selected_token_logprobs(
     transform=lambda logits: logits,
     chunk_rows: int = 1024,
 ) -> torch.Tensor:
-    """hidden [N, H] (the states that predict each target), targets [N] -> log π(target) [N], fp32."""
-    out = torch.empty(targets.shape[0], dtype=torch.float32, device=hidden.device)
+    """hidden [N, H] (the states that predict each target), targets [N] -> log π(target) [N], fp32.
+
+    Under autograd each chunk is checkpointed: its logits are dropped after the forward and
+    recomputed in the backward, so at most one [chunk_rows, vocab] fp32 block exists at a time.
+    """
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = transform(lm_head(h).float())
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    chunks = []
     for start in range(0, targets.shape[0], chunk_rows):
-        stop = start + chunk_rows
-        logits = transform(lm_head(hidden[start:stop]).float())
-        picked = logits.gather(-1, targets[start:stop, None]).squeeze(-1)
-        out[start:stop] = picked - torch.logsumexp(logits, dim=-1)
-    return out
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            chunks.append(torch.utils.checkpoint.checkpoint(chunk_logps, h, t, use_reentrant=False))
+        else:
+            chunks.append(chunk_logps(h, t))
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)

@@ -1,0 +1,3 @@
+from treg_train.cli import main
+
+main()

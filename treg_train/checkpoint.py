@@ -1,0 +1,94 @@
+"""Checkpoints with torch.distributed.checkpoint, written so that resume never trusts a partial
+one, and the final export in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+PREFIX = "step-"
+
+
+def checkpoint_dir(output: str | Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    """The newest complete checkpoint: only renamed (finished) folders count."""
+    done = [p for p in checkpoint_dir(output).glob(f"{PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+
+
+def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_state: dict) -> Path:
+    """Every rank writes its shards into step-N.tmp; rank 0 renames it to step-N once all are done."""
+    rank = dist.get_rank()
+    final = checkpoint_dir(output) / f"{PREFIX}{step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill mid-save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               tmp / f"rng-{rank:05d}.pt")
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    dist.barrier()
+    if rank == 0:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG; returns the trainer state saved with them."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    rng = torch.load(path / f"rng-{dist.get_rank():05d}.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def export_hf(model, lm_config, tokenizer, target: Path) -> None:
+    """Gather the full weights to rank 0 and write safetensors + config + tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        state = {key.removeprefix("lm."): value for key, value in full.items()}
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(lm_config)
+        skeleton.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

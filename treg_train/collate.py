@@ -1,0 +1,76 @@
+"""Turn a micro-batch of pairs into model inputs: [chosen; rejected] in one forward, packed
+without padding (position ids restart per sequence) or right-padded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from treg_train.data import Pair
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [rows, width]
+    position_ids: torch.Tensor  # [rows, width]
+    attention_mask: torch.Tensor | None  # None when packed: the position ids mark the sequences
+    predict_index: torch.Tensor  # [N] flat positions whose hidden state predicts a response token
+    targets: torch.Tensor  # [N] the response tokens
+    token_mask: torch.Tensor  # [2 * pairs, longest response]: where the N tokens go, row-major
+    ref_logps: torch.Tensor | None  # [2 * pairs, longest response]
+    rewards: torch.Tensor  # [2 * pairs, longest response]
+    num_pairs: int
+    num_tokens: int  # real tokens in the forward
+
+    def to(self, device: torch.device) -> "ModelInputs":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return ModelInputs(**moved)
+
+
+def collate(pairs: list[Pair], packed: bool) -> ModelInputs:
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    lengths = [len(prompt) + len(response) for prompt, response in sequences]
+    if packed:
+        input_ids = torch.tensor([[t for prompt, response in sequences for t in prompt + response]])
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        attention_mask, starts = None, torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+    else:
+        width = max(lengths)
+        input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (prompt, response) in enumerate(sequences):
+            input_ids[row, : lengths[row]] = torch.tensor(prompt + response)
+            attention_mask[row, : lengths[row]] = 1
+        position_ids = torch.arange(width).expand(len(sequences), width)
+        starts = [row * width for row in range(len(sequences))]
+    # The hidden state at position p predicts token p + 1.
+    predict_index = torch.cat([torch.arange(start + len(prompt) - 1, start + len(prompt) + len(response) - 1)
+                               for start, (prompt, response) in zip(starts, sequences)])
+    targets = torch.tensor([t for _, response in sequences for t in response])
+
+    longest = max(len(response) for _, response in sequences)
+    token_mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for row, (_, response) in enumerate(sequences):
+        token_mask[row, : len(response)] = True
+
+    def padded(values: list[list[float]] | None) -> torch.Tensor | None:
+        if values is None or any(v is None for v in values):
+            return None
+        out = torch.zeros(len(sequences), longest, dtype=torch.float32)
+        out[token_mask] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
+        return out
+
+    return ModelInputs(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        predict_index=predict_index, targets=targets, token_mask=token_mask,
+        ref_logps=padded([p.chosen_ref_logps for p in pairs] + [p.rejected_ref_logps for p in pairs]),
+        rewards=padded([p.chosen_rewards for p in pairs] + [p.rejected_rewards for p in pairs]),
+        num_pairs=len(pairs), num_tokens=sum(lengths),
+    )
+
+
+def scatter_tokens(flat: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Flat per-token values [N] -> [rows, longest response], zero off the mask (autograd-safe)."""
+    out = flat.new_zeros(token_mask.shape)
+    return out.masked_scatter(token_mask, flat)

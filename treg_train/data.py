@@ -1,0 +1,166 @@
+"""Stream scored shards: a deterministic global order, global batches, each rank's slice.
+
+Memory stays flat in dataset size: the order is built from row-group sizes alone (a seeded
+permutation of row groups, then a shuffle buffer of row coordinates), and row content is read
+one row group at a time, only for the rows this rank trains on. The position in the stream is
+a number of global batches, so resuming just regenerates the order and skips ahead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from treg_data.errors import UserError, first_line
+from treg_data.shards import read_shard_metadata
+
+
+@dataclass
+class Pair:
+    id: str
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_ref_logps: list[float] | None
+    rejected_ref_logps: list[float] | None
+    chosen_rewards: list[float]
+    rejected_rewards: list[float]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of [prompt + chosen; prompt + rejected]."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def resolve_shards(data: str) -> list[Path]:
+    """Parquet files of a treg-score output folder, its data/ folder, or a Hub dataset id."""
+    path = Path(data)
+    if not path.exists():
+        if data.startswith((".", "/", "~")) or data.count("/") != 1:
+            raise UserError(f"--data {data} is neither a folder nor a Hub dataset id (ORG/NAME)")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=data, repo_type="dataset", allow_patterns=["*.parquet", "*.json"]))
+        except Exception as err:  # network, auth, missing repo: one line for the user
+            raise UserError(f"cannot download dataset {data!r}: {first_line(err)}") from None
+    files = sorted((path / "data").glob("*.parquet")) if (path / "data").is_dir() else sorted(path.glob("*.parquet"))
+    if not files:
+        raise UserError(f"no .parquet shards in {path}; point --data at a treg-score output folder")
+    return files
+
+
+class ShardDataset:
+    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True, cached_groups: int = 8):
+        self.files = resolve_shards(data)
+        self.columns = ["id", "prompt_ids"]
+        for side in ("chosen", "rejected"):
+            self.columns += [f"{side}_ids", f"{side}_{reward_column}"] + ([f"{side}_ref_logps"] if with_ref_logps else [])
+        self.reward_column, self.with_ref_logps = reward_column, with_ref_logps
+        self.groups: list[tuple[int, int, int]] = []  # (file index, row group, rows)
+        hashes = set()
+        for index, file in enumerate(self.files):
+            try:
+                meta, parquet = read_shard_metadata(file), pq.ParquetFile(file)
+            except UserError:
+                raise
+            except Exception as err:
+                raise UserError(f"{file} is not a readable Parquet shard: {first_line(err)}") from None
+            missing = [c for c in self.columns if c not in parquet.schema_arrow.names]
+            if missing:
+                raise UserError(f"{file} lacks the column(s) {missing}; was it written by treg-score?")
+            hashes.add(meta["provenance"]["tokenizer_hash"])
+            self.groups += [(index, g, parquet.metadata.row_group(g).num_rows) for g in range(parquet.num_row_groups)]
+        if len(hashes) != 1:
+            raise UserError("the shards were scored with different tokenizers; train on one scored dataset at a time")
+        self.tokenizer_hash = hashes.pop()
+        self.provenance = read_shard_metadata(self.files[0])["provenance"]
+        self.num_pairs = sum(rows for *_, rows in self.groups)
+        self._cache: OrderedDict[int, dict[str, list]] = OrderedDict()
+        self._cached_groups = cached_groups
+
+    def order(self, seed: int, epoch: int, buffer_size: int) -> Iterator[tuple[int, int]]:
+        """Every (row group, row) once, in a shuffled order fixed by (seed, epoch)."""
+        rng = random.Random(f"{seed}-{epoch}")
+        group_order = list(range(len(self.groups)))
+        rng.shuffle(group_order)
+        buffer: list[tuple[int, int]] = []
+        for group in group_order:
+            for row in range(self.groups[group][2]):
+                if len(buffer) < buffer_size:
+                    buffer.append((group, row))
+                    continue
+                pick = rng.randrange(buffer_size)
+                yield buffer[pick]
+                buffer[pick] = (group, row)
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def read(self, group: int, row: int) -> Pair:
+        columns = self._group(group)
+        value = lambda name: columns[name][row] if name in columns else None  # noqa: E731
+        return Pair(
+            id=value("id"), prompt_ids=value("prompt_ids"),
+            chosen_ids=value("chosen_ids"), rejected_ids=value("rejected_ids"),
+            chosen_ref_logps=value("chosen_ref_logps"), rejected_ref_logps=value("rejected_ref_logps"),
+            chosen_rewards=value(f"chosen_{self.reward_column}"), rejected_rewards=value(f"rejected_{self.reward_column}"),
+        )
+
+    def _group(self, group: int) -> dict[str, list]:
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            return self._cache[group]
+        file_index, row_group, _ = self.groups[group]
+        table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns)
+        self._cache[group] = {name: table.column(name).to_pylist() for name in self.columns}
+        if len(self._cache) > self._cached_groups:
+            self._cache.popitem(last=False)
+        return self._cache[group]
+
+
+def global_batches(dataset: ShardDataset, seed: int, global_batch_size: int, buffer_size: int,
+                   start_batch: int = 0) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """(epoch, batch index within the epoch, coordinates) forever; incomplete last batches are
+    dropped, so every global batch has exactly global_batch_size pairs."""
+    per_epoch = dataset.num_pairs // global_batch_size
+    if per_epoch == 0:
+        raise UserError(f"{dataset.num_pairs} pairs are fewer than --global-batch-size {global_batch_size}")
+    epoch, skip = divmod(start_batch, per_epoch)
+    while True:
+        order = dataset.order(seed, epoch, buffer_size)
+        for index in range(per_epoch):
+            batch = [next(order) for _ in range(global_batch_size)]
+            if index >= skip:
+                yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+def rank_slice(batch: list, rank: int, world_size: int) -> list:
+    """This rank's disjoint share of a global batch."""
+    return batch[rank::world_size]
+
+
+def micro_batches(pairs: list[Pair], max_tokens: int, packed: bool) -> list[list[Pair]]:
+    """Split pairs into forwards of at most max_tokens tokens ([chosen; rejected] together).
+    Longest first; with padding every pair costs the longest sequence in its micro-batch."""
+    ordered = sorted(pairs, key=lambda p: -max(len(p.chosen_ids), len(p.rejected_ids)) - len(p.prompt_ids))
+    batches: list[list[Pair]] = []
+    current: list[Pair] = []
+    for pair in ordered:
+        candidate = current + [pair]
+        if packed:
+            cost = sum(p.num_tokens for p in candidate)
+        else:
+            cost = 2 * len(candidate) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in candidate)
+        if current and cost > max_tokens:
+            batches.append(current)
+            candidate = [pair]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,102 @@
+"""Preference losses as pure functions of per-token tensors (METHOD.md §1, §3-§5).
+
+Every tensor is [pairs, tokens], padded, with a boolean mask of real response tokens:
+policy log-probs, reference log-probs and token rewards r̂ for the chosen and the rejected
+response. The result is one loss per pair plus metrics; no model and no I/O in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "sft_chosen")
+
+
+@dataclass
+class SideTokens:
+    """One response per pair: [pairs, tokens] tensors."""
+
+    logps: torch.Tensor  # log π_θ(y_t | x, y_<t)
+    ref_logps: torch.Tensor  # log π_ref(y_t | x, y_<t)
+    rewards: torch.Tensor  # r̂_t (or another per-token column)
+    mask: torch.Tensor  # True on response tokens
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return (values * self.mask).sum(-1)
+
+    @property
+    def length(self) -> torch.Tensor:
+        return self.mask.sum(-1).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    loss_type: str = "dpo_reg"
+    beta: float = 0.01
+    alpha: float = 0.25
+    gamma: float = 0.0  # SimPO's target margin
+    static_weight: bool = False  # ablation: w ≡ 1 instead of the detached DPO pair weight
+
+
+def preference_loss(chosen: SideTokens, rejected: SideTokens, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair losses [pairs] and per-pair metrics (each [pairs], to be averaged by the caller)."""
+    beta, alpha = settings.beta, settings.alpha
+    if settings.loss_type in ("simpo", "simpo_reg"):
+        # r_S(y) = (β/|y|) log π_θ(y|x): reference-free, length-normalised.
+        token_scale_w, token_scale_l = beta / chosen.length, beta / rejected.length
+        reward_w = token_scale_w * chosen.sum(chosen.logps)
+        reward_l = token_scale_l * rejected.sum(rejected.logps)
+        margin = reward_w - reward_l - settings.gamma
+    else:
+        token_scale_w = token_scale_l = torch.full_like(chosen.length, beta, dtype=chosen.logps.dtype)
+        reward_w = beta * chosen.sum(chosen.logps - chosen.ref_logps)
+        reward_l = beta * rejected.sum(rejected.logps - rejected.ref_logps)
+        margin = reward_w - reward_l
+
+    preference = -F.logsigmoid(margin)
+    weight = torch.sigmoid(-margin).detach()  # the preference gradient's own pair weight, sg[·]
+    if settings.static_weight:
+        weight = torch.ones_like(weight)
+
+    if settings.loss_type in ("dpo_reg", "simpo_reg"):
+        # L_REG(y) = − Σ_t scale · r̂_t · log π_θ(y_t): a token-weighted likelihood term.
+        reg_w = -token_scale_w * chosen.sum(chosen.rewards * chosen.logps)
+        reg_l = -token_scale_l * rejected.sum(rejected.rewards * rejected.logps)
+        regularizer = alpha * weight * (reg_w + reg_l)
+    elif settings.loss_type == "sft_chosen":
+        regularizer = alpha * -chosen.sum(chosen.logps)
+    elif settings.loss_type in ("dpo", "simpo"):
+        regularizer = torch.zeros_like(preference)
+    else:
+        raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
+
+    metrics = {
+        "dpo_loss": preference.detach(),
+        "reg_loss": regularizer.detach(),
+        "mean_w": weight,
+        "rewards/chosen": reward_w.detach(),
+        "rewards/rejected": reward_l.detach(),
+        "rewards/margins": (reward_w - reward_l).detach(),
+        "rewards/accuracies": (reward_w > reward_l).float().detach(),
+        "logps/chosen": chosen.sum(chosen.logps).detach(),
+        "logps/rejected": rejected.sum(rejected.logps).detach(),
+    }
+    return preference + regularizer, metrics
+
+
+def implicit_token_rewards(side: SideTokens, beta: float) -> torch.Tensor:
+    """β · log π_θ/π_ref per token (METHOD.md §1), zero off the mask."""
+    return beta * (side.logps - side.ref_logps).detach() * side.mask
+
+
+def token_reward_agreement(chosen: SideTokens, rejected: SideTokens, beta: float) -> torch.Tensor:
+    """Pearson correlation between implicit token rewards and r̂ over all response tokens."""
+    mask = torch.cat([chosen.mask.flatten(), rejected.mask.flatten()])
+    implicit = torch.cat([implicit_token_rewards(chosen, beta).flatten(), implicit_token_rewards(rejected, beta).flatten()])[mask]
+    target = torch.cat([chosen.rewards.flatten(), rejected.rewards.flatten()])[mask]
+    implicit, target = implicit.double() - implicit.double().mean(), target.double() - target.double().mean()
+    denominator = implicit.norm() * target.norm()
+    return (implicit @ target / denominator).float() if denominator > 0 else torch.zeros((), dtype=torch.float32)

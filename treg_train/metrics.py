@@ -1,0 +1,81 @@
+"""Training metrics: averaged over the logging window and every rank, written to
+metrics.jsonl always, and to TensorBoard or W&B when asked."""
+
+from __future__ import annotations
+
+import json
+import resource
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class MetricWindow:
+    """Sums of per-pair metrics (and their counts) since the last log."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, total: float, count: float) -> None:
+        self.sums[name] += float(total)
+        self.counts[name] += float(count)
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """Means over all ranks; every rank must call this with the same metric names."""
+        names = sorted(self.sums)
+        packed = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        self.sums.clear()
+        self.counts.clear()
+        return {n: (s / c if c else 0.0) for n, (s, c) in zip(names, packed.tolist())}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricSink:
+    def __init__(self, output: Path, report_to: str, config: dict, enabled: bool):
+        self.enabled = enabled
+        self.path = output / "metrics.jsonl"
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(output / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+
+            self.wandb = wandb.init(config=config, dir=str(output))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tensorboard:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f"train/{name}", value, step)
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines a killed run logged past its last checkpoint."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -1,0 +1,196 @@
+"""The training loop, top to bottom: distributed set-up, data, FSDP2 policy, the step, logging,
+checkpoints, export."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from treg_data.encoding import tokenizer_fingerprint
+from treg_data.errors import UserError
+from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from treg_train.collate import ModelInputs, collate, scatter_tokens
+from treg_train.config import TrainConfig
+from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
+from treg_train.losses import SideTokens, preference_loss, token_reward_agreement
+from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
+from treg_train.model import DTYPES, TokenLogprobs, load_causal_lm, shard_model
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: object
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE; a plain `treg-train` is a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Runtime(dist.get_rank(), dist.get_world_size(), device, mesh)
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress if kind == "linear" else 1.0
+
+    return factor
+
+
+def train(config: TrainConfig) -> dict:
+    runtime = setup_distributed()
+    try:
+        return _train(config, runtime)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rt: Runtime) -> dict:
+    from transformers import AutoConfig, AutoTokenizer
+
+    output = Path(config.output)
+    torch.manual_seed(config.seed)
+    if config.global_batch_size % rt.world_size:
+        raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the {rt.world_size} processes")
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None)
+    if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"the shards in {config.data} were scored with another tokenizer or chat template than {config.model}'s; "
+            "score the data with this model (treg-score --model ...) or train the model the data was scored for"
+        )
+    settings = config.loss_settings()
+    compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
+    mixed = compute_dtype if compute_dtype != torch.float32 else None
+
+    lm = load_causal_lm(config.model, torch.float32, config.attn_implementation).to(rt.device)
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = shard_model(TokenLogprobs(lm, config.logprob_chunk_rows), rt.mesh, mixed)
+    reference = None
+    if config.ref_model:
+        ref_lm = load_causal_lm(config.ref_model, torch.float32, config.attn_implementation).to(rt.device)
+        reference = shard_model(TokenLogprobs(ref_lm, config.logprob_chunk_rows), rt.mesh, mixed, trainable=False)
+
+    steps_per_epoch = dataset.num_pairs // config.global_batch_size
+    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+    if total_steps < 1:
+        raise UserError(f"{dataset.num_pairs} pairs give no step of --global-batch-size {config.global_batch_size}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
+
+    sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
+    step = 0
+    if config.resume:
+        checkpoint = latest_checkpoint(output)
+        if checkpoint is None:
+            raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+        state = load_checkpoint(checkpoint, policy, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        sink.truncate_after(step)
+        if rt.is_main:
+            print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
+
+    batches = global_batches(dataset, config.seed, config.global_batch_size, config.shuffle_buffer, start_batch=step)
+    window, tokens, window_start = MetricWindow(), 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not rt.is_main, file=sys.stderr)
+    last = {}
+    while step < total_steps:
+        epoch, _, coordinates = next(batches)
+        mine = [dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
+        pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
+        window.add("skipped_too_long", len(mine) - len(pairs), 1)
+        micro = micro_batches(pairs, config.micro_batch_tokens, config.padding_free)
+        count = torch.tensor([len(micro)], device=rt.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (FSDP collectives)
+        for index in range(int(count)):
+            real = index < len(micro)
+            # A rank with fewer micro-batches runs a zero-weighted one so the collectives line up.
+            inputs = collate(micro[index] if real else (micro or [mine[:1]])[0], config.padding_free).to(rt.device)
+            policy.set_requires_gradient_sync(index == int(count) - 1)
+            losses, metrics = _forward(policy, reference, inputs, settings)
+            # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
+            scale = rt.world_size / config.global_batch_size if real else 0.0
+            (losses.sum() * scale).backward()
+            if real:
+                tokens += inputs.num_tokens
+                window.add("loss", losses.detach().sum(), inputs.num_pairs)
+                for name, values in metrics.items():
+                    window.add(name, values.sum(), inputs.num_pairs)
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % config.logging_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            window.add("grad_norm", float(grad_norm), 1)
+            window.add("tokens_per_second_per_device", tokens / elapsed, 1)
+            window.add("peak_memory_gb", peak_memory_gb(rt.device), 1)
+            last = {**window.reduce(rt.device), "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch}
+            sink.log(step, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                            tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
+            tokens, window_start = 0, time.perf_counter()
+        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            save_checkpoint(output, step, policy, optimizer, {"step": step, "scheduler": scheduler.state_dict()})
+    bar.close()
+
+    lm_config = AutoConfig.from_pretrained(config.model)
+    export_hf(policy, lm_config, tokenizer, output / "final")
+    sink.close()
+    return {"steps": step, "final": str(output / "final"), "metrics": last} if rt.is_main else {}
+
+
+def _forward(policy, reference, inputs: ModelInputs, settings):
+    args = (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.predict_index, inputs.targets)
+    logps = scatter_tokens(policy(*args), inputs.token_mask)
+    if reference is not None:
+        with torch.no_grad():
+            ref_logps = scatter_tokens(reference(*args), inputs.token_mask)
+    else:
+        ref_logps = inputs.ref_logps
+    n = inputs.num_pairs
+    sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows])
+             for rows in (slice(0, n), slice(n, 2 * n))]
+    losses, metrics = preference_loss(*sides, settings)
+    metrics["token_reward_agreement"] = token_reward_agreement(*sides, settings.beta) * n
+    return losses, metrics
