@@ -83,3 +83,27 @@ def write_jsonl(path, rows) -> str:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def make_learnable_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Pairs a tiny model learns to rank within a few steps: the chosen answer is always a
+    polite confirmation, the rejected one a curt refusal."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        rows.append({"id": f"learn-{i}", "prompt": f"Please add {a} and {b}.",
+                     "chosen": f"Sure! The sum of {a} and {b} is {a + b}.", "rejected": "No."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(tiny_model, tmp_path_factory):
+    """A treg-score output folder (transformers scorer, for speed) of 96 learnable pairs."""
+    from treg_data import pipeline
+
+    root = tmp_path_factory.mktemp("learnable")
+    data = write_jsonl(root / "pairs.jsonl", make_learnable_pairs(96))
+    pipeline.run(pipeline.ScoreConfig(model=tiny_model, dataset=data, output=str(root / "scored"), backend="hf",
+                                      dtype="float32", max_length=256, max_prompt_length=128, shard_size=40))
+    return str(root / "scored")

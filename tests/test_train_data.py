@@ -1,0 +1,99 @@
+"""Streaming, batching and collation of scored shards for training."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from treg_data.errors import UserError
+from treg_data.schema import METADATA_KEY
+from treg_train.collate import collate, scatter_tokens
+from treg_train.data import Pair, ShardDataset, global_batches, micro_batches, rank_slice
+from treg_train.model import TokenLogprobs, load_causal_lm
+
+
+def test_order_covers_every_pair_once_and_depends_only_on_seed_and_epoch(learnable_shards):
+    dataset = ShardDataset(learnable_shards)
+    assert dataset.num_pairs == 96 and len(dataset.groups) == 3
+    first = list(dataset.order(seed=1, epoch=0, buffer_size=16))
+    assert Counter(first) == Counter((g, r) for g, (_, _, n) in enumerate(dataset.groups) for r in range(n))
+    assert list(dataset.order(seed=1, epoch=0, buffer_size=16)) == first
+    assert list(dataset.order(seed=2, epoch=0, buffer_size=16)) != first
+    assert list(dataset.order(seed=1, epoch=1, buffer_size=16)) != first
+
+
+def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shards):
+    dataset = ShardDataset(learnable_shards)
+    stream = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32)
+    batches = [next(stream) for _ in range(9)]  # crosses into the second epoch (6 per epoch)
+    assert [(e, i) for e, i, _ in batches][5:7] == [(0, 5), (1, 0)]
+    resumed = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32, start_batch=4)
+    assert [next(resumed) for _ in range(5)] == batches[4:9]
+    _, _, batch = batches[0]
+    shares = [rank_slice(batch, r, 4) for r in range(4)]
+    assert sorted(x for share in shares for x in share) == sorted(batch) and all(len(s) == 4 for s in shares)
+
+
+def _pair(prompt, chosen, rejected):
+    return Pair("x", list(range(prompt)), list(range(chosen)), list(range(rejected)), None, None, [0.0] * chosen, [0.0] * rejected)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_micro_batches_respect_the_token_budget(packed):
+    pairs = [_pair(p, c, r) for p, c, r in [(10, 30, 5), (50, 20, 40), (5, 5, 5), (30, 60, 10), (8, 8, 90)]]
+    batches = micro_batches(pairs, max_tokens=200, packed=packed)
+    assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
+    for batch in batches:
+        inputs = collate(batch, packed)
+        assert inputs.input_ids.numel() <= 200 or len(batch) == 1
+
+
+def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable_shards):
+    dataset = ShardDataset(learnable_shards)
+    pairs = [dataset.read(0, row) for row in range(5)]
+    model = TokenLogprobs(load_causal_lm(tiny_model, torch.float32)).eval()
+    results = {}
+    with torch.no_grad():
+        for packed in (True, False):
+            inputs = collate(pairs, packed)
+            assert (inputs.attention_mask is None) == packed
+            results[packed] = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
+                                                   inputs.predict_index, inputs.targets), inputs.token_mask)
+        torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=0)
+        # ...and both equal the stored reference log-probs of the scorer (same untrained model).
+        stored = collate(pairs, True).ref_logps
+        torch.testing.assert_close(results[True], stored, atol=1e-4, rtol=0)
+    packed = collate(pairs, True)
+    assert packed.input_ids.shape[0] == 1 and packed.num_tokens == packed.input_ids.numel()
+
+
+def test_reward_column_and_missing_columns(learnable_shards):
+    with pytest.raises(UserError, match="chosen_dpo_rewards"):
+        ShardDataset(learnable_shards, reward_column="dpo_rewards")
+    assert ShardDataset(learnable_shards, reward_column="better_logps").read(0, 0).chosen_rewards[0] < 0
+
+
+def test_foreign_and_mixed_shards_are_refused(learnable_shards, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    pq.write_table(pa.table({"id": ["a"]}), foreign / "plain.parquet")
+    with pytest.raises(UserError, match="not a treg shard"):
+        ShardDataset(str(foreign))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, file in enumerate(sorted((Path(learnable_shards) / "data").glob("*.parquet"))[:2]):
+        table = pq.read_table(file)
+        meta = json.loads(table.schema.metadata[METADATA_KEY])
+        meta["provenance"]["tokenizer_hash"] = f"hash-{i}"
+        pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), mixed / file.name)
+    with pytest.raises(UserError, match="different tokenizers"):
+        ShardDataset(str(mixed))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no .parquet shards"):
+        ShardDataset(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="neither a folder nor a Hub dataset id"):
+        ShardDataset(str(tmp_path / "missing"))

@@ -1,0 +1,151 @@
+"""treg-train for real: torchrun with 2 processes on CPU (gloo, FSDP2), on shards written by
+treg-score; then the exported model in transformers and in the vLLM engine."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+ARGS = ["--global-batch-size", "8", "--max-steps", "12", "--learning-rate", "2e-4", "--beta", "0.1",
+        "--logging-steps", "1", "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]
+
+
+def _train(model, data, output, *extra, processes=1, wait=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
+    command = launcher + ["-m", "treg_train", "--model", model, "--data", data, "--output", str(output), *ARGS, *extra]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def _metrics(output):
+    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, learnable_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("train") / "single"
+    result = _train(tiny_model, learnable_shards, output, "--save-steps", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_loss_falls_and_reward_accuracy_rises(single):
+    output, result = single
+    metrics = _metrics(output)
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    first, last = metrics[:3], metrics[-3:]
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "loss") < 0.7 * mean(first, "loss")
+    assert mean(last, "rewards/accuracies") > mean(first, "rewards/accuracies")
+    assert mean(last, "rewards/margins") > 0
+    for key in ("dpo_loss", "reg_loss", "mean_w", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                "logps/rejected", "token_reward_agreement", "grad_norm", "learning_rate",
+                "tokens_per_second_per_device", "peak_memory_gb"):
+        assert key in metrics[-1]
+    assert "treg-train finished: 12 steps" in result.stdout
+
+
+def test_two_processes_match_one(tiny_model, learnable_shards, single, tmp_path):
+    result = _train(tiny_model, learnable_shards, tmp_path / "two", "--save-steps", "0", processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = _metrics(single[0]), _metrics(tmp_path / "two")
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):
+    output = tmp_path / "killed"
+    process = _train(tiny_model, learnable_shards, output, "--save-steps", "4", processes=2, wait=False)
+    deadline = time.time() + 600
+    while not (output / "checkpoints" / "step-00000004").exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    for proc in [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True):
+        proc.kill()
+    process.wait()
+    assert not (output / "final").exists()
+    result = _train(tiny_model, learnable_shards, output, "--save-steps", "4", "--resume", processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stderr
+    resumed, uninterrupted = _metrics(output), _metrics(single[0])
+    assert [m["step"] for m in resumed] == list(range(1, 13))
+    for a, b in zip(uninterrupted, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
+
+
+def test_exported_model_loads_in_transformers_and_differs_from_the_start(tiny_model, single):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = single[0] / "final"
+    trained = AutoModelForCausalLM.from_pretrained(final)
+    start = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert AutoTokenizer.from_pretrained(final).chat_template == AutoTokenizer.from_pretrained(tiny_model).chat_template
+    diffs = [(a - b).abs().max().item() for a, b in zip(trained.state_dict().values(), start.state_dict().values())]
+    assert max(diffs) > 1e-4
+    ids = torch.tensor([[1, 5, 9, 12]])
+    assert torch.isfinite(trained(ids).logits).all()
+
+
+@pytest.mark.engine
+def test_exported_model_scores_in_vllm(single, tmp_path):
+    from conftest import make_learnable_pairs, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_learnable_pairs(4))
+    command = [sys.executable, "-m", "treg_data.cli", "--model", str(single[0] / "final"), "--dataset", data,
+               "--output", str(tmp_path / "scored"), "--dtype", "float32", "--max-length", "256",
+               "--max-prompt-length", "128", "--enforce-eager"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pairs scored   4" in result.stdout and "vllm:flat_prompt_logprobs" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss", "ipo"], "--loss must be one of"),
+        (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+        (["--learning-rate", "abc"], "'abc' is not a valid float"),
+        (["--no-such-flag"], "No such option"),
+        (["--max-length", "4096"], "--micro-batch-tokens must hold one pair"),
+    ],
+)
+def test_bad_flags_give_one_clear_message(tiny_model, learnable_shards, tmp_path, extra, message):
+    result = _train(tiny_model, learnable_shards, tmp_path / "out", *extra)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_file_with_flags_on_top(tiny_model, learnable_shards, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {tiny_model}\ndata: {learnable_shards}\nloss: simpo_reg\nlearning-rate: 1.0e-4\nbogus: 1\n")
+    result = subprocess.run([sys.executable, "-m", "treg_train", "--config", str(config), "--output", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown setting(s) ['bogus']" in result.stderr
+    config.write_text(config.read_text().replace("bogus: 1\n", ""))
+    result = subprocess.run([sys.executable, "-m", "treg_train", "--config", str(config), "--output", str(tmp_path / "o"),
+                             "--global-batch-size", "8", "--max-steps", "2", "--max-length", "256",
+                             "--micro-batch-tokens", "1024", "--save-steps", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(_metrics(tmp_path / "o")) == 1  # logging every 10 steps, plus the last one
+
+
+def test_shards_of_another_tokenizer_are_refused(learnable_shards, tmp_path):
+    from treg_data.tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other-model", vocab_size=600)
+    result = _train(str(other), learnable_shards, tmp_path / "out")
+    assert result.returncode == 2 and "another tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.parquet").write_bytes(b"not parquet at all")
+    result = _train(tiny_model, str(tmp_path), tmp_path / "out")
+    assert result.returncode == 2 and "broken.parquet" in result.stderr and "Traceback" not in result.stderr
