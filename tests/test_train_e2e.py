@@ -35,6 +35,14 @@ def single(tiny_model, learnable_shards, tmp_path_factory):
     return output, result
 
 
+@pytest.fixture(scope="module")
+def short_run(tiny_model, learnable_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("train") / "short"
+    result = _train(tiny_model, learnable_shards, output, "--save-steps", "0", "--max-steps", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
 def test_loss_falls_and_reward_accuracy_rises(single):
     output, result = single
     metrics = _metrics(output)
@@ -149,3 +157,13 @@ def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
     (tmp_path / "data" / "broken.parquet").write_bytes(b"not parquet at all")
     result = _train(tiny_model, str(tmp_path), tmp_path / "out")
     assert result.returncode == 2 and "broken.parquet" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--no-padding-free"], ["--ref-model", "MODEL"]],
+                         ids=["gradient-checkpointing", "padded", "online-reference"])
+def test_memory_and_reference_options_leave_the_losses_unchanged(tiny_model, learnable_shards, short_run, tmp_path, extra):
+    extra = [tiny_model if arg == "MODEL" else arg for arg in extra]
+    result = _train(tiny_model, learnable_shards, tmp_path / "variant", "--save-steps", "0", "--max-steps", "3", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(_metrics(short_run), _metrics(tmp_path / "variant"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
