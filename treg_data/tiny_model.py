@@ -76,10 +76,13 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 2048,
     seed: int = 0,
+    model_vocab_size: int | None = None,
 ) -> Path:
     """Write a randomly initialised model + tokenizer folder that transformers and vLLM load.
 
     vLLM's CPU attention needs head_dim >= 64, hence hidden_size / num_heads = 64 by default.
+    `model_vocab_size` widens the embeddings beyond the tokenizer (ids past it are never used),
+    to give benchmarks the output-layer cost of a real vocabulary.
     """
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
@@ -87,7 +90,7 @@ def build_tiny_model(
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(vocab_size)
     common = dict(
-        vocab_size=len(tokenizer),
+        vocab_size=max(len(tokenizer), model_vocab_size or 0),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
