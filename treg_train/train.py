@@ -96,13 +96,14 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
     mixed = compute_dtype if compute_dtype != torch.float32 else None
 
-    lm = load_causal_lm(config.model, torch.float32, config.attn_implementation).to(rt.device)
+    # Loaded on the CPU: fully_shard moves one unit at a time to the device, as it shards it.
+    lm = load_causal_lm(config.model, torch.float32, config.attn_implementation)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = shard_model(TokenLogprobs(lm, config.logprob_chunk_rows), rt.mesh, mixed)
     reference = None
     if config.ref_model:
-        ref_lm = load_causal_lm(config.ref_model, torch.float32, config.attn_implementation).to(rt.device)
+        ref_lm = load_causal_lm(config.ref_model, torch.float32, config.attn_implementation)
         reference = shard_model(TokenLogprobs(ref_lm, config.logprob_chunk_rows), rt.mesh, mixed, trainable=False)
 
     steps_per_epoch = dataset.num_pairs // config.global_batch_size
