@@ -1,0 +1,75 @@
+"""`treg-inspect`: an HTML report of the token rewards in scored shards."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from treg_data import report
+from treg_data.errors import UserError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def inspect(
+    data: str = typer.Argument(..., help="A treg-score output folder (or its data/ folder)."),
+    output: Optional[str] = typer.Option(None, help="HTML file to write (default: DATA/report.html)."),
+    ids: Optional[list[str]] = typer.Option(None, "--id", help="Show this pair (repeatable)."),
+    random: Optional[int] = typer.Option(None, help="Show this many pairs drawn at random (default 5)."),
+    extreme: Optional[int] = typer.Option(None, help="Show the pairs with the largest |Σ r̂|."),
+    checkpoint: Optional[str] = typer.Option(None, help="A trained model: show its implicit token rewards β·log π_θ/π_ref too."),
+    beta: float = typer.Option(0.01, help="β for the implicit rewards (the one the checkpoint was trained with)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode tokens (default: the scoring model's)."),
+    seed: int = typer.Option(0, help="Seed of --random."),
+) -> None:
+    """Colour every response token by its reward, chosen and rejected side by side."""
+    from transformers import AutoTokenizer
+
+    if sum(x is not None and x != [] for x in (ids, random, extreme)) > 1:
+        raise UserError("choose pairs with one of --id, --random or --extreme")
+    manifest = _manifest(data)
+    provenance = manifest.get("provenance", {})
+    name = tokenizer or checkpoint or provenance.get("model")
+    if not name:
+        raise UserError("cannot tell which tokenizer decodes these shards; pass --tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as err:
+        raise UserError(f"cannot load the tokenizer {name!r}: {str(err).splitlines()[0] if str(err) else err}") from None
+    rows = report.select_rows(data, ids=ids or None, sample=random, extreme=extreme, seed=seed)
+    implicit = report.implicit_rewards(checkpoint, rows, beta) if checkpoint else None
+    views = report.build_views(rows, tok, implicit)
+    meta = {"data": str(Path(data).resolve()), "scoring model": provenance.get("scorer_model", "?"),
+            "reward": provenance.get("reward_transform", "?"), "pairs shown": str(len(views))}
+    if checkpoint:
+        meta["checkpoint"] = f"{checkpoint} (β = {beta})"
+    target = Path(output) if output else Path(data) / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(report.render_html(views, "treg token rewards", meta), encoding="utf-8")
+    print(f"treg-inspect: {len(views)} pair(s) written to {target}")
+
+
+def _manifest(data: str) -> dict:
+    for candidate in (Path(data) / "manifest.json", Path(data).parent / "manifest.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    from treg_data.shards import read_shard_metadata
+
+    return {"provenance": read_shard_metadata(report.shard_files(data)[0])["provenance"]}
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as err:
+        print(f"treg-inspect: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The token-reward report of `treg-inspect`: each response's tokens coloured by r̂ (blue for
+positive, red for negative), chosen and rejected side by side, like the paper's Figure 3; with a
+trained checkpoint, its implicit token rewards β·log π_θ/π_ref beside them. One self-contained
+HTML file: inline CSS, no scripts, no network."""
+
+from __future__ import annotations
+
+import heapq
+import html
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from treg_data.errors import UserError
+
+COLUMNS = ["id", "prompt", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards",
+           "chosen_ref_logps", "rejected_ref_logps"]
+
+
+@dataclass
+class ResponseView:
+    tokens: list[str]
+    rewards: np.ndarray
+    implicit: np.ndarray | None = None
+
+
+@dataclass
+class PairView:
+    id: str
+    prompt: list[dict]
+    chosen: ResponseView
+    rejected: ResponseView
+
+
+def shard_files(data: str | Path) -> list[Path]:
+    root = Path(data)
+    files = sorted((root / "data").glob("*.parquet")) if (root / "data").is_dir() else sorted(root.glob("*.parquet"))
+    if not files:
+        raise UserError(f"no .parquet shards in {data}")
+    return files
+
+
+def _rows(files: list[Path]):
+    for file in files:
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=COLUMNS):
+            yield from batch.to_pylist()
+
+
+def select_rows(data: str | Path, ids: list[str] | None = None, sample: int | None = None,
+                extreme: int | None = None, seed: int = 0) -> list[dict]:
+    """Pairs by id, a seeded random sample, or those with the largest |Σ r̂| (one pass, bounded memory)."""
+    files = shard_files(data)
+    if ids:
+        wanted = {i: None for i in ids}
+        for row in _rows(files):
+            if row["id"] in wanted:
+                wanted[row["id"]] = row
+        missing = [i for i, row in wanted.items() if row is None]
+        if missing:
+            raise UserError(f"no pair with id {', '.join(missing)} in {data}")
+        return list(wanted.values())
+    if extreme:
+        score = lambda r: abs(sum(r["chosen_rewards"])) + abs(sum(r["rejected_rewards"]))  # noqa: E731
+        top = heapq.nlargest(extreme, ((score(r), n, r) for n, r in enumerate(_rows(files))))
+        return [row for *_, row in top]
+    rng, reservoir = random.Random(seed), []
+    for n, row in enumerate(_rows(files)):  # reservoir sampling
+        if len(reservoir) < (sample or 5):
+            reservoir.append(row)
+        elif (j := rng.randrange(n + 1)) < len(reservoir):
+            reservoir[j] = row
+    return reservoir
+
+
+def token_texts(tokenizer, prefix_ids: list[int], ids: list[int]) -> list[str]:
+    """Each token's text, decoded in context so that multi-byte characters split across tokens
+    are attributed to the token that completes them."""
+    texts, previous = [], tokenizer.decode(prefix_ids[-8:] if prefix_ids else [])
+    context = list(prefix_ids[-8:])
+    for token in ids:
+        context.append(token)
+        current = tokenizer.decode(context)
+        texts.append(current[len(previous):] if current.startswith(previous) else tokenizer.decode([token]))
+        previous = current
+    return texts
+
+
+def build_views(rows: list[dict], tokenizer, implicit: list[tuple[np.ndarray, np.ndarray]] | None) -> list[PairView]:
+    views = []
+    for n, row in enumerate(rows):
+        sides = []
+        for k, side in enumerate(("chosen", "rejected")):
+            ids = row[f"{side}_ids"]
+            sides.append(ResponseView(
+                tokens=token_texts(tokenizer, row["prompt_ids"], ids),
+                rewards=np.asarray(row[f"{side}_rewards"], dtype=np.float64),
+                implicit=implicit[n][k] if implicit else None,
+            ))
+        views.append(PairView(row["id"], row["prompt"], *sides))
+    return views
+
+
+def implicit_rewards(checkpoint: str, rows: list[dict], beta: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """β · (log π_θ − log π_ref) per token, with π_θ from the checkpoint and π_ref from the shards."""
+    from treg_data.scorers import EngineOptions
+    from treg_data.scorers.hf_scorer import HFScorer
+
+    scorer = HFScorer(EngineOptions(model=checkpoint, dtype="float32"))
+    requests = [(row["prompt_ids"], row[f"{side}_ids"]) for row in rows for side in ("chosen", "rejected")]
+    logps = scorer.score(requests)
+    out = []
+    for n, row in enumerate(rows):
+        out.append(tuple(beta * (logps[2 * n + k] - np.asarray(row[f"{side}_ref_logps"]))
+                         for k, side in enumerate(("chosen", "rejected"))))
+    return out
+
+
+# ---- HTML --------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #1a1a1a; }
+h1 { font-size: 20px; } h2 { font-size: 15px; margin: 0 0 6px; }
+.meta, .legend { font-size: 13px; color: #444; margin-bottom: 4px; }
+.pair { border: 1px solid #ccc; border-radius: 6px; padding: 12px; margin: 16px 0; }
+.prompt { background: #f6f6f6; padding: 8px; white-space: pre-wrap; font-size: 13px; }
+.sides { display: grid; grid-template-columns: 1fr 1fr; gap: 12px; margin-top: 8px; }
+.side h3 { font-size: 14px; margin: 4px 0; }
+.tokens { font-family: ui-monospace, monospace; font-size: 13px; white-space: pre-wrap; line-height: 1.7;
+          border: 1px solid #eee; padding: 6px; margin-bottom: 6px; }
+.label { font-size: 12px; color: #555; }
+.tok { border-radius: 2px; }
+.swatch { display: inline-block; padding: 0 6px; margin: 0 2px; }
+"""
+
+
+def _colour(value: float, scale: float) -> str:
+    strength = min(1.0, abs(value) / scale) if scale > 0 else 0.0
+    rgb = "37,99,235" if value >= 0 else "220,38,38"  # blue: positive, red: negative
+    return f"rgba({rgb},{0.85 * strength:.3f})"
+
+
+def _tokens_html(tokens: list[str], values: np.ndarray, scale: float, kind: str, name: str) -> str:
+    spans = "".join(
+        f'<span class="tok" style="background:{_colour(v, scale)}" title="{name} = {v:+.4f}">{html.escape(t)}</span>'
+        for t, v in zip(tokens, values)
+    )
+    return f'<div class="tokens" data-kind="{kind}">{spans}</div>'
+
+
+def _side_html(label: str, view: ResponseView, scales: dict[str, float]) -> str:
+    parts = [f'<div class="side" data-side="{label}"><h3>{label} · Σ r̂ = '
+             f'<span class="sum" data-kind="rhat">{view.rewards.sum():+.4f}</span>']
+    if view.implicit is not None:
+        parts.append(f' · Σ β·log π_θ/π_ref = <span class="sum" data-kind="implicit">{view.implicit.sum():+.4f}</span>')
+    parts.append("</h3>")
+    parts.append('<div class="label">self-generated token reward r̂</div>')
+    parts.append(_tokens_html(view.tokens, view.rewards, scales["rhat"], "rhat", "r̂"))
+    if view.implicit is not None:
+        parts.append('<div class="label">implicit token reward of the trained policy</div>')
+        parts.append(_tokens_html(view.tokens, view.implicit, scales["implicit"], "implicit", "β·log π_θ/π_ref"))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def render_html(views: list[PairView], title: str, meta: dict[str, str]) -> str:
+    """The report as one HTML string. Colours saturate at the 99th percentile of |value|."""
+
+    def scale(kind: str) -> float:
+        values = [np.abs(getattr(v, side).rewards if kind == "rhat" else getattr(v, side).implicit)
+                  for v in views for side in ("chosen", "rejected")
+                  if kind == "rhat" or getattr(v, side).implicit is not None]
+        values = np.concatenate(values) if values else np.zeros(1)
+        return float(np.quantile(values, 0.99)) if values.size else 0.0
+
+    scales = {"rhat": scale("rhat"), "implicit": scale("implicit")}
+    meta_html = "".join(f'<div class="meta">{html.escape(k)}: {html.escape(str(v))}</div>' for k, v in meta.items())
+    legend = (f'<div class="legend">colour: <span class="swatch" style="background:{_colour(1, 1)}">positive</span>'
+              f'<span class="swatch" style="background:{_colour(-1, 1)}">negative</span> · full colour at '
+              f'|r̂| ≥ {scales["rhat"]:.4f}' + (f', |implicit| ≥ {scales["implicit"]:.4f}' if views and views[0].chosen.implicit is not None else "")
+              + ' · hover a token for its value</div>')
+    sections = []
+    for view in views:
+        prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in view.prompt)
+        sections.append(
+            f'<section class="pair" data-id="{html.escape(view.id)}"><h2>pair {html.escape(view.id)}</h2>'
+            f'<div class="prompt">{html.escape(prompt)}</div><div class="sides">'
+            + _side_html("chosen", view.chosen, scales) + _side_html("rejected", view.rejected, scales)
+            + "</div></section>"
+        )
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{meta_html}{legend}"
+            + "".join(sections) + "</body></html>\n")
