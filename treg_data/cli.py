@@ -43,6 +43,8 @@ def score(
     strict: bool = typer.Option(False, help="Fail on the first malformed row instead of skipping it."),
     overwrite: bool = typer.Option(False, help="Replace data in --output that was scored with other settings."),
     seed: int = typer.Option(0, help="Engine seed."),
+    push_to_hub: Optional[str] = typer.Option(None, help="Upload the finished dataset to this Hub repository (ORG/NAME)."),
+    hub_private: bool = typer.Option(False, help="With --push-to-hub: create the repository as private."),
 ) -> None:
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     from treg_data import pipeline
@@ -65,6 +67,13 @@ def score(
     )
     summary = pipeline.run(config)
     print(summary.text())
+    if push_to_hub:
+        if summary.manifest is None:
+            print(f"not pushing yet: the last worker to finish pushes {output} to {push_to_hub}")
+            return
+        from treg_data.hub import push_to_hub as push
+
+        print(f"uploaded to {push(output, push_to_hub, private=hub_private)}")
 
 
 def main() -> None:
