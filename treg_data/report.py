@@ -76,15 +76,21 @@ def select_rows(data: str | Path, ids: list[str] | None = None, sample: int | No
 
 
 def token_texts(tokenizer, prefix_ids: list[int], ids: list[int]) -> list[str]:
-    """Each token's text, decoded in context so that multi-byte characters split across tokens
-    are attributed to the token that completes them."""
-    texts, previous = [], tokenizer.decode(prefix_ids[-8:] if prefix_ids else [])
-    context = list(prefix_ids[-8:])
+    """Each token's text, decoded incrementally after a little of the prompt (for tokenizers whose
+    decoding depends on the left context). A token that ends inside a multi-byte character shows
+    nothing; the token completing the character shows all of it."""
+    all_ids = list(prefix_ids[-8:])
+    prefix_offset, read_offset = 0, len(all_ids)
+    texts = []
     for token in ids:
-        context.append(token)
-        current = tokenizer.decode(context)
-        texts.append(current[len(previous):] if current.startswith(previous) else tokenizer.decode([token]))
-        previous = current
+        all_ids.append(token)
+        before = tokenizer.decode(all_ids[prefix_offset:read_offset])
+        after = tokenizer.decode(all_ids[prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            texts.append(after[len(before):])
+            prefix_offset, read_offset = read_offset, len(all_ids)
+        else:
+            texts.append("")
     return texts
 
 
