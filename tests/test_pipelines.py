@@ -1,0 +1,97 @@
+"""The recipes, launch scripts and the quickstart."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from treg_data.cli import app as score_app
+from treg_train.config import build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "pipelines" / "recipes").glob("*/*.yaml"))
+TRAIN_RECIPES = [p for p in RECIPES if p.name != "score.yaml"]
+
+
+@pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_training_recipes_load_and_validate(path):
+    config = build_config(str(path), {"output": "runs/x"})
+    settings = config.loss_settings()
+    assert config.global_batch_size == 128 and config.max_length == 2048 and config.warmup_ratio == 0.1
+    if config.loss.startswith("simpo"):
+        assert settings.beta == 10.0 and settings.gamma / settings.beta in (0.3, 0.5)
+    else:
+        assert settings.beta == 0.01 and 5e-7 <= config.learning_rate <= 1e-6
+
+
+def test_recipes_cover_the_paper_grid():
+    for model in ("llama3-8b-instruct", "gemma2-9b-it"):
+        names = {p.stem for p in TRAIN_RECIPES if p.parent.name == model}
+        assert {"dpo", "dpo_reg", "simpo", "simpo_reg"} <= names
+        alphas = sorted(build_config(str(p), {"output": "x"}).alpha for p in TRAIN_RECIPES
+                        if p.parent.name == model and p.stem.startswith("dpo_reg"))
+        assert alphas == [0.1, 0.25, 0.5]
+
+
+def test_score_recipes_use_real_treg_score_flags():
+    import typer.main
+
+    known = {opt for param in typer.main.get_command(score_app).params for opt in param.opts}
+    for path in (p for p in RECIPES if p.name == "score.yaml"):
+        for key in yaml.safe_load(path.read_text()):
+            assert f"--{key}" in known, (path, key)
+
+
+def _fake(bin_dir: Path, name: str) -> None:
+    script = bin_dir / name
+    script.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$0" "$@"\n')
+    script.chmod(0o755)
+
+
+def test_launch_scripts_build_the_right_commands(tmp_path):
+    _fake(tmp_path, "treg-score")
+    _fake(tmp_path, "torchrun")
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_ARRAY_TASK_ID": "3"}
+    recipe = ROOT / "pipelines/recipes/llama3-8b-instruct/score.yaml"
+    out = subprocess.run(["bash", ROOT / "pipelines/launch/score_slurm_array.sh", recipe, "--overwrite"],
+                         capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert out[1:3] == ["--model", "meta-llama/Meta-Llama-3-8B-Instruct"]
+    assert out[-5:] == ["--num-workers", "16", "--worker-index", "3", "--overwrite"]
+    train = ROOT / "pipelines/recipes/llama3-8b-instruct/dpo_reg.yaml"
+    out = subprocess.run(["bash", ROOT / "pipelines/launch/train_1node.sh", train, str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert out[1:] == ["--standalone", "--nproc-per-node", "8", "-m", "treg_train", "--config", str(train),
+                       "--output", str(tmp_path / "run")]
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    out = subprocess.run(["bash", ROOT / "pipelines/launch/train_1node.sh", train, str(tmp_path / "run")],
+                         capture_output=True, text=True, env=env, check=True).stdout.splitlines()
+    assert out[-1] == "--resume"
+
+
+def test_shipped_quickstart_pairs_are_valid_and_varied():
+    from treg_data.pairs import Columns, parse_pair
+
+    rows = [json.loads(line) for line in (ROOT / "pipelines/data/quickstart-pairs.jsonl").read_text().splitlines()]
+    assert len(rows) >= 300
+    pairs = [parse_pair(row, Columns()) for row in rows]
+    assert len({p.id for p in pairs}) == len(rows)
+    assert {len(p.prompt) for p in pairs} == {1, 2, 3}  # plain, system + user, and multi-turn prompts
+
+
+@pytest.mark.engine
+def test_quickstart_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines/quickstart.py"), "--output", str(tmp_path / "qs"),
+                             "--cache", str(tmp_path / "cache"), "--epochs", "1"],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    out = result.stdout
+    assert "=== [4/4]" in out and "quickstart finished" in out and "pairs            320 scored" in out
+    for path in ("scored/manifest.json", "train/final/model.safetensors", "train/metrics.jsonl", "report.html"):
+        assert (tmp_path / "qs" / path).exists(), path
+    metrics = [json.loads(line) for line in (tmp_path / "qs/train/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert (tmp_path / "qs/report.html").read_text().count('class="pair"') == 8
