@@ -4,6 +4,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -39,7 +40,8 @@ def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shar
 
 
 def _pair(prompt, chosen, rejected):
-    return Pair("x", list(range(prompt)), list(range(chosen)), list(range(rejected)), None, None, [0.0] * chosen, [0.0] * rejected)
+    ids = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
+    return Pair("x", ids(prompt), ids(chosen), ids(rejected), None, None, np.zeros(chosen), np.zeros(rejected))
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -74,7 +76,8 @@ def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable
 def test_reward_column_and_missing_columns(learnable_shards):
     with pytest.raises(UserError, match="chosen_dpo_rewards"):
         ShardDataset(learnable_shards, reward_column="dpo_rewards")
-    assert ShardDataset(learnable_shards, reward_column="better_logps").read(0, 0).chosen_rewards[0] < 0
+    pair = ShardDataset(learnable_shards, reward_column="better_logps").read(0, 0)
+    assert pair.chosen_rewards[0] < 0 and len(pair.chosen_rewards) == len(pair.chosen_ids)
 
 
 def test_foreign_and_mixed_shards_are_refused(learnable_shards, tmp_path):

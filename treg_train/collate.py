@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from treg_train.data import Pair
@@ -29,36 +30,38 @@ class ModelInputs:
 
 
 def collate(pairs: list[Pair], packed: bool) -> ModelInputs:
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    lengths = [len(prompt) + len(response) for prompt, response in sequences]
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    prompts = [p.prompt_ids for p in pairs] * 2
+    lengths = [len(prompt) + len(response) for prompt, response in zip(prompts, responses)]
+    sequences = [np.concatenate([prompt, response]) for prompt, response in zip(prompts, responses)]
     if packed:
-        input_ids = torch.tensor([[t for prompt, response in sequences for t in prompt + response]])
+        input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None]
         position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-        attention_mask, starts = None, torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+        attention_mask, starts = None, np.concatenate([[0], np.cumsum(lengths)[:-1]])
     else:
         width = max(lengths)
         input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        for row, (prompt, response) in enumerate(sequences):
-            input_ids[row, : lengths[row]] = torch.tensor(prompt + response)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : lengths[row]] = torch.from_numpy(sequence.astype(np.int64))
             attention_mask[row, : lengths[row]] = 1
         position_ids = torch.arange(width).expand(len(sequences), width)
-        starts = [row * width for row in range(len(sequences))]
+        starts = np.arange(len(sequences)) * width
     # The hidden state at position p predicts token p + 1.
-    predict_index = torch.cat([torch.arange(start + len(prompt) - 1, start + len(prompt) + len(response) - 1)
-                               for start, (prompt, response) in zip(starts, sequences)])
-    targets = torch.tensor([t for _, response in sequences for t in response])
+    predict_index = torch.from_numpy(np.concatenate([
+        np.arange(start + len(prompt) - 1, start + len(prompt) + len(response) - 1)
+        for start, prompt, response in zip(starts, prompts, responses)
+    ]))
+    targets = torch.from_numpy(np.concatenate(responses).astype(np.int64))
 
-    longest = max(len(response) for _, response in sequences)
-    token_mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
-    for row, (_, response) in enumerate(sequences):
-        token_mask[row, : len(response)] = True
+    longest = max(len(response) for response in responses)
+    token_mask = torch.arange(longest)[None] < torch.tensor([len(r) for r in responses])[:, None]
 
-    def padded(values: list[list[float]] | None) -> torch.Tensor | None:
+    def padded(values: list | None) -> torch.Tensor | None:
         if values is None or any(v is None for v in values):
             return None
         out = torch.zeros(len(sequences), longest, dtype=torch.float32)
-        out[token_mask] = torch.tensor([x for v in values for x in v], dtype=torch.float32)
+        out[token_mask] = torch.from_numpy(np.concatenate(values).astype(np.float32))
         return out
 
     return ModelInputs(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from treg_data.errors import UserError, first_line
@@ -22,14 +24,16 @@ from treg_data.shards import read_shard_metadata
 
 @dataclass
 class Pair:
+    """One pair's token data as NumPy arrays (views into the cached Arrow row group)."""
+
     id: str
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    chosen_ref_logps: list[float] | None
-    rejected_ref_logps: list[float] | None
-    chosen_rewards: list[float]
-    rejected_rewards: list[float]
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+    chosen_ref_logps: np.ndarray | None
+    rejected_ref_logps: np.ndarray | None
+    chosen_rewards: np.ndarray
+    rejected_rewards: np.ndarray
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +60,7 @@ def resolve_shards(data: str) -> list[Path]:
 
 
 class ShardDataset:
-    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True, cached_groups: int = 8):
+    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True, buffer_size: int = 10_000):
         self.files = resolve_shards(data)
         self.columns = ["id", "prompt_ids"]
         for side in ("chosen", "rejected"):
@@ -81,8 +85,11 @@ class ShardDataset:
         self.tokenizer_hash = hashes.pop()
         self.provenance = read_shard_metadata(self.files[0])["provenance"]
         self.num_pairs = sum(rows for *_, rows in self.groups)
-        self._cache: OrderedDict[int, dict[str, list]] = OrderedDict()
-        self._cached_groups = cached_groups
+        # Rows wait in the shuffle buffer for a while: keep enough row groups (as compact Arrow
+        # tables) for the buffer's span, so each group is read about once per epoch.
+        group_rows = max((rows for *_, rows in self.groups), default=1)
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._cached_groups = 4 * -(-buffer_size // group_rows) + 2
 
     def order(self, seed: int, epoch: int, buffer_size: int) -> Iterator[tuple[int, int]]:
         """Every (row group, row) once, in a shuffled order fixed by (seed, epoch)."""
@@ -102,8 +109,14 @@ class ShardDataset:
         yield from buffer
 
     def read(self, group: int, row: int) -> Pair:
-        columns = self._group(group)
-        value = lambda name: columns[name][row] if name in columns else None  # noqa: E731
+        table = self._group(group)
+
+        def value(name: str):
+            if name not in table.column_names:
+                return None
+            cell = table.column(name)[row]
+            return cell.as_py() if name == "id" else cell.values.to_numpy(zero_copy_only=False)
+
         return Pair(
             id=value("id"), prompt_ids=value("prompt_ids"),
             chosen_ids=value("chosen_ids"), rejected_ids=value("rejected_ids"),
@@ -111,13 +124,13 @@ class ShardDataset:
             chosen_rewards=value(f"chosen_{self.reward_column}"), rejected_rewards=value(f"rejected_{self.reward_column}"),
         )
 
-    def _group(self, group: int) -> dict[str, list]:
+    def _group(self, group: int) -> pa.Table:
         if group in self._cache:
             self._cache.move_to_end(group)
             return self._cache[group]
         file_index, row_group, _ = self.groups[group]
         table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns)
-        self._cache[group] = {name: table.column(name).to_pylist() for name in self.columns}
+        self._cache[group] = table.combine_chunks()
         if len(self._cache) > self._cached_groups:
             self._cache.popitem(last=False)
         return self._cache[group]

@@ -86,7 +86,8 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     if config.global_batch_size % rt.world_size:
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the {rt.world_size} processes")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None)
+    dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
+                           buffer_size=config.shuffle_buffer)
     if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
         raise UserError(
             f"the shards in {config.data} were scored with another tokenizer or chat template than {config.model}'s; "

@@ -1,0 +1,94 @@
+"""Stage-one throughput: treg's vLLM scorer vs the transformers reference scorer on the same
+sequences, the overhead of prompt log-prob scoring over a plain prefill of the same tokens in
+the same engine, and scoring time against total tokens.
+
+    python pipelines/bench/scoring.py --size small --pairs 400 --sizes 100,200,400
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import local_model, pairs_file  # noqa: E402
+
+
+def requests_for(model: str, n: int, work: Path):
+    from transformers import AutoTokenizer
+
+    from treg_data.encoding import CONTEXTS, LengthLimits, PairEncoder
+    from treg_data.inputs import open_source
+    from treg_data.pairs import Columns, parse_pair
+    from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS
+
+    encoder = PairEncoder(AutoTokenizer.from_pretrained(model), DEFAULT_REVISION_PROMPTS, LengthLimits(512, 256, 2048))
+    source = open_source(str(pairs_file(work, n)))
+    pairs = [encoder.encode(parse_pair(row, Columns())) for _, row in source.rows(0, source.num_rows)]
+    return [(r.prefixes[c], r.ids) for p in pairs for r in (p.chosen, p.rejected) for c in CONTEXTS]
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--pairs", type=int, default=400)
+    parser.add_argument("--sizes", default="100,200,400", help="pair counts for the time-vs-tokens table")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--work", default="/tmp/treg-bench-scoring")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from treg_data.scorers import EngineOptions
+    from treg_data.scorers.hf_scorer import HFScorer
+    from treg_data.scorers.vllm_scorer import VLLMScorer
+
+    model = local_model(work, args.size)
+    requests = requests_for(model, args.pairs, work)
+    tokens = sum(len(p) + len(r) for p, r in requests)
+    options = EngineOptions(model=model, dtype=args.dtype, max_model_len=2048)
+
+    vllm_scorer = VLLMScorer(options)
+    warm = requests[:60]
+    vllm_scorer.score(warm)  # first batches compile and warm caches
+    prompts = [TokensPrompt(prompt_token_ids=p + r) for p, r in requests]
+    prefill = SamplingParams(max_tokens=1, detokenize=False)
+    vllm_scorer.llm.generate(prompts[:60], prefill, use_tqdm=False)
+    t_prefill = timed(lambda: vllm_scorer.llm.generate(prompts, prefill, use_tqdm=False))
+    t_vllm = timed(vllm_scorer.score, requests)
+    scaling = []
+    for n in [int(x) for x in args.sizes.split(",") if x]:
+        subset = requests[: 6 * n]
+        scaling.append((n, sum(len(p) + len(r) for p, r in subset), timed(vllm_scorer.score, subset)))
+    vllm_scorer.close()
+
+    hf = HFScorer(options)
+    hf.score(warm)
+    t_hf = timed(hf.score, requests)
+
+    print(f"\nmodel {args.size} ({model}) | {args.pairs} pairs = {len(requests)} sequences, {tokens:,} tokens | "
+          f"{args.dtype} | vLLM path {vllm_scorer.path} | {os.cpu_count()} CPU cores")
+    print(f"{'scorer':<44}{'seconds':>9}{'tokens/s':>12}{'vs reference':>14}")
+    for name, seconds in (("transformers reference (length-sorted batches)", t_hf), ("treg vLLM scorer (prompt log-probs)", t_vllm),
+                          ("vLLM plain prefill, same tokens", t_prefill)):
+        print(f"{name:<44}{seconds:>9.2f}{tokens / seconds:>12,.0f}{t_hf / seconds:>13.2f}x")
+    print(f"log-prob scoring overhead over plain prefill: {100 * (t_vllm / t_prefill - 1):+.1f}%")
+    print(f"\n{'pairs':>7}{'tokens':>12}{'seconds':>9}{'µs/token':>10}   (vLLM scorer: time should grow linearly)")
+    for n, n_tokens, seconds in scaling:
+        print(f"{n:>7}{n_tokens:>12,}{seconds:>9.2f}{1e6 * seconds / n_tokens:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
