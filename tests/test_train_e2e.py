@@ -159,8 +159,8 @@ def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
     assert result.returncode == 2 and "broken.parquet" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--no-padding-free"], ["--ref-model", "MODEL"]],
-                         ids=["gradient-checkpointing", "padded", "online-reference"])
+@pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--padding-free"], ["--ref-model", "MODEL"]],
+                         ids=["gradient-checkpointing", "packed", "online-reference"])
 def test_memory_and_reference_options_leave_the_losses_unchanged(tiny_model, learnable_shards, short_run, tmp_path, extra):
     extra = [tiny_model if arg == "MODEL" else arg for arg in extra]
     result = _train(tiny_model, learnable_shards, tmp_path / "variant", "--save-steps", "0", "--max-steps", "3", *extra)

@@ -25,7 +25,9 @@ HELP = {
     "ref_model": "Compute reference log-probs with this model instead of reading them from the shards.",
     "global_batch_size": "Pairs per optimizer step, over all processes (gradient accumulation fills it).",
     "micro_batch_tokens": "Tokens per forward ([chosen; rejected] of several pairs).",
-    "padding_free": "Pack sequences without padding (position ids mark them); off: length-grouped padding.",
+    "padding_free": "Pack sequences without padding (position ids mark them) instead of length-grouped padding. "
+                    "Default: pack when the attention implementation runs variable-length (flash, flex); "
+                    "mask-based attention (sdpa, eager) would build a [tokens, tokens] mask over the pack.",
     "gradient_checkpointing": "Recompute activations in the backward to save memory.",
     "dtype": "auto (bf16 compute on GPU, fp32 on CPU), float32 or bfloat16.",
     "resume": "Continue from the newest complete checkpoint in --output.",

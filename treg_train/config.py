@@ -37,7 +37,7 @@ class TrainConfig:
     # memory and speed
     max_length: int = 2048
     micro_batch_tokens: int = 16384
-    padding_free: bool = True
+    padding_free: bool | None = None  # default: pack where attention runs varlen (flash / flex attention)
     gradient_checkpointing: bool = False
     dtype: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     attn_implementation: str | None = None

@@ -89,7 +89,7 @@ class ShardDataset:
         # tables) for the buffer's span, so each group is read about once per epoch.
         group_rows = max((rows for *_, rows in self.groups), default=1)
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cached_groups = 4 * -(-buffer_size // group_rows) + 2
+        self._cached_groups = 8 * -(-buffer_size // group_rows) + 2  # ~no re-reads, measured
 
     def order(self, seed: int, epoch: int, buffer_size: int) -> Iterator[tuple[int, int]]:
         """Every (row group, row) once, in a shuffled order fixed by (seed, epoch)."""

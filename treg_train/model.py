@@ -37,6 +37,16 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | Non
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def packs_without_padding(lm: nn.Module, requested: bool | None) -> bool:
+    """Packing pays where attention is variable-length; with a mask it costs [tokens, tokens]."""
+    if requested is not None:
+        return requested
+    return getattr(lm.config, "_attn_implementation", None) in VARLEN_ATTENTION
+
+
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     """The repeated blocks, found by the class names transformers lists as not-to-be-split."""
     names = set(getattr(lm, "_no_split_modules", None) or [])

@@ -23,7 +23,7 @@ from treg_train.config import TrainConfig
 from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
 from treg_train.losses import SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
-from treg_train.model import DTYPES, TokenLogprobs, load_causal_lm, shard_model
+from treg_train.model import DTYPES, TokenLogprobs, load_causal_lm, packs_without_padding, shard_model
 
 
 @dataclass
@@ -99,6 +99,7 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
 
     # Loaded on the CPU: fully_shard moves one unit at a time to the device, as it shards it.
     lm = load_causal_lm(config.model, torch.float32, config.attn_implementation)
+    packed = packs_without_padding(lm, config.padding_free)
     if config.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = shard_model(TokenLogprobs(lm, config.logprob_chunk_rows), rt.mesh, mixed)
@@ -137,13 +138,13 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         mine = [dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
         pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
         window.add("skipped_too_long", len(mine) - len(pairs), 1)
-        micro = micro_batches(pairs, config.micro_batch_tokens, config.padding_free)
+        micro = micro_batches(pairs, config.micro_batch_tokens, packed)
         count = torch.tensor([len(micro)], device=rt.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (FSDP collectives)
         for index in range(int(count)):
             real = index < len(micro)
             # A rank with fewer micro-batches runs a zero-weighted one so the collectives line up.
-            inputs = collate(micro[index] if real else (micro or [mine[:1]])[0], config.padding_free).to(rt.device)
+            inputs = collate(micro[index] if real else (micro or [mine[:1]])[0], packed).to(rt.device)
             policy.set_requires_gradient_sync(index == int(count) - 1)
             losses, metrics = _forward(policy, reference, inputs, settings)
             # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.

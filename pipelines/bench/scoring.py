@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,200,400", help="pair counts for the time-vs-tokens table")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--work", default="/tmp/treg-bench-scoring")
+    parser.add_argument("--enforce-eager", action="store_true", help="vLLM without compilation (faster start)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ def main() -> None:
     model = local_model(work, args.size)
     requests = requests_for(model, args.pairs, work)
     tokens = sum(len(p) + len(r) for p, r in requests)
-    options = EngineOptions(model=model, dtype=args.dtype, max_model_len=2048)
+    options = EngineOptions(model=model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.enforce_eager)
 
     vllm_scorer = VLLMScorer(options)
     warm = requests[:60]

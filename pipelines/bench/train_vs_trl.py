@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,14 +19,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent))
+from common import local_model, pairs_file, peak_rss_gb  # noqa: E402
 
 
 def peak_memory_gb() -> float:
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gb()
 
 
 def run_treg(args, loss: str) -> dict:
@@ -89,24 +88,17 @@ def child(args) -> None:
 
 
 def prepare(args) -> None:
-    """A tiny model and scored pairs, built locally when not given."""
+    """A local model and scored pairs, built when not given."""
     work = Path(args.work)
     if not args.model:
-        from treg_data.tiny_model import build_tiny_model
-
-        sizes = {"tiny": {}, "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408, model_vocab_size=32000)}
-        folder = work / f"model-{args.size}"
-        args.model = str(folder if folder.exists() else build_tiny_model(folder, **sizes[args.size]))
+        args.model = local_model(work, args.size)
     if not args.data:
-        sys.path.insert(0, str(HERE.parents[2] / "tests"))
-        from conftest import make_pairs, write_jsonl
-
         from treg_data import pipeline
 
-        pairs = write_jsonl(work / "pairs.jsonl", make_pairs(args.pairs, seed=7))
         args.data = str(work / f"scored-{args.size}")
-        pipeline.run(pipeline.ScoreConfig(model=args.model, dataset=pairs, output=args.data, backend="hf", overwrite=True,
-                                          dtype="float32", max_length=args.max_length, max_prompt_length=args.max_length // 2))
+        pipeline.run(pipeline.ScoreConfig(model=args.model, dataset=str(pairs_file(work, args.pairs)), output=args.data,
+                                          backend="hf", dtype="float32", max_length=args.max_length,
+                                          max_prompt_length=args.max_length // 2, overwrite=True))
 
 
 def main() -> None:
@@ -143,7 +135,8 @@ def main() -> None:
         print(f"{label:<22}{r['tokens_per_s']:>12,.0f}{r['peak_memory_gb']:>10.2f}"
               f"{r['tokens_per_s'] / trl['tokens_per_s']:>13.2f}x{r['peak_memory_gb'] / trl['peak_memory_gb']:>14.2f}x")
     print("TRL: reference model resident (a second copy in memory), padded batches, full logits. "
-          "treg: reference log-probs read from the shards, packed batches, chunked selected-token log-probs.")
+          "treg: reference log-probs read from the shards, length-grouped batches (packed with varlen attention), "
+          "chunked selected-token log-probs.")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Smoke runs of the benchmark scripts at tiny size: they run and print their tables."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "pipelines" / "bench"
+
+
+def _run(script, *args):
+    result = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_scaling_benchmark(tmp_path):
+    out = _run("scaling.py", "--sizes", "300,600", "--work", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("300", "600"))]
+    assert [(r[0], r[2]) for r in rows] == [("300", "reader"), ("300", "data"), ("600", "reader"), ("600", "data")]
+    assert rows[0][3] == "300" and rows[2][3] == "600"  # the reader saw every pair
+
+
+def test_training_benchmark_against_trl(tmp_path):
+    out = _run("train_vs_trl.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
+               "--max-length", "256", "--work", str(tmp_path))
+    for label in ("TRL DPOTrainer (dpo)", "treg-train dpo ", "treg-train dpo_reg"):
+        assert label in out
+    assert "speed vs TRL" in out
+
+
+@pytest.mark.engine
+def test_scoring_benchmark(tmp_path):
+    out = _run("scoring.py", "--size", "tiny", "--pairs", "20", "--sizes", "10,20", "--work", str(tmp_path), "--enforce-eager")
+    assert "treg vLLM scorer (prompt log-probs)" in out and "transformers reference" in out
+    assert "log-prob scoring overhead over plain prefill" in out
