@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
-from treg_data.errors import UserError
+from treg_data.errors import UserError, run_cli
 from treg_data.pairs import Columns
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -77,14 +76,7 @@ def score(
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as err:
-        print(f"treg-score: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("treg-score: interrupted; complete shards are kept and a rerun continues after them", file=sys.stderr)
-        sys.exit(130)
+    run_cli(app, "treg-score", "interrupted; complete shards are kept and a rerun continues after them")
 
 
 if __name__ == "__main__":

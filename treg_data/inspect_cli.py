@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from treg_data import report
-from treg_data.errors import UserError
+from treg_data.errors import UserError, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -64,11 +63,7 @@ def _manifest(data: str) -> dict:
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as err:
-        print(f"treg-inspect: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(app, "treg-inspect")
 
 
 if __name__ == "__main__":

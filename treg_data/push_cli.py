@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import typer
 
-from treg_data.errors import UserError
+from treg_data.errors import run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -27,11 +26,7 @@ def push(
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as err:
-        print(f"treg-push: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(app, "treg-push")
 
 
 if __name__ == "__main__":
