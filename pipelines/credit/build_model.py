@@ -1,0 +1,115 @@
+"""Train, from scratch on the CPU, the small model of the credit-assignment benchmark.
+
+One model plays both parts, as in the paper where the policy scores its own responses: asked a
+task it answers like a mediocre student (the SFT starting policy, misconceptions included);
+asked to revise a draft with this world's revision prompts it writes the right answer
+("better") or a bad one ("worse"). Built once and cached:
+
+    python pipelines/credit/build_model.py [--output ~/.cache/treg/credit-model-v1] [--steps 1500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import world  # noqa: E402
+
+MODEL_SHAPE = dict(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)  # about 2 M parameters
+KINDS = ("policy", "better", "worse")
+DEFAULT_FOLDER = Path(os.path.expanduser("~/.cache/treg")) / "credit-model-v1"
+DRAFT_SLIP = 0.2  # drafts quoted in revision examples carry more slips than the policy makes
+
+
+def example(task: world.Task, kind: str, rng: random.Random) -> tuple[list[dict], str]:
+    """(prompt messages, answer text) of one training example of the given kind."""
+    from treg_data.revision_prompts import fill
+
+    user = [{"role": "user", "content": task.prompt}]
+    if kind == "policy":
+        return user, world.answer_text(world.student_answer(task, rng))
+    draft = world.student_answer(task, rng, slip=DRAFT_SLIP)
+    request = fill(world.REVISION_PROMPTS[kind], user, world.answer_text(draft))
+    answer = task.solution if kind == "better" else world.worse_answer(task, rng)
+    return [{"role": "user", "content": request}], world.answer_text(answer)
+
+
+def encode(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """Prompt ids and answer ids, split exactly as treg-score splits them."""
+    from treg_data.encoding import render, token_ids
+
+    prompt_text = render(tokenizer, prompt, generation_prompt=True)
+    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
+    return token_ids(tokenizer, prompt_text), token_ids(tokenizer, full_text[len(prompt_text):])
+
+
+def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One padded batch of examples of one kind (kinds differ in length; this keeps padding low)."""
+    rows = [encode(tokenizer, *example(world.random_task(rng), kind, rng)) for _ in range(size)]
+    width = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.full((size, width), tokenizer.pad_token_id)
+    labels = torch.full((size, width), -100)
+    attention = torch.zeros((size, width), dtype=torch.long)
+    for i, (p, a) in enumerate(rows):
+        input_ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[i, len(p): len(p) + len(a)] = torch.tensor(a)  # loss on the answer only
+        attention[i, : len(p) + len(a)] = 1
+    return input_ids, labels, attention
+
+
+def build(folder: Path = DEFAULT_FOLDER, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> Path:
+    """Train and save the model into `folder` (written aside, then renamed: never half there)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from treg_data.tiny_model import build_tiny_model
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny_model(partial, seed=seed, **MODEL_SHAPE)
+    tokenizer = AutoTokenizer.from_pretrained(partial)
+    model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
+    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, {steps} steps of {batch}", flush=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    rng, started = random.Random(seed), time.perf_counter()
+    torch.manual_seed(seed)
+    model.train()
+    for step in range(1, steps + 1):
+        input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)])
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps:
+            print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+    model.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=DEFAULT_FOLDER)
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    print(f"model in {build(args.output, steps=args.steps)}")
+
+
+if __name__ == "__main__":
+    main()
