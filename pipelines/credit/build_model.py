@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import policy  # noqa: E402
 import world  # noqa: E402
 
 MODEL_SHAPE = dict(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)  # about 2 M parameters
@@ -43,18 +44,9 @@ def example(task: world.Task, kind: str, rng: random.Random) -> tuple[list[dict]
     return [{"role": "user", "content": request}], world.answer_text(answer)
 
 
-def encode(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
-    """Prompt ids and answer ids, split exactly as treg-score splits them."""
-    from treg_data.encoding import render, token_ids
-
-    prompt_text = render(tokenizer, prompt, generation_prompt=True)
-    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
-    return token_ids(tokenizer, prompt_text), token_ids(tokenizer, full_text[len(prompt_text):])
-
-
 def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One padded batch of examples of one kind (kinds differ in length; this keeps padding low)."""
-    rows = [encode(tokenizer, *example(world.random_task(rng), kind, rng)) for _ in range(size)]
+    rows = [policy.encode(tokenizer, *example(world.random_task(rng), kind, rng)) for _ in range(size)]
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((size, width), tokenizer.pad_token_id)
     labels = torch.full((size, width), -100)

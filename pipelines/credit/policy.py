@@ -45,14 +45,17 @@ def answers(model, tokenizer, tasks: list[world.Task], samples: int = 1, seed: i
     return out
 
 
-def response_ids(tokenizer, task: world.Task, response: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids incl. end-of-turn) as treg-score encodes a pair."""
+def encode(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids incl. end-of-turn), split exactly as treg-score splits a pair."""
     from treg_data.encoding import render, token_ids
 
-    prompt_text = rendered_prompt(tokenizer, task)
-    messages = [{"role": "user", "content": task.prompt}, {"role": "assistant", "content": response}]
-    full_text = render(tokenizer, messages, generation_prompt=False)
+    prompt_text = render(tokenizer, prompt, generation_prompt=True)
+    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
     return token_ids(tokenizer, prompt_text), token_ids(tokenizer, full_text[len(prompt_text):])
+
+
+def response_ids(tokenizer, task: world.Task, response: str) -> tuple[list[int], list[int]]:
+    return encode(tokenizer, [{"role": "user", "content": task.prompt}], response)
 
 
 def labels_of(tokenizer, task: world.Task, response: str, ids: list[int]) -> np.ndarray:
