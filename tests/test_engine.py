@@ -108,3 +108,30 @@ def test_bad_model_and_dataset_give_one_line(tiny_model, tmp_path):
     ]:
         result = _run(args)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_two_data_parallel_workers_match_one_row_for_row_at_the_default_dtype(tiny_model, scored):
+    """--data-parallel-size 2: two engines, one folder, one merged manifest; --dtype left at auto
+    resolves to the checkpoint's float32, so the rows match the fp32 runs."""
+    output = scored["root"] / "data-parallel"
+    args = _command(tiny_model, scored["data"], output, *scored["small"], "--data-parallel-size", "2")
+    del args[args.index("--dtype"):args.index("--dtype") + 2]
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pairs scored   120" in result.stdout and "pairs skipped  7" in result.stdout
+    shards = sorted(p.name for p in (output / "data").glob("*.parquet"))
+    assert any("-00000-of-00002-" in s for s in shards) and any("-00001-of-00002-" in s for s in shards)
+    manifest = json.loads((output / "manifest.json").read_text())
+    one = json.loads((scored["root"] / "vllm" / "manifest.json").read_text())
+    assert manifest["provenance"]["dtype"] == "float32"
+    assert manifest["counts"] == one["counts"]
+    parallel_rows, single_rows, reference_rows = _rows(output), _rows(scored["root"] / "vllm"), _rows(scored["root"] / "hf")
+    assert [r["id"] for r in parallel_rows] == [r["id"] for r in single_rows]
+    worst_vs_single = worst_vs_reference = 0.0
+    for a, b, ref in zip(parallel_rows, single_rows, reference_rows):
+        assert all(a[f"{side}_ids"] == b[f"{side}_ids"] for side in ("prompt", "chosen", "rejected"))
+        for column in LOGPS:
+            worst_vs_single = max(worst_vs_single, float(np.abs(np.subtract(a[column], b[column])).max()))
+            worst_vs_reference = max(worst_vs_reference, float(np.abs(np.subtract(a[column], ref[column])).max()))
+    assert worst_vs_single <= 1e-5, worst_vs_single
+    assert worst_vs_reference <= 1e-4, worst_vs_reference

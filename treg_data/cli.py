@@ -8,6 +8,7 @@ import typer
 
 from treg_data.errors import UserError, run_cli
 from treg_data.pairs import Columns
+from treg_data.precision import DTYPE_CHOICES
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -31,8 +32,9 @@ def score(
     max_length: int = typer.Option(2048, help="Max tokens of prompt + response; longer pairs are skipped."),
     max_prompt_length: int = typer.Option(1800, help="Max prompt tokens; longer pairs are skipped."),
     max_model_len: Optional[int] = typer.Option(None, help="Max tokens of a revision sequence (default: 2 x max-length + revision prompt, capped at the model's context)."),
-    dtype: str = typer.Option("auto", help="Model dtype: auto, bfloat16, float16, float32."),
+    dtype: str = typer.Option("auto", help="Model dtype: auto (the checkpoint's own, as transformers reads it), bfloat16, float16, float32."),
     tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallel size."),
+    data_parallel_size: int = typer.Option(1, help="Scoring workers on this node, one engine each on its own GPU(s) or CPU cores; one output folder."),
     gpu_memory_utilization: float = typer.Option(0.9, help="vLLM GPU memory fraction."),
     enforce_eager: bool = typer.Option(False, help="vLLM: skip graph compilation (faster start, slower steps)."),
     batch_size: int = typer.Option(256, help="Pairs per scorer call (6 sequences each)."),
@@ -48,10 +50,13 @@ def score(
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     from treg_data import pipeline
 
+    if dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if backend not in ("vllm", "hf"):
         raise UserError(f"--backend must be 'vllm' or 'hf', got {backend!r}")
     for name, value in (("max-length", max_length), ("max-prompt-length", max_prompt_length),
-                        ("batch-size", batch_size), ("shard-size", shard_size), ("num-workers", num_workers)):
+                        ("batch-size", batch_size), ("shard-size", shard_size), ("num-workers", num_workers),
+                        ("data-parallel-size", data_parallel_size), ("tensor-parallel-size", tensor_parallel_size)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
     config = pipeline.ScoreConfig(
@@ -64,7 +69,12 @@ def score(
         shard_size=shard_size, num_workers=num_workers, worker_index=worker_index, strict=strict,
         overwrite=overwrite, seed=seed,
     )
-    summary = pipeline.run(config)
+    if data_parallel_size > 1:
+        from treg_data.data_parallel import run_data_parallel
+
+        summary = run_data_parallel(config, data_parallel_size)
+    else:
+        summary = pipeline.run(config)
     print(summary.text())
     if push_to_hub:
         if summary.manifest is None:

@@ -90,7 +90,14 @@ class PairEncoder:
 
 
 def render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template's text. A template that refuses a conversation (Gemma's and Mistral's
+    raise on a system turn or on roles that do not alternate) makes the row a skip, not a crash."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        raise BadRow("template_error", f"the chat template refuses this conversation: {err}") from None
 
 
 def token_ids(tokenizer, text: str) -> list[int]:

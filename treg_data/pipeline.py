@@ -14,6 +14,7 @@ from treg_data.encoding import CONTEXTS, EncodedPair, LengthLimits, PairEncoder,
 from treg_data.errors import BadRow, UserError, first_line
 from treg_data.inputs import InvalidRow, open_source, worker_range
 from treg_data.pairs import Columns, parse_pair, row_id
+from treg_data.precision import resolve_dtype
 from treg_data.revision_prompts import load_revision_prompts
 from treg_data.rewards import REWARD_TRANSFORM, contrastive_rewards
 from treg_data.scorers import EngineOptions, Scorer, build_scorer
@@ -88,7 +89,10 @@ def run(config: ScoreConfig) -> Summary:
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)
     revision_prompts = load_revision_prompts(config.revision_template)
-    max_model_len = config.max_model_len or default_max_model_len(config, revision_overhead(tokenizer, revision_prompts))
+    model_config = load_model_config(config.scorer_model or config.model, config.revision)
+    dtype = resolve_dtype(config.dtype, model_config)
+    max_model_len = config.max_model_len or default_max_model_len(model_config, config.max_length,
+                                                                  revision_overhead(tokenizer, revision_prompts))
     encoder = PairEncoder(tokenizer, revision_prompts, LengthLimits(config.max_length, config.max_prompt_length, max_model_len))
 
     source = open_source(config.dataset, config.split, config.dataset_config)
@@ -108,7 +112,7 @@ def run(config: ScoreConfig) -> Summary:
         "max_prompt_length": config.max_prompt_length,
         "max_model_len": max_model_len,
         "backend": config.backend,
-        "dtype": config.dtype,
+        "dtype": dtype,
         "num_workers": config.num_workers,
         "shard_size": config.shard_size,
         "treg_version": __version__,
@@ -116,7 +120,7 @@ def run(config: ScoreConfig) -> Summary:
     store = ShardStore(config.output, config.split, config.worker_index, config.num_workers, provenance)
     progress = store.resume(start, config.overwrite)
     options = EngineOptions(
-        model=config.scorer_model or config.model, revision=config.revision, dtype=config.dtype,
+        model=config.scorer_model or config.model, revision=config.revision, dtype=dtype,
         max_model_len=max_model_len, tensor_parallel_size=config.tensor_parallel_size,
         gpu_memory_utilization=config.gpu_memory_utilization, enforce_eager=config.enforce_eager, seed=config.seed,
     )
@@ -291,15 +295,18 @@ def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str) 
         )
 
 
-def default_max_model_len(config: ScoreConfig, revision_prompt_tokens: int) -> int:
-    """Room for a revision sequence of a max-length pair: it quotes the response and then holds it,
-    so about twice max_length plus the revision prompt; capped at the model's context."""
+def load_model_config(name: str, revision: str | None):
     from transformers import AutoConfig
 
     try:
-        model_config = AutoConfig.from_pretrained(config.scorer_model or config.model, revision=config.revision)
+        return AutoConfig.from_pretrained(name, revision=revision)
     except Exception as err:
-        raise UserError(f"cannot load the model config of {config.scorer_model or config.model!r}: {first_line(err)}") from None
+        raise UserError(f"cannot load the model config of {name!r}: {first_line(err)}") from None
+
+
+def default_max_model_len(model_config, max_length: int, revision_prompt_tokens: int) -> int:
+    """Room for a revision sequence of a max-length pair: it quotes the response and then holds it,
+    so about twice max_length plus the revision prompt; capped at the model's context."""
     context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
-    wanted = 2 * config.max_length + revision_prompt_tokens
+    wanted = 2 * max_length + revision_prompt_tokens
     return min(wanted, context) if context else wanted

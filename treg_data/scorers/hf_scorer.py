@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from treg_data.precision import DTYPES
 from treg_data.scorers import EngineOptions, ScoreRequest
 from treg_data.token_logprobs import final_logit_transform, selected_token_logprobs
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class HFScorer:
@@ -22,7 +21,7 @@ class HFScorer:
         from transformers import AutoModelForCausalLM
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES.get(options.dtype, "auto")
+        dtype = DTYPES.get(options.dtype, "auto")
         model = AutoModelForCausalLM.from_pretrained(options.model, revision=options.revision, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.transform = final_logit_transform(model.config)

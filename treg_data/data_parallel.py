@@ -1,0 +1,97 @@
+"""`treg-score --data-parallel-size N`: N scoring workers on one node, one engine each.
+
+Worker r of this node is worker `worker_index * N + r` of `num_workers * N` in the ordinary
+worker scheme (contiguous input slices, one output folder, manifests merged by the last to
+finish), so a folder scored this way equals one scored by N separate `--worker-index` runs.
+Each worker sees only its own devices: `tensor_parallel_size` GPUs, or on a CPU its own share of
+the cores for the engine's OpenMP threads (two engines bound to the same cores would halve both).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import replace
+
+from treg_data.errors import UserError
+
+
+def run_data_parallel(config, size: int):
+    """Score with `size` worker processes and return one Summary for all of them."""
+    from treg_data.pipeline import Summary
+
+    configs = [replace(config, num_workers=config.num_workers * size, worker_index=config.worker_index * size + r)
+               for r in range(size)]
+    environments = worker_environments(size, config.tensor_parallel_size)
+    context = multiprocessing.get_context("spawn")  # the engine cannot live in a forked process
+    results = context.Queue()
+    started = time.perf_counter()
+    workers = [context.Process(target=_worker, args=(c, env, results), name=f"treg-score-worker-{c.worker_index}")
+               for c, env in zip(configs, environments)]
+    for worker in workers:
+        worker.start()
+    summaries = []
+    try:
+        for _ in workers:
+            kind, value = results.get()
+            if kind == "error":
+                raise UserError(value)
+            summaries.append(value)
+    finally:
+        for worker in workers:
+            if worker.is_alive() and len(summaries) < len(workers):
+                worker.terminate()
+            worker.join()
+    manifest = next((s.manifest for s in summaries if s.manifest is not None), None)
+    skipped: dict[str, int] = {}
+    for summary in summaries:
+        for reason, count in summary.skipped_by_reason.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    return Summary(
+        output=summaries[0].output, pairs_read=sum(s.pairs_read for s in summaries),
+        pairs_scored=sum(s.pairs_scored for s in summaries), skipped_by_reason=skipped,
+        tokens=sum(s.tokens for s in summaries), seconds=time.perf_counter() - started,
+        score_seconds=max(s.score_seconds for s in summaries),  # the workers score side by side
+        scoring_path=summaries[0].scoring_path, manifest=manifest,
+        pairs_scored_now=sum(s.pairs_scored_now for s in summaries),
+    )
+
+
+def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, str]]:
+    import torch
+
+    if torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(devices) < size * tensor_parallel_size:
+            raise UserError(f"--data-parallel-size {size} x --tensor-parallel-size {tensor_parallel_size} needs "
+                            f"{size * tensor_parallel_size} GPUs; {len(devices)} are visible")
+        groups = _split(devices, size * tensor_parallel_size)
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size], []))}
+                for r in range(size)]
+    cores = sorted(os.sched_getaffinity(0))
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
+        return [{} for _ in range(size)]
+    groups = _split([str(c) for c in cores], size * tensor_parallel_size)
+    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size])}
+            for r in range(size)]
+
+
+def _split(items: list[str], parts: int) -> list[list[str]]:
+    """`parts` contiguous groups of equal size (the remainder is left unused)."""
+    each = len(items) // parts
+    return [items[i * each:(i + 1) * each] for i in range(parts)]
+
+
+def _worker(config, environment: dict[str, str], results) -> None:
+    os.environ.update(environment)
+    from treg_data import pipeline
+
+    try:
+        results.put(("ok", pipeline.run(config)))
+    except UserError as err:
+        results.put(("error", f"worker {config.worker_index}: {err}"))
+    except BaseException as err:
+        results.put(("error", f"worker {config.worker_index} failed: {type(err).__name__}: {err}"))
+        raise
