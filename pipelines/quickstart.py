@@ -70,7 +70,7 @@ def main() -> None:
 
     t = stage(3, f"training dpo_reg with torchrun, {args.processes} processes (treg-train)")
     train = output / "train"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.processes), "-m", "treg_train",
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes), "-m", "treg_train",
          "--model", str(model), "--data", str(scored), "--output", str(train), "--loss", "dpo_reg",
          "--beta", str(BETA), "--alpha", "0.25", "--learning-rate", "2e-4", "--global-batch-size", "16",
          "--num-train-epochs", str(args.epochs), "--max-length", "512", "--micro-batch-tokens", "4096",

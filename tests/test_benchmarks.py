@@ -35,3 +35,9 @@ def test_scoring_benchmark(tmp_path):
     out = _run("scoring.py", "--size", "tiny", "--pairs", "20", "--sizes", "10,20", "--work", str(tmp_path), "--enforce-eager")
     assert "treg vLLM scorer (prompt log-probs)" in out and "transformers reference" in out
     assert "log-prob scoring overhead over plain prefill" in out
+
+
+def test_loading_benchmark(tmp_path):
+    out = _run("loading.py", "--size", "tiny", "--processes", "2", "--work", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2 and "rank 0 reads and sends shards" in out

@@ -2,11 +2,13 @@
 treg-score; then the exported model in transformers and in the vLLM engine."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -16,7 +18,7 @@ ARGS = ["--global-batch-size", "8", "--max-steps", "12", "--learning-rate", "2e-
 
 
 def _train(model, data, output, *extra, processes=1, wait=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
     command = launcher + ["-m", "treg_train", "--model", model, "--data", data, "--output", str(output), *ARGS, *extra]
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,9 +70,9 @@ def test_two_processes_match_one(tiny_model, learnable_shards, single, tmp_path)
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
-def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):
-    output = tmp_path / "killed"
-    process = _train(tiny_model, learnable_shards, output, "--save-steps", "4", processes=2, wait=False)
+def _kill_after_first_checkpoint_and_resume(model, data, output, *extra):
+    """Start a 2-process run, SIGKILL every process once step 4 is saved, then --resume it."""
+    process = _train(model, data, output, "--save-steps", "4", *extra, processes=2, wait=False)
     deadline = time.time() + 600
     while not (output / "checkpoints" / "step-00000004").exists():
         assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -79,13 +81,75 @@ def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, sin
         proc.kill()
     process.wait()
     assert not (output / "final").exists()
-    result = _train(tiny_model, learnable_shards, output, "--save-steps", "4", "--resume", processes=2)
+    result = _train(model, data, output, "--save-steps", "4", "--resume", *extra, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    resumed, uninterrupted = _metrics(output), _metrics(single[0])
+    return _metrics(output)
+
+
+def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):
+    resumed, uninterrupted = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed"), _metrics(single[0])
     assert [m["step"] for m in resumed] == list(range(1, 13))
     for a, b in zip(uninterrupted, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
+
+
+def test_accelerate_launch_runs_two_processes_like_torchrun(tiny_model, learnable_shards, single, tmp_path):
+    output = tmp_path / "accelerate"
+    with socket.socket() as s:  # a free port, as torchrun --standalone finds one
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--main_process_port", port,
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg_train", "--model", tiny_model,
+               "--data", learnable_shards, "--output", str(output), *ARGS, "--save-steps", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "treg-train: 2 process(es) on cpu" in result.stderr
+    for a, b in zip(_metrics(single[0]), _metrics(output), strict=True):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_model, learnable_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("train") / "bf16"
+    result = _train(tiny_model, learnable_shards, output, "--save-steps", "0", "--dtype", "bfloat16", processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_bf16_mixed_precision_learns_and_warns_about_fp32_shards(bf16_run, single):
+    output, result = bf16_run
+    assert "computing in bfloat16" in result.stderr
+    assert "warning: the reference log-probs" in result.stderr and "scored in float32" in result.stderr
+    bf16, fp32 = _metrics(output), _metrics(single[0])
+    assert np.mean([m["loss"] for m in bf16[-3:]]) < 0.7 * np.mean([m["loss"] for m in bf16[:3]])
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=5e-3)  # the same objective, in lower precision
+    assert any(abs(a["loss"] - b["loss"]) > 1e-7 for a, b in zip(bf16, fp32))  # and it did compute in bf16
+    # The export keeps the starting checkpoint's dtype (fp32 here), from the fp32 master weights.
+    assert json.loads((output / "final" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_bf16_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, bf16_run, tmp_path):
+    resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed", "--dtype", "bfloat16")
+    for a, b in zip(_metrics(bf16_run[0]), resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
+
+
+def test_rank0_loading_equals_the_checkpoint_for_untied_and_tied_embeddings(tiny_model, tmp_path):
+    """Rank 0 reads, the other rank receives its shards: the result is the checkpoint exactly."""
+    from families import build_family_model
+
+    for model in (tiny_model, build_family_model("gemma2", tmp_path / "gemma2")):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 str(Path(__file__).parent / "distributed" / "check_loading.py"), model],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report == {"same_keys": True, "max_param_diff": 0.0, "same_buffer_names": True, "max_buffer_diff": 0.0,
+                          "tied": report["reference_tied"], "reference_tied": report["reference_tied"]}
+        assert report["tied"] == (model != tiny_model)
 
 
 def test_exported_model_loads_in_transformers_and_differs_from_the_start(tiny_model, single):

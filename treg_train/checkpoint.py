@@ -68,17 +68,24 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def export_hf(model, lm_config, tokenizer, target: Path) -> None:
-    """Gather the full weights to rank 0 and write safetensors + config + tokenizer."""
+def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Gather the full weights to rank 0 and write safetensors + config + tokenizer, in `dtype`
+    (the dtype of the checkpoint training started from: the fp32 master weights are cast to it)."""
     from transformers import AutoModelForCausalLM
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        state = {key.removeprefix("lm."): value for key, value in full.items()}
+        state = {key.removeprefix("lm."): value.to(dtype) for key, value in full.items()}
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(lm_config)
+            skeleton = AutoModelForCausalLM.from_config(lm_config, dtype=dtype)
+        # A tied weight (Gemma-2's output layer is its embedding) is saved once, under its first
+        # name, as in the original checkpoint: loaders such as vLLM's refuse the second name.
+        first_name: dict[int, str] = {}
+        for name, parameter in skeleton.named_parameters(remove_duplicate=False):
+            if first_name.setdefault(id(parameter), name) != name:
+                state.pop(name, None)
         skeleton.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(target, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""The policy as a module that returns log-probs of the response tokens only, and its FSDP2
-sharding (fully_shard per decoder layer, then the root)."""
+"""The policy as a module that returns log-probs of the response tokens only, its FSDP2 sharding
+(fully_shard per decoder layer, then the root), and loading it so that a node holds one full copy
+of the checkpoint, not one per process."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import torch
 from torch import nn
 
 from treg_data.token_logprobs import final_logit_transform, selected_token_logprobs
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TokenLogprobs(nn.Module):
@@ -35,6 +34,66 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | Non
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+
+
+def empty_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Module:
+    """The architecture of `path` with parameters on the meta device (no memory) and real buffers
+    (rotary frequencies and the like are computed in __init__ and are not in the checkpoint)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32, **kwargs)
+    lm.tie_weights()  # the empty-weights context unties them (Gemma-2 ties its embeddings)
+    return lm
+
+
+def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_implementation: str | None = None,
+                 chunk_rows: int = 1024, gradient_checkpointing: bool = False, trainable: bool = True) -> TokenLogprobs:
+    """Every rank builds the model on the meta device and shards it; rank 0 alone reads the
+    checkpoint (fp32 master weights) and scatters the shards. Host memory: one full copy on rank 0,
+    each rank's own shards elsewhere; the result equals loading the checkpoint on every rank."""
+    import torch.distributed as dist
+
+    lm = empty_causal_lm(path, attn_implementation)
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = shard_model(TokenLogprobs(lm, chunk_rows), mesh, param_dtype, trainable)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.to_empty(device=mesh.device_type)
+    full = {}
+    if dist.get_rank() == 0:
+        full = {f"lm.{key}": value for key, value in load_causal_lm(path, torch.float32, attn_implementation).state_dict().items()}
+    saved_buffers = [[name for name in buffers if name in full]]  # the rest are computed in __init__
+    dist.broadcast_object_list(saved_buffers, src=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scatter_rows(full.get(name), parameter.to_local(), parameter.shape)
+        for name, buffer in model.named_buffers():
+            buffer.copy_(full[name] if name in full else buffers[name])
+            if name in saved_buffers[0]:
+                dist.broadcast(buffer, src=0)
+    return model
+
+
+def scatter_rows(full: torch.Tensor | None, local: torch.Tensor, shape: torch.Size) -> None:
+    """FSDP2 shards dim 0 as torch.chunk does: rank r holds rows [r*c, (r+1)*c), c = ceil(n / ranks).
+    Rank 0 sends each rank exactly its rows (padded to c), so no rank ever holds another's."""
+    import torch.distributed as dist
+
+    ranks = dist.get_world_size()
+    rows = -(-shape[0] // ranks)
+    whole = local.shape[0] == rows and local.is_contiguous()  # receive in place, no extra copy
+    buffer = local if whole else local.new_empty((rows, *shape[1:]))
+    chunks = None
+    if dist.get_rank() == 0:
+        padded = full.new_zeros((rows * ranks, *shape[1:]))
+        padded[: shape[0]] = full
+        chunks = [chunk.to(local) for chunk in padded.chunk(ranks)]
+    dist.scatter(buffer, chunks, src=0)
+    if not whole:
+        local.copy_(buffer[: local.shape[0]])
 
 
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")

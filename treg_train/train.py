@@ -17,13 +17,14 @@ from tqdm import tqdm
 
 from treg_data.encoding import tokenizer_fingerprint
 from treg_data.errors import UserError
+from treg_data.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from treg_train.collate import ModelInputs, collate, scatter_tokens
 from treg_train.config import TrainConfig
 from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
 from treg_train.losses import SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
-from treg_train.model import DTYPES, TokenLogprobs, load_causal_lm, packs_without_padding, shard_model
+from treg_train.model import load_sharded, packs_without_padding
 
 
 @dataclass
@@ -95,18 +96,14 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         )
     settings = config.loss_settings()
     compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
+    if rt.is_main and config.ref_model is None:
+        warn_on_precision_mismatch(dataset.provenance.get("dtype"), dtype_name(compute_dtype), config.data)
     mixed = compute_dtype if compute_dtype != torch.float32 else None
 
-    # Loaded on the CPU: fully_shard moves one unit at a time to the device, as it shards it.
-    lm = load_causal_lm(config.model, torch.float32, config.attn_implementation)
-    packed = packs_without_padding(lm, config.padding_free)
-    if config.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = shard_model(TokenLogprobs(lm, config.logprob_chunk_rows), rt.mesh, mixed)
-    reference = None
-    if config.ref_model:
-        ref_lm = load_causal_lm(config.ref_model, torch.float32, config.attn_implementation)
-        reference = shard_model(TokenLogprobs(ref_lm, config.logprob_chunk_rows), rt.mesh, mixed, trainable=False)
+    load = dict(attn_implementation=config.attn_implementation, chunk_rows=config.logprob_chunk_rows)
+    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing, **load)
+    packed = packs_without_padding(policy.lm, config.padding_free)
+    reference = load_sharded(config.ref_model, rt.mesh, mixed, trainable=False, **load) if config.ref_model else None
 
     steps_per_epoch = dataset.num_pairs // config.global_batch_size
     total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
@@ -116,6 +113,9 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
 
+    if rt.is_main:
+        print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in {dtype_name(compute_dtype)}; "
+              f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}", file=sys.stderr)
     sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
     step = 0
     if config.resume:
@@ -178,9 +178,21 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     bar.close()
 
     lm_config = AutoConfig.from_pretrained(config.model)
-    export_hf(policy, lm_config, tokenizer, output / "final")
+    export_hf(policy, lm_config, tokenizer, output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)])
     sink.close()
     return {"steps": step, "final": str(output / "final"), "metrics": last} if rt.is_main else {}
+
+
+def warn_on_precision_mismatch(scored: str | None, computed: str, data: str) -> None:
+    """Reference log-probs from the shards and the policy's own should come from the same precision."""
+    if scored == computed:
+        return
+    if scored in DTYPES:
+        what, advice = f"in {scored}", f"treg-score --dtype {computed}, or train with --dtype {scored}"
+    else:  # shards from before the dtype was resolved: vLLM's 'auto' ran fp32 checkpoints in bf16
+        what, advice = "in an unrecorded precision ('auto')", f"treg-score --dtype {computed}"
+    print(f"treg-train: warning: the reference log-probs in {data} were scored {what} but this run computes "
+          f"in {computed}; rescore with {advice}", file=sys.stderr)
 
 
 def _forward(policy, reference, inputs: ModelInputs, settings):

@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZES = {
     "tiny": {},  # 2 layers, hidden 128, vocab 512
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408, model_vocab_size=32000),
+    # a real model's hidden / vocabulary ratio: hidden 1024, vocab 32k (~170 M parameters)
+    "medium": dict(hidden_size=1024, num_layers=8, num_heads=16, intermediate_size=2816, model_vocab_size=32000),
 }
 
 
