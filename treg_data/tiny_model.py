@@ -7,6 +7,7 @@ unicode; the model is a randomly initialised Llama (or Qwen2 / GPT-2) small enou
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 # A chat template in the style of Llama 3: each turn is a header, the content verbatim, and an
@@ -19,6 +20,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start|>assistant<|sep|>\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|bos|>", "<|eot|>", "<|start|>", "<|sep|>", "<|pad|>"]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A model family's special tokens and chat template, for a tokenizer trained here."""
+
+    special_tokens: tuple[str, ...] = tuple(SPECIAL_TOKENS)
+    bos: str | None = "<|bos|>"
+    eos: str = "<|eot|>"
+    pad: str | None = "<|pad|>"
+    unk: str | None = None
+    chat_template: str = CHAT_TEMPLATE
+    adds_bos: bool = False  # the tokenizer itself prepends BOS when asked for special tokens
 
 _WORDS = (
     "the a an of to and in is it that for on with as was be by this are or from at which but "
@@ -43,8 +57,8 @@ def corpus(num_lines: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 512, spec: TokenizerSpec = TokenizerSpec()):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -52,17 +66,17 @@ def build_tokenizer(vocab_size: int = 512):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(spec.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
+    if spec.adds_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|eot|>",
-        pad_token="<|pad|>",
+        tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, unk_token=spec.unk,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = spec.chat_template
     return fast
 
 
@@ -77,18 +91,21 @@ def build_tiny_model(
     max_position_embeddings: int = 2048,
     seed: int = 0,
     model_vocab_size: int | None = None,
+    tokenizer_spec: TokenizerSpec = TokenizerSpec(),
+    config_overrides: dict | None = None,
 ) -> Path:
     """Write a randomly initialised model + tokenizer folder that transformers and vLLM load.
 
     vLLM's CPU attention needs head_dim >= 64, hence hidden_size / num_heads = 64 by default.
     `model_vocab_size` widens the embeddings beyond the tokenizer (ids past it are never used),
-    to give benchmarks the output-layer cost of a real vocabulary.
+    to give benchmarks the output-layer cost of a real vocabulary. `config_overrides` sets a
+    family's own architecture fields (soft-capping, sliding window, rope scaling, ...).
     """
     import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size)
+    tokenizer = build_tokenizer(vocab_size, tokenizer_spec)
     common = dict(
         vocab_size=max(len(tokenizer), model_vocab_size or 0),
         bos_token_id=tokenizer.bos_token_id,
@@ -102,16 +119,11 @@ def build_tiny_model(
             n_positions=max_position_embeddings, **common,
         )
     else:
-        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
-        config = config_class(
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position_embeddings,
-            **common,
-        )
+        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config, "mistral": MistralConfig}[arch]
+        common.update(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                      num_key_value_heads=num_heads, intermediate_size=intermediate_size,
+                      max_position_embeddings=max_position_embeddings)
+        config = config_class(**{**common, **(config_overrides or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out_dir)
