@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def main() -> None:
 
     t = stage(3, f"training dpo_reg with torchrun, {args.processes} processes (treg-train)")
     train = output / "train"
+    shutil.rmtree(train, ignore_errors=True)  # a rerun trains again from the start
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes), "-m", "treg_train",
          "--model", str(model), "--data", str(scored), "--output", str(train), "--loss", "dpo_reg",
          "--beta", str(BETA), "--alpha", "0.25", "--learning-rate", "2e-4", "--global-batch-size", "16",

@@ -6,6 +6,7 @@ and can start reading at any row (resume). Unparseable lines become InvalidRow, 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from itertools import islice
@@ -30,6 +31,7 @@ Row = dict[str, Any] | InvalidRow
 class RowSource:
     description: str
     num_rows: int
+    fingerprint: str  # changes when the rows do: a rerun over a changed input is refused
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, Row]]:
         """(index, row) for start <= index < stop, in input order."""
@@ -63,6 +65,7 @@ class JsonSource(RowSource):
         self._arrays = {f: _load_array(f) for f in files if _starts_with_bracket(f)}
         self._counts = [len(self._arrays[f]) if f in self._arrays else _count_lines(f) for f in files]
         self.num_rows = sum(self._counts)
+        self.fingerprint = files_fingerprint(files)
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, Row]]:
         offset = 0
@@ -83,6 +86,7 @@ class ParquetSource(RowSource):
         self.description = ", ".join(map(str, files))
         self._counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
         self.num_rows = sum(self._counts)
+        self.fingerprint = files_fingerprint(files)
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, Row]]:
         import pyarrow.parquet as pq
@@ -116,10 +120,22 @@ class HubSource(RowSource):
             raise UserError(f"cannot load dataset {name!r} (split {split!r}): {first_line(err)}") from None
         self.description = f"{name} [{split}]"
         self.num_rows = len(self.dataset)
+        self.fingerprint = self.dataset._fingerprint  # datasets' own hash of the cached table
 
     def rows(self, start: int, stop: int) -> Iterator[tuple[int, Row]]:
         for offset, row in enumerate(self.dataset.select(range(start, stop))):
             yield start + offset, row
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """SHA-256 of the files' names and bytes (about a second per GB)."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _starts_with_bracket(file: Path) -> bool:

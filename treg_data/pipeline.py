@@ -104,6 +104,7 @@ def run(config: ScoreConfig) -> Summary:
         "tokenizer_hash": tokenizer_fingerprint(tokenizer),
         "dataset": str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
         "dataset_config": config.dataset_config,
+        "input_fingerprint": source.fingerprint,
         "split": config.split,
         "columns": vars(config.columns),
         "revision_prompts": revision_prompts.as_dict(),

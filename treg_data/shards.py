@@ -4,6 +4,9 @@ Layout of an output folder:
     data/{split}-{worker:05d}-of-{workers:05d}-{shard:05d}.parquet   shards, rows in input order
     manifests/worker-{worker:05d}-of-{workers:05d}.json                written when a worker finishes
     manifest.json, skipped.jsonl                                       written once every worker has
+    .treg                                                              marks the folder as treg-score's
+
+treg-score writes only into a new or empty folder, or one it marked before (treg_data.folders).
 
 A shard is written to a hidden temporary name, flushed to disk and renamed, so a file with the
 final name is always complete. Its Parquet metadata holds the provenance and the input rows it
@@ -22,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from treg_data.errors import UserError
+from treg_data.folders import claim_folder
 from treg_data.schema import METADATA_KEY, SCHEMA
 
 IGNORED_PROVENANCE = ("treg_version",)  # may differ between compatible runs
@@ -57,6 +61,7 @@ class ShardStore:
 
     def resume(self, start: int, overwrite: bool) -> Progress:
         """Check the folder holds only compatible work, then return where this worker stands."""
+        claim_folder(self.root, "treg-score")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.data_dir.glob(f".{self.prefix}*"):
             tmp.unlink()  # left by a killed run; never trusted
@@ -88,8 +93,9 @@ class ShardStore:
             if not differences:
                 continue
             if not overwrite:
+                named = ["the input's content" if d == "input_fingerprint" else d for d in differences]
                 raise UserError(
-                    f"{self.root} already holds data scored with other settings ({', '.join(differences)} differ, "
+                    f"{self.root} already holds data scored with other settings ({', '.join(named)} differ, "
                     f"e.g. {path.name}); use a new --output, or --overwrite to replace it"
                 )
             stem = path.name.split("-of-")[0] if path.suffix == ".parquet" else None

@@ -57,6 +57,9 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
         table = pa.table(columns, schema=SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         pq.write_table(table, folder / "data" / f"train-00000-of-00001-{shard:05d}.parquet",
                        compression="zstd", row_group_size=ROW_GROUP_SIZE)
+    shards = sorted(f"data/{p.name}" for p in (folder / "data").glob("*.parquet"))
+    manifest = {"shards": shards, "counts": {"pairs_scored": pairs}}  # what training checks
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     (folder / "done").write_text("")
 
 
