@@ -98,3 +98,20 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not ok:
             raise UserError(message)
     return config
+
+
+# What a --resume may change: bookkeeping, and --max-steps to extend a run. Everything else
+# (the objective, the data order, the schedule, the model) would silently mix two runs.
+CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to")
+
+
+def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:
+    """The settings, as flags with their old and new values, that differ from the run's own."""
+    def same(name: str, old, new) -> bool:
+        if name in ("model", "data", "ref_model") and old and new and Path(old).exists() and Path(new).exists():
+            return Path(old).resolve() == Path(new).resolve()
+        return old == new
+
+    now = current.as_dict()
+    return [f"--{name.replace('_', '-')} {saved.get(name)!r} (now {now[name]!r})" for name in now
+            if name not in CHANGEABLE_ON_RESUME and not same(name, saved.get(name), now[name])]

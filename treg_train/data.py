@@ -4,10 +4,15 @@ Memory stays flat in dataset size: the order is built from row-group sizes alone
 permutation of row groups, then a shuffle buffer of row coordinates), and row content is read
 one row group at a time, only for the rows this rank trains on. The position in the stream is
 a number of global batches, so resuming just regenerates the order and skips ahead.
+
+Nothing unchecked enters training: the folder must be a finished treg-score output (its manifest
+lists exactly the shards found), and each row group is checked for NaN, Inf and list lengths as
+it is read.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -16,9 +21,11 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from treg_data.errors import UserError, first_line
+from treg_data.schema import SIDES
 from treg_data.shards import read_shard_metadata
 
 
@@ -41,8 +48,9 @@ class Pair:
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
-def resolve_shards(data: str) -> list[Path]:
-    """Parquet files of a treg-score output folder, its data/ folder, or a Hub dataset id."""
+def resolve_shards(data: str) -> tuple[Path, list[Path]]:
+    """The treg-score output folder and its Parquet files, for that folder, its data/ folder, or a
+    Hub dataset id."""
     path = Path(data)
     if not path.exists():
         if data.startswith((".", "/", "~")) or data.count("/") != 1:
@@ -56,12 +64,47 @@ def resolve_shards(data: str) -> list[Path]:
     files = sorted((path / "data").glob("*.parquet")) if (path / "data").is_dir() else sorted(path.glob("*.parquet"))
     if not files:
         raise UserError(f"no .parquet shards in {path}; point --data at a treg-score output folder")
-    return files
+    root = path if (path / "data").is_dir() or path.name != "data" else path.parent
+    return root, files
+
+
+def check_complete(root: Path, files: list[Path], num_pairs: int, provenance: dict) -> None:
+    """Train only on a finished treg-score output: its manifest lists exactly these shards and rows."""
+    if not (root / "manifest.json").is_file():
+        finished = len(list((root / "manifests").glob("worker-*.json")))
+        raise UserError(f"{root} is not a finished treg-score output: no manifest.json ({finished} of "
+                        f"{provenance.get('num_workers', '?')} workers finished); rerun the treg-score command(s) to finish it")
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    listed = sorted(Path(name).name for name in manifest.get("shards", []))
+    scored = manifest.get("counts", {}).get("pairs_scored")
+    if listed != [f.name for f in files] or scored != num_pairs:
+        raise UserError(f"{root}: the shards there ({len(files)} files, {num_pairs} pairs) are not those its manifest.json "
+                        f"lists ({len(listed)} files, {scored} pairs); the folder changed after scoring: score it again")
+
+
+def check_numbers(table: pa.Table, where: str) -> None:
+    """Every per-token list has one finite value per token: NaN or Inf would train a NaN model."""
+    ids = table.column("id").to_pylist()
+    for side in SIDES:
+        tokens = pc.list_value_length(table.column(f"{side}_ids")).to_numpy(zero_copy_only=False)
+        for name in table.column_names:
+            if not name.startswith(f"{side}_") or name == f"{side}_ids":
+                continue
+            column = table.column(name).combine_chunks()
+            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            if (lengths != tokens).any():
+                row = int(np.argmax(lengths != tokens))
+                raise UserError(f"{where}: pair {ids[row]}: {name} has {lengths[row]} values for {tokens[row]} tokens")
+            finite = np.isfinite(column.flatten().to_numpy(zero_copy_only=False))
+            if not finite.all():
+                row = pc.list_parent_indices(column).to_numpy()[np.argmin(finite)]
+                raise UserError(f"{where}: pair {ids[row]}: {name} holds NaN or infinite values; "
+                                "score the data again or drop that pair")
 
 
 class ShardDataset:
     def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True, buffer_size: int = 10_000):
-        self.files = resolve_shards(data)
+        root, self.files = resolve_shards(data)
         self.columns = ["id", "prompt_ids"]
         for side in ("chosen", "rejected"):
             self.columns += [f"{side}_ids", f"{side}_{reward_column}"] + ([f"{side}_ref_logps"] if with_ref_logps else [])
@@ -85,6 +128,7 @@ class ShardDataset:
         self.tokenizer_hash = hashes.pop()
         self.provenance = read_shard_metadata(self.files[0])["provenance"]
         self.num_pairs = sum(rows for *_, rows in self.groups)
+        check_complete(root, self.files, self.num_pairs, self.provenance)
         # Rows wait in the shuffle buffer for a while: keep enough row groups (as compact Arrow
         # tables) for the buffer's span, so each group is read about once per epoch.
         group_rows = max((rows for *_, rows in self.groups), default=1)
@@ -129,8 +173,9 @@ class ShardDataset:
             self._cache.move_to_end(group)
             return self._cache[group]
         file_index, row_group, _ = self.groups[group]
-        table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns)
-        self._cache[group] = table.combine_chunks()
+        table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns).combine_chunks()
+        check_numbers(table, f"{self.files[file_index]} (row group {row_group})")
+        self._cache[group] = table
         if len(self._cache) > self._cached_groups:
             self._cache.popitem(last=False)
         return self._cache[group]

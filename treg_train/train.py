@@ -3,6 +3,7 @@ checkpoints, export."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -17,10 +18,11 @@ from tqdm import tqdm
 
 from treg_data.encoding import tokenizer_fingerprint
 from treg_data.errors import UserError
+from treg_data.folders import check_folder, claim_folder
 from treg_data.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from treg_train.collate import ModelInputs, collate, scatter_tokens
-from treg_train.config import TrainConfig
+from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
 from treg_train.losses import SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
@@ -86,6 +88,10 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     torch.manual_seed(config.seed)
     if config.global_batch_size % rt.world_size:
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the {rt.world_size} processes")
+    checkpoint = check_output(output, config)
+    dist.barrier()  # every rank has checked the folder before rank 0 marks it
+    if rt.is_main:
+        claim_folder(output, "treg-train")
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
                            buffer_size=config.shuffle_buffer)
@@ -118,10 +124,7 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
               f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}", file=sys.stderr)
     sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
     step = 0
-    if config.resume:
-        checkpoint = latest_checkpoint(output)
-        if checkpoint is None:
-            raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+    if checkpoint is not None:
         state = load_checkpoint(checkpoint, policy, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -141,6 +144,11 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         micro = micro_batches(pairs, config.micro_batch_tokens, packed)
         count = torch.tensor([len(micro)], device=rt.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (FSDP collectives)
+        if int(count) == 0:
+            raise UserError(f"every pair of global batch {step + 1} is longer than --max-length {config.max_length} "
+                            f"(prompt + response); raise it (the data was scored with max_length "
+                            f"{dataset.provenance.get('max_length')})")
+        not_finite = torch.zeros((), device=rt.device)
         for index in range(int(count)):
             real = index < len(micro)
             # A rank with fewer micro-batches runs a zero-weighted one so the collectives line up.
@@ -150,6 +158,7 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
             # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
             scale = rt.world_size / config.global_batch_size if real else 0.0
             (losses.sum() * scale).backward()
+            not_finite += (~torch.isfinite(losses.detach())).sum() if real else 0
             if real:
                 tokens += inputs.num_tokens
                 window.add("loss", losses.detach().sum(), inputs.num_pairs)
@@ -157,6 +166,11 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
                     window.add(name, values.sum(), inputs.num_pairs)
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        dist.all_reduce(not_finite)
+        if not_finite > 0 or not torch.isfinite(grad_norm):
+            raise UserError(f"the loss or the gradient is not finite at step {step + 1} (gradient norm {float(grad_norm):.3g}); "
+                            f"the run stopped before that update and nothing was exported; last good checkpoint: "
+                            f"{latest_checkpoint(output) or 'none'}; lower --learning-rate, or check the data")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,13 +188,35 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
                             tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
             tokens, window_start = 0, time.perf_counter()
         if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            save_checkpoint(output, step, policy, optimizer, {"step": step, "scheduler": scheduler.state_dict()})
+            save_checkpoint(output, step, policy, optimizer,
+                            {"step": step, "scheduler": scheduler.state_dict(), "config": config.as_dict()})
     bar.close()
 
     lm_config = AutoConfig.from_pretrained(config.model)
     export_hf(policy, lm_config, tokenizer, output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)])
     sink.close()
     return {"steps": step, "final": str(output / "final"), "metrics": last} if rt.is_main else {}
+
+
+def check_output(output: Path, config: TrainConfig) -> Path | None:
+    """The run folder must be new, empty, or this run's own with --resume and the same settings.
+    Returns the checkpoint to resume from. Read-only, so every rank can run it."""
+    ours = check_folder(output, "treg-train")
+    if not config.resume:
+        if ours:
+            raise UserError(f"{output} already holds a run; add --resume to continue it, or give a new --output")
+        return None
+    checkpoint = latest_checkpoint(output) if ours else None
+    if checkpoint is None:
+        raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    if "config" not in saved:
+        raise UserError(f"--resume: {checkpoint} does not record the run's settings, so continuing it cannot be checked")
+    changed = changed_on_resume(saved["config"], config)
+    if changed:
+        raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
+                        f"may change only --max-steps, --logging-steps, --save-steps and --report-to; start a new --output")
+    return checkpoint
 
 
 def warn_on_precision_mismatch(scored: str | None, computed: str, data: str) -> None:

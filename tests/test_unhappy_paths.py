@@ -1,0 +1,158 @@
+"""What a careless or hostile user does: each case must end in one clear line (or a counted skip),
+never in a wrong result that says "finished", and never cost the user a file."""
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_learnable_pairs, make_pairs, write_jsonl
+
+from treg_data import pipeline
+from treg_data.errors import UserError
+
+TRAIN = ["--global-batch-size", "8", "--learning-rate", "2e-4", "--beta", "0.1", "--logging-steps", "1",
+         "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]
+
+
+def _train(model, data, output, *extra):
+    command = [sys.executable, "-m", "treg_train", "--model", model, "--data", str(data), "--output", str(output), *TRAIN, *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(result, *expected):
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for text in expected:
+        assert text in result.stderr, result.stderr[-3000:]
+
+
+def _score_config(model, data, output, **overrides):
+    base = pipeline.ScoreConfig(model=model, dataset=str(data), output=str(output), backend="hf", dtype="float32",
+                                max_length=256, max_prompt_length=128, batch_size=4, shard_size=8)
+    return replace(base, **overrides)
+
+
+# ---- training -------------------------------------------------------------------------------
+
+
+def _with_a_nan_reward(shards: str, folder: Path) -> tuple[Path, str]:
+    """A copy of a scored folder in which one token reward of one pair is NaN."""
+    shutil.copytree(shards, folder)
+    shard = sorted((folder / "data").glob("*.parquet"))[1]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[3]["chosen_rewards"][2] = float("nan")
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), shard, row_group_size=1000)
+    return shard, rows[3]["id"]
+
+
+def test_a_nan_token_reward_stops_the_run_naming_its_shard_and_pair(tiny_model, learnable_shards, tmp_path):
+    shard, pair_id = _with_a_nan_reward(learnable_shards, tmp_path / "scored")
+    result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "12", "--save-steps", "0")
+    _one_line_error(result, shard.name, pair_id, "chosen_rewards", "NaN or infinite")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_diverging_run_stops_at_its_step_and_exports_nothing(tiny_model, learnable_shards, tmp_path):
+    result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "12", "--save-steps", "1",
+                    "--learning-rate", "1e9")
+    _one_line_error(result, "not finite", "at step", "nothing was exported")
+    assert not (tmp_path / "run" / "final").exists()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept and all(not name.endswith(".tmp") for name in kept)  # the good checkpoints stay
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, learnable_shards, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "finished"
+    result = _train(tiny_model, learnable_shards, output, "--max-steps", "4", "--save-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("changed", [["--loss", "dpo"], ["--global-batch-size", "4"], ["--learning-rate", "1e-4"],
+                                     ["--seed", "4"]], ids=lambda c: c[0])
+def test_resume_with_other_settings_is_refused_naming_them(tiny_model, learnable_shards, finished_run, changed):
+    before = (finished_run / "metrics.jsonl").read_text()
+    result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "2", "--resume", *changed)
+    _one_line_error(result, "--resume", changed[0])
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
+def test_resume_may_extend_the_run_and_change_logging(tiny_model, learnable_shards, finished_run, tmp_path):
+    extended = tmp_path / "extended"
+    shutil.copytree(finished_run, extended)
+    result = _train(tiny_model, learnable_shards, extended, "--max-steps", "6", "--save-steps", "3", "--resume",
+                    "--logging-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (extended / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 4, 6]
+
+
+def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_model, learnable_shards, finished_run):
+    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "0")
+    _one_line_error(result, "already holds a run", "--resume")
+    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
+
+
+def test_an_output_folder_of_other_files_is_refused(tiny_model, learnable_shards, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    result = _train(tiny_model, learnable_shards, tmp_path / "mine", "--max-steps", "2")
+    _one_line_error(result, "treg did not write", "notes.txt")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_an_unfinished_scoring_folder_is_refused(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_learnable_pairs(48))
+    pipeline.run(_score_config(tiny_model, data, tmp_path / "scored", num_workers=3, worker_index=0))
+    result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "2")
+    _one_line_error(result, "not a finished treg-score output", "1 of 3 workers")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_max_length_below_every_pair_is_one_clear_line(tiny_model, learnable_shards, tmp_path):
+    result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "3", "--max-length", "16")
+    _one_line_error(result, "longer than --max-length 16")
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+def test_a_conversation_the_template_refuses_is_a_skip_with_its_reason(tmp_path):
+    from families import build_family_model
+
+    model = build_family_model("gemma2", tmp_path / "gemma2")
+    rows = make_pairs(8)  # two of them start with a system turn, which Gemma's template refuses
+    summary = pipeline.run(_score_config(model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"))
+    assert summary.skipped_by_reason == {"template_error": 2} and summary.pairs_scored == 6
+
+
+def test_an_output_folder_of_other_files_is_never_written(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(6))
+    theirs = tmp_path / "theirs"
+    (theirs / "data").mkdir(parents=True)
+    files = {"manifest.json": '{"mine": true}', "skipped.jsonl": "{}\n", "data/train-00000-of-00001-00000.parquet": "x"}
+    for name, text in files.items():
+        (theirs / name).write_text(text)
+    with pytest.raises(UserError, match="treg did not write"):
+        pipeline.run(_score_config(tiny_model, data, theirs))
+    assert {str(p.relative_to(theirs)): p.read_text() for p in theirs.rglob("*") if p.is_file()} == files
+
+
+def test_rows_appended_to_the_input_are_never_silently_left_out(tiny_model, tmp_path):
+    rows = make_pairs(12)
+    data = write_jsonl(tmp_path / "d.jsonl", rows[:8])
+    pipeline.run(_score_config(tiny_model, data, tmp_path / "out"))
+    write_jsonl(tmp_path / "d.jsonl", rows)  # four more rows, same path
+    with pytest.raises(UserError, match="input"):
+        pipeline.run(_score_config(tiny_model, data, tmp_path / "out"))
+    summary = pipeline.run(_score_config(tiny_model, data, tmp_path / "out", overwrite=True))
+    assert summary.pairs_read == 12 and summary.pairs_scored == 12
