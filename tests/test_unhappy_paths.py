@@ -156,3 +156,21 @@ def test_rows_appended_to_the_input_are_never_silently_left_out(tiny_model, tmp_
         pipeline.run(_score_config(tiny_model, data, tmp_path / "out"))
     summary = pipeline.run(_score_config(tiny_model, data, tmp_path / "out", overwrite=True))
     assert summary.pairs_read == 12 and summary.pairs_scored == 12
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    from treg_train.config import build_config
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: m\ndata: d\nlearning_rate: 5e-7\nglobal_batch_size: '64'\nalpha: 1\n")
+    config = build_config(str(config_file), {"output": "o"})
+    assert (config.learning_rate, config.global_batch_size, config.alpha) == (5e-7, 64, 1.0)
+    assert isinstance(config.alpha, float)
+    config_file.write_text("model: m\ndata: d\nlearning_rate: fast\n")
+    with pytest.raises(UserError, match="learning_rate must be a number"):
+        build_config(str(config_file), {"output": "o"})
+
+
+def test_a_model_that_does_not_load_is_one_line(learnable_shards, tmp_path):
+    result = _train(str(tmp_path / "no-such-model"), learnable_shards, tmp_path / "run", "--max-steps", "2")
+    _one_line_error(result, "cannot load the tokenizer of --model")

@@ -61,7 +61,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng = torch.load(path / f"rng-{dist.get_rank():05d}.pt", weights_only=False)
+    rng = torch.load(path / f"rng-{dist.get_rank():05d}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

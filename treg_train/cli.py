@@ -69,5 +69,7 @@ def main() -> None:
     except click.ClickException as err:
         print(f"treg-train: error: {err.format_message()}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("treg-train: interrupted; the checkpoints in --output are kept: rerun with --resume to continue "
+              "from the newest", file=sys.stderr)
         sys.exit(130)

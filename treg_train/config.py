@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -75,7 +76,21 @@ def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown setting(s) {unknown} in --config; known: {sorted(known)}")
-    return validate(replace(TrainConfig(), **values))
+    return validate(replace(TrainConfig(), **{name: _typed(name, value) for name, value in values.items()}))
+
+
+def _typed(name: str, value):
+    """YAML reads 5e-7 as a string (it wants 5.0e-7): numbers are converted by the field's type."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--config: {name} must be a number, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def validate(config: TrainConfig) -> TrainConfig:

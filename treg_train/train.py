@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from treg_data.encoding import tokenizer_fingerprint
-from treg_data.errors import UserError
+from treg_data.errors import UserError, first_line
 from treg_data.folders import check_folder, claim_folder
 from treg_data.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -92,7 +92,10 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     dist.barrier()  # every rank has checked the folder before rank 0 marks it
     if rt.is_main:
         claim_folder(output, "treg-train")
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
+        raise UserError(f"cannot load the tokenizer of --model {config.model!r}: {first_line(err)}") from None
     dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
                            buffer_size=config.shuffle_buffer)
     if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
