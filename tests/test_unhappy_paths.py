@@ -174,3 +174,10 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
 def test_a_model_that_does_not_load_is_one_line(learnable_shards, tmp_path):
     result = _train(str(tmp_path / "no-such-model"), learnable_shards, tmp_path / "run", "--max-steps", "2")
     _one_line_error(result, "cannot load the tokenizer of --model")
+
+
+def test_a_failed_start_leaves_the_output_folder_usable(tiny_model, learnable_shards, tmp_path):
+    result = _train(str(tmp_path / "typo"), learnable_shards, tmp_path / "run", "--max-steps", "2")
+    assert result.returncode == 2
+    result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "2", "--save-steps", "0")
+    assert result.returncode == 0, result.stderr[-3000:]

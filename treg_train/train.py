@@ -89,9 +89,6 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     if config.global_batch_size % rt.world_size:
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the {rt.world_size} processes")
     checkpoint = check_output(output, config)
-    dist.barrier()  # every rank has checked the folder before rank 0 marks it
-    if rt.is_main:
-        claim_folder(output, "treg-train")
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
     except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
@@ -125,6 +122,8 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in {dtype_name(compute_dtype)}; "
               f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}", file=sys.stderr)
+    if rt.is_main:  # marked only now that every check passed (and every rank checked it, before loading)
+        claim_folder(output, "treg-train")
     sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
     step = 0
     if checkpoint is not None:
