@@ -96,3 +96,16 @@ def test_unfinished_folder_is_not_shared(folder):
     (folder / "manifest.json").unlink()
     result = _push(folder, {"HF_TOKEN": TOKEN})
     assert result.returncode == 2 and "finish scoring" in result.stderr
+
+
+def test_a_users_own_readme_is_never_overwritten(folder, forbidding_hub, tmp_path):
+    (folder / "README.md").write_text("# My own card\n")
+    assert write_card(folder, "treg/learnable").read_text() == "# My own card\n"
+    result = _push(folder, {"HF_TOKEN": TOKEN, "HF_ENDPOINT": forbidding_hub, "HF_HOME": str(tmp_path / "hf-home")})
+    assert result.returncode == 2 and (folder / "README.md").read_text() == "# My own card\n"
+
+
+def test_nothing_is_written_before_the_upload_can_start(folder, tmp_path):
+    result = _push(folder, {"HF_HOME": str(tmp_path / "hf-home")})  # no token
+    assert result.returncode == 2 and "no Hugging Face token" in result.stderr
+    assert not (folder / "README.md").exists()

@@ -14,6 +14,7 @@ from treg_data.rewards import REWARD_TRANSFORM
 from treg_data.schema import SCHEMA
 
 UPLOADED = ["README.md", "manifest.json", "skipped.jsonl", "data/*.parquet"]
+CARD_MARK = "<!-- dataset card written by treg-push -->"  # a README.md without it is the user's
 
 
 def load_manifest(folder: str | Path) -> dict:
@@ -112,31 +113,38 @@ which lies in (-0.5, 0.5). The raw log-probs are kept, so other transforms need 
 ```json
 {json.dumps(provenance, indent=2, ensure_ascii=False)}
 ```
+
+{CARD_MARK}
 """
 
 
 def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> Path:
+    """Write README.md, unless the folder holds a README.md of the user's own: that one is kept."""
+    path = Path(folder) / "README.md"
+    if path.exists() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
+        return path
     manifest = load_manifest(folder)
     license = license or source_license(manifest["provenance"]["dataset"])
     num_bytes = sum(pq.ParquetFile(Path(folder) / shard).metadata.row_group(g).total_byte_size
                     for shard in manifest["shards"] for g in range(pq.ParquetFile(Path(folder) / shard).num_row_groups))
-    path = Path(folder) / "README.md"
     path.write_text(dataset_card(manifest, repo_id, license, num_bytes), encoding="utf-8")
     return path
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, license: str | None = None) -> str:
     """Write the card, then upload card, manifest and shards. Local files are never changed
-    beyond README.md. The token comes from HF_TOKEN or the stored login and is never printed."""
+    beyond treg's own README.md, and not before the upload can start. The token comes from
+    HF_TOKEN or the stored login and is never printed."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     if repo_id.count("/") != 1:
         raise UserError(f"the Hub repository must be ORG/NAME, got {repo_id!r}")
-    write_card(folder, repo_id, license)
+    load_manifest(folder)  # a finished folder
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
+    write_card(folder, repo_id, license)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
