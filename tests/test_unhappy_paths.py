@@ -181,3 +181,10 @@ def test_a_failed_start_leaves_the_output_folder_usable(tiny_model, learnable_sh
     assert result.returncode == 2
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "2", "--save-steps", "0")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_max_model_len_beyond_the_models_context_is_refused_before_any_work(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
+    with pytest.raises(UserError, match="beyond the model's context of 2048"):
+        pipeline.run(_score_config(tiny_model, data, tmp_path / "out", max_model_len=4096))
+    assert not (tmp_path / "out").exists()

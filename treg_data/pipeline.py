@@ -91,7 +91,10 @@ def run(config: ScoreConfig) -> Summary:
     revision_prompts = load_revision_prompts(config.revision_template)
     model_config = load_model_config(config.scorer_model or config.model, config.revision)
     dtype = resolve_dtype(config.dtype, model_config)
-    max_model_len = config.max_model_len or default_max_model_len(model_config, config.max_length,
+    context = model_context(model_config)
+    if config.max_model_len and context and config.max_model_len > context:
+        raise UserError(f"--max-model-len {config.max_model_len} is beyond the model's context of {context} tokens")
+    max_model_len = config.max_model_len or default_max_model_len(context, config.max_length,
                                                                   revision_overhead(tokenizer, revision_prompts))
     encoder = PairEncoder(tokenizer, revision_prompts, LengthLimits(config.max_length, config.max_prompt_length, max_model_len))
 
@@ -305,9 +308,12 @@ def load_model_config(name: str, revision: str | None):
         raise UserError(f"cannot load the model config of {name!r}: {first_line(err)}") from None
 
 
-def default_max_model_len(model_config, max_length: int, revision_prompt_tokens: int) -> int:
+def model_context(model_config) -> int | None:
+    return getattr(model_config.get_text_config(), "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+
+
+def default_max_model_len(context: int | None, max_length: int, revision_prompt_tokens: int) -> int:
     """Room for a revision sequence of a max-length pair: it quotes the response and then holds it,
     so about twice max_length plus the revision prompt; capped at the model's context."""
-    context = getattr(model_config.get_text_config(), "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
     wanted = 2 * max_length + revision_prompt_tokens
     return min(wanted, context) if context else wanted
