@@ -188,3 +188,11 @@ def test_max_model_len_beyond_the_models_context_is_refused_before_any_work(tiny
     with pytest.raises(UserError, match="beyond the model's context of 2048"):
         pipeline.run(_score_config(tiny_model, data, tmp_path / "out", max_model_len=4096))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_parallel_worker_error_is_one_line(tmp_path):
+    from treg_data.data_parallel import run_data_parallel
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
+    with pytest.raises(UserError, match=r"worker \d: model folder .* does not exist"):
+        run_data_parallel(_score_config("./no-such-model", data, tmp_path / "out"), 2)

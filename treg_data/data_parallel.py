@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import time
 from dataclasses import replace
 
@@ -33,8 +34,15 @@ def run_data_parallel(config, size: int):
         worker.start()
     summaries = []
     try:
-        for _ in workers:
-            kind, value = results.get()
+        while len(summaries) < len(workers):
+            try:
+                kind, value = results.get(timeout=5)
+            except queue.Empty:  # a worker killed from outside (OOM, kill -9) reports nothing
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise UserError(f"{dead[0].name} died (exit code {dead[0].exitcode}); complete shards are kept: "
+                                    "rerun the same command to continue") from None
+                continue
             if kind == "error":
                 raise UserError(value)
             summaries.append(value)
