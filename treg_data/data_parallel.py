@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import queue
 import time
+from collections import Counter
 from dataclasses import replace
 
 from treg_data.errors import UserError
@@ -52,13 +53,10 @@ def run_data_parallel(config, size: int):
                 worker.terminate()
             worker.join()
     manifest = next((s.manifest for s in summaries if s.manifest is not None), None)
-    skipped: dict[str, int] = {}
-    for summary in summaries:
-        for reason, count in summary.skipped_by_reason.items():
-            skipped[reason] = skipped.get(reason, 0) + count
+    skipped = sum((Counter(s.skipped_by_reason) for s in summaries), Counter())
     return Summary(
         output=summaries[0].output, pairs_read=sum(s.pairs_read for s in summaries),
-        pairs_scored=sum(s.pairs_scored for s in summaries), skipped_by_reason=skipped,
+        pairs_scored=sum(s.pairs_scored for s in summaries), skipped_by_reason=dict(skipped),
         tokens=sum(s.tokens for s in summaries), seconds=time.perf_counter() - started,
         score_seconds=max(s.score_seconds for s in summaries),  # the workers score side by side
         scoring_path=summaries[0].scoring_path, manifest=manifest,
