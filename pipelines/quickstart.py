@@ -7,7 +7,8 @@
    vLLM engine: treg-score;
 3. trains it with dpo_reg under torchrun, 2 processes on the CPU: treg-train;
 4. writes the token-reward report of the most extreme pairs, with the trained model's implicit
-   token rewards beside the self-generated ones: treg-inspect.
+   token rewards beside the self-generated ones (treg-inspect), and the training curves
+   (treg-curves).
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ def main() -> None:
          "--logging-steps", "2", "--save-steps", "20"])
     timings["training"] = time.perf_counter() - t
 
-    t = stage(4, "the token-reward report (treg-inspect)")
-    report = output / "report.html"
+    t = stage(4, "the token-reward report (treg-inspect) and the training curves (treg-curves)")
+    report, curves = output / "report.html", output / "curves.html"
     run([str(bin_dir / "treg-inspect"), str(scored), "--extreme", "8", "--checkpoint", str(train / "final"),
          "--beta", str(BETA), "--output", str(report)])
+    run([str(bin_dir / "treg-curves"), str(train), "--output", str(curves)])
     timings["report"] = time.perf_counter() - t
 
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
@@ -96,6 +98,7 @@ def main() -> None:
   trained model    {train / 'final'}
   metrics          {train / 'metrics.jsonl'}
   report           {report}  (open it in a browser)
+  curves           {curves}
 """)
 
 

@@ -42,6 +42,19 @@ def test_card_parses_and_the_folder_loads_with_datasets(folder):
     assert loaded.features == datasets.Features.from_arrow_schema(SCHEMA)
 
 
+def test_card_shows_how_the_rewards_are_distributed(folder):
+    import pyarrow.parquet as pq
+
+    text = write_card(folder, "treg/learnable").read_text()
+    rows = pq.read_table(folder / "data").to_pylist()
+    sums = {side: sum(sum(row[f"{side}_rewards"]) for row in rows) / len(rows) for side in ("chosen", "rejected")}
+    values = [v for row in rows for side in ("chosen", "rejected") for v in row[f"{side}_rewards"]]
+    assert f"{len(values):,} response tokens, {sum(v > 0 for v in values) / len(values):.1%} with r̂ > 0" in text
+    assert f"mean Σ r̂ per response: chosen {sums['chosen']:+.3f}, rejected {sums['rejected']:+.3f}" in text
+    table = [line for line in text.splitlines() if line.startswith("| `") and line.endswith("|") and "%" in line]
+    assert len(table) == 10
+
+
 def _checksums(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "data").glob("*.parquet"))}
 

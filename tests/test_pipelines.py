@@ -95,3 +95,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "qs/train/metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "qs/report.html").read_text().count('class="pair"') == 8
+    curves = (tmp_path / "qs/curves.html").read_text()
+    assert f"curves           {tmp_path / 'qs/curves.html'}" in out
+    loss = curves.split('data-series="loss"')[1].split("</g>")[0]
+    assert loss.count('class="point"') == len(metrics)

@@ -2,7 +2,6 @@
 
 import html
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,22 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import render_in_chromium
 from treg_data.report import token_texts
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _render(page: Path, tmp_path: Path) -> str:
-    """The DOM after Chromium has loaded the page (the network is off: the page must need none)."""
-    assert Path(CHROMIUM).exists(), "headless Chromium is needed: apt-get install chromium"
-    result = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
 
 
 def _inspect(*args):
@@ -41,7 +27,7 @@ def test_report_shows_pairs_tokens_and_sums(learnable_shards, tmp_path):
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and "<script" not in text  # self-contained
 
-    dom = _render(page, tmp_path)
+    dom = render_in_chromium(page, tmp_path)
     sections = re.findall(r'<section class="pair" data-id="([^"]+)"', dom)
     assert sections == chosen_ids
     for row in (rows[3], rows[50]):
@@ -61,7 +47,7 @@ def test_report_with_a_checkpoint_shows_implicit_rewards(learnable_shards, tiny_
     page = tmp_path / "extreme.html"
     result = _inspect(learnable_shards, "--extreme", "2", "--checkpoint", tiny_model, "--beta", "0.1", "--output", str(page))
     assert result.returncode == 0, result.stderr
-    dom = _render(page, tmp_path)
+    dom = render_in_chromium(page, tmp_path)
     assert len(re.findall(r'<section class="pair"', dom)) == 2
     assert dom.count('data-kind="implicit"') == 2 * 2 * 2  # a sum and a token row per side
     # The checkpoint is the reference model itself: every implicit reward is ~0.
@@ -81,3 +67,34 @@ def test_token_texts_keep_split_characters_whole(tokenizer):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = token_texts(tokenizer, [], ids)
     assert "".join(pieces) == text and len(pieces) == len(ids)
+
+
+def test_reward_distribution_matches_the_rows(learnable_shards):
+    from treg_data.reward_stats import reward_distribution, shown_histogram
+
+    rows = pq.read_table(Path(learnable_shards) / "data").to_pylist()
+    dist = reward_distribution(sorted((Path(learnable_shards) / "data").glob("*.parquet")))
+    for side in ("chosen", "rejected"):
+        values = [v for row in rows for v in row[f"{side}_rewards"]]
+        assert dist.tokens(side) == len(values)
+        assert dist.share_positive(side) == sum(v > 0 for v in values) / len(values)
+        assert dist.mean_sum(side) == pytest.approx(sum(sum(row[f"{side}_rewards"]) for row in rows) / len(rows))
+    labels, shares = shown_histogram(dist)
+    assert len(labels) == 10 and all(s.sum() == pytest.approx(1.0) for s in shares.values())
+    left, right = float(labels[0].split()[-1]), float(labels[-1].split()[-1])  # "< -0.008", "≥ +0.008"
+    for side in ("chosen", "rejected"):  # the end bins hold the tails
+        values = [v for row in rows for v in row[f"{side}_rewards"]]
+        assert shares[side][0] == pytest.approx(sum(v < left for v in values) / len(values), abs=2 / len(values))
+        assert shares[side][-1] == pytest.approx(sum(v >= right for v in values) / len(values), abs=2 / len(values))
+
+
+def test_report_shows_the_reward_distribution(learnable_shards, tmp_path):
+    page = tmp_path / "report.html"
+    assert _inspect(learnable_shards, "--random", "1", "--output", str(page)).returncode == 0
+    dom = render_in_chromium(page, tmp_path)
+    rows = pq.read_table(Path(learnable_shards) / "data").to_pylist()
+    values = [v for row in rows for side in ("chosen", "rejected") for v in row[f"{side}_rewards"]]
+    assert f"{len(values):,} response tokens, {sum(v > 0 for v in values) / len(values):.1%} with r̂ &gt; 0" in dom
+    for side in ("chosen", "rejected"):
+        bars = [float(s) for s in re.findall(rf'class="bar" data-side="{side}" data-bin="\d+" data-share="([^"]+)"', dom)]
+        assert len(bars) == 10 and sum(bars) == pytest.approx(1.0)

@@ -4,48 +4,62 @@ from __future__ import annotations
 
 from typing import Optional
 
-import typer
-
-from treg_data.errors import UserError, run_cli
+from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
+from treg_data.errors import UserError
 from treg_data.pairs import Columns
 from treg_data.precision import DTYPE_CHOICES
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
+INPUT, MODEL, SCORING, OUTPUT, DISTRIBUTED = "Input", "Model", "Scoring", "Output", "Distributed"
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=GroupedTyperCommand, context_settings=CONTEXT)
 def score(
-    model: str = typer.Option(..., help="Policy / reference model: Hub id or local folder. Its chat template renders the prompts."),
-    dataset: str = typer.Option(..., help="Hub dataset id, or a local .json/.jsonl/.parquet file or folder."),
-    output: str = typer.Option(..., help="Folder for the shards and manifest.json."),
-    split: str = typer.Option("train", help="Dataset split."),
-    dataset_config: Optional[str] = typer.Option(None, help="Hub dataset configuration name."),
-    prompt_column: str = typer.Option("prompt", help="Prompt column (string or messages); if absent, the turns before chosen's answer."),
-    chosen_column: str = typer.Option("chosen", help="Chosen response column (string or messages)."),
-    rejected_column: str = typer.Option("rejected", help="Rejected response column (string or messages)."),
-    id_column: str = typer.Option("id", help="Id column; rows without one get a content hash."),
-    scorer_model: Optional[str] = typer.Option(None, help="Model that computes the token rewards (default: --model). Needs the same vocabulary."),
-    revision: Optional[str] = typer.Option(None, help="Model revision (branch, tag or commit)."),
-    backend: str = typer.Option("vllm", help="'vllm' (default) or 'hf' (plain transformers reference scorer)."),
-    revision_template: Optional[str] = typer.Option(None, help="YAML/JSON file with 'better' and 'worse' revision prompts using {prompt} and {response}."),
-    chat_template: Optional[str] = typer.Option(None, help="Jinja chat template file, for tokenizers without one."),
-    max_length: int = typer.Option(2048, help="Max tokens of prompt + response; longer pairs are skipped."),
-    max_prompt_length: int = typer.Option(1800, help="Max prompt tokens; longer pairs are skipped."),
-    max_model_len: Optional[int] = typer.Option(None, help="Max tokens of a revision sequence (default: 2 x max-length + revision prompt, capped at the model's context)."),
-    dtype: str = typer.Option("auto", help="Model dtype: auto (the checkpoint's own, as transformers reads it), bfloat16, float16, float32."),
-    tensor_parallel_size: int = typer.Option(1, help="vLLM tensor parallel size."),
-    data_parallel_size: int = typer.Option(1, help="Scoring workers on this node, one engine each on its own GPU(s) or CPU cores; one output folder."),
-    gpu_memory_utilization: float = typer.Option(0.9, help="vLLM GPU memory fraction."),
-    enforce_eager: bool = typer.Option(False, help="vLLM: skip graph compilation (faster start, slower steps)."),
-    batch_size: int = typer.Option(256, help="Pairs per scorer call (6 sequences each)."),
-    shard_size: int = typer.Option(10_000, help="Rows per Parquet shard."),
-    num_workers: int = typer.Option(1, help="Split the input into this many contiguous parts..."),
-    worker_index: int = typer.Option(0, help="...and score this one (0-based)."),
-    strict: bool = typer.Option(False, help="Fail on the first malformed row instead of skipping it."),
-    overwrite: bool = typer.Option(False, help="Replace data in --output that was scored with other settings."),
-    seed: int = typer.Option(0, help="Engine seed."),
-    push_to_hub: Optional[str] = typer.Option(None, help="Upload the finished dataset to this Hub repository (ORG/NAME)."),
-    hub_private: bool = typer.Option(False, help="With --push-to-hub: create the repository as private."),
+    # input
+    dataset: str = option(..., INPUT, "Hub dataset id, or a local .json/.jsonl/.parquet file or folder."),
+    split: str = option("train", INPUT, "Dataset split."),
+    dataset_config: Optional[str] = option(None, INPUT, "Hub dataset configuration name."),
+    prompt_column: str = option(
+        "prompt", INPUT, "Prompt column (string or messages); if absent, the turns before chosen's answer."),
+    chosen_column: str = option("chosen", INPUT, "Chosen response column (string or messages)."),
+    rejected_column: str = option("rejected", INPUT, "Rejected response column (string or messages)."),
+    id_column: str = option("id", INPUT, "Id column; rows without one get a content hash."),
+    strict: bool = option(False, INPUT, "Fail on the first malformed row instead of skipping it."),
+    # model
+    model: str = option(
+        ..., MODEL, "Policy / reference model: Hub id or local folder. Its chat template renders the prompts."),
+    scorer_model: Optional[str] = option(
+        None, MODEL, "Model that computes the token rewards (default: --model). Needs the same vocabulary."),
+    revision: Optional[str] = option(None, MODEL, "Model revision (branch, tag or commit)."),
+    chat_template: Optional[str] = option(None, MODEL, "Jinja chat template file, for tokenizers without one."),
+    dtype: str = option("auto", MODEL, "auto (the checkpoint's own, as transformers reads it), bfloat16, float16 "
+                        "or float32."),
+    # scoring
+    backend: str = option("vllm", SCORING, "'vllm' (default) or 'hf' (plain transformers reference scorer)."),
+    revision_template: Optional[str] = option(
+        None, SCORING, "YAML/JSON file with 'better' and 'worse' revision prompts using {prompt} and {response}."),
+    max_length: int = option(2048, SCORING, "Max tokens of prompt + response; longer pairs are skipped."),
+    max_prompt_length: int = option(1800, SCORING, "Max prompt tokens; longer pairs are skipped."),
+    max_model_len: Optional[int] = option(
+        None, SCORING, "Max tokens of a revision sequence (default: 2 x max-length + revision prompt, capped at the "
+        "model's context)."),
+    batch_size: int = option(256, SCORING, "Pairs per scorer call (6 sequences each)."),
+    seed: int = option(0, SCORING, "Engine seed."),
+    gpu_memory_utilization: float = option(0.9, SCORING, "vLLM GPU memory fraction."),
+    enforce_eager: bool = option(False, SCORING, "vLLM: skip graph compilation (faster start, slower steps)."),
+    # output
+    output: str = option(..., OUTPUT, "Folder for the shards and manifest.json."),
+    shard_size: int = option(10_000, OUTPUT, "Rows per Parquet shard."),
+    overwrite: bool = option(False, OUTPUT, "Replace data in --output that was scored with other settings."),
+    push_to_hub: Optional[str] = option(None, OUTPUT, "Upload the finished dataset to this Hub repository (ORG/NAME)."),
+    hub_private: bool = option(False, OUTPUT, "With --push-to-hub: create the repository as private."),
+    # distributed
+    tensor_parallel_size: int = option(1, DISTRIBUTED, "vLLM tensor parallel size."),
+    data_parallel_size: int = option(
+        1, DISTRIBUTED, "Scoring workers on this node, one engine each on its own GPU(s) or CPU cores; one output "
+        "folder."),
+    num_workers: int = option(1, DISTRIBUTED, "Split the input into this many contiguous parts..."),
+    worker_index: int = option(0, DISTRIBUTED, "...and score this one (0-based)."),
 ) -> None:
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     from treg_data import pipeline

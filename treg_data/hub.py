@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from treg_data.errors import UserError, first_line
+from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
 from treg_data.rewards import REWARD_TRANSFORM
 from treg_data.schema import SCHEMA
 
@@ -36,7 +37,8 @@ def source_license(dataset: str) -> str | None:
         return None
 
 
-def dataset_card(manifest: dict, repo_id: str, license: str | None, num_bytes: int) -> str:
+def dataset_card(manifest: dict, repo_id: str, license: str | None, num_bytes: int,
+                 distribution: RewardDistribution) -> str:
     from datasets import Features
 
     provenance, counts = manifest["provenance"], manifest["counts"]
@@ -77,6 +79,14 @@ prompts (`x_better`, `x_worse`) that quote the conversation and the response:
     {REWARD_TRANSFORM}   (the *_better_logps and *_worse_logps columns)
 
 which lies in (-0.5, 0.5). The raw log-probs are kept, so other transforms need no rescoring.
+
+### How r̂ is distributed here
+
+{summary_line(distribution)}.
+
+{markdown_table(distribution)}
+
+(share of each side's response tokens per r̂ bin)
 
 ## Columns
 
@@ -127,7 +137,8 @@ def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> 
     license = license or source_license(manifest["provenance"]["dataset"])
     num_bytes = sum(pq.ParquetFile(Path(folder) / shard).metadata.row_group(g).total_byte_size
                     for shard in manifest["shards"] for g in range(pq.ParquetFile(Path(folder) / shard).num_row_groups))
-    path.write_text(dataset_card(manifest, repo_id, license, num_bytes), encoding="utf-8")
+    distribution = reward_distribution([Path(folder) / shard for shard in manifest["shards"]])
+    path.write_text(dataset_card(manifest, repo_id, license, num_bytes, distribution), encoding="utf-8")
     return path
 
 

@@ -9,22 +9,26 @@ from typing import Optional
 import typer
 
 from treg_data import report
-from treg_data.errors import UserError, run_cli
+from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
+from treg_data.errors import UserError
+from treg_data.reward_stats import reward_distribution
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
+PAIRS, REWARDS, OUTPUT = "Pairs to show", "Rewards", "Output"
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=GroupedTyperCommand, context_settings=CONTEXT)
 def inspect(
     data: str = typer.Argument(..., help="A treg-score output folder (or its data/ folder)."),
-    output: Optional[str] = typer.Option(None, help="HTML file to write (default: DATA/report.html)."),
-    ids: Optional[list[str]] = typer.Option(None, "--id", help="Show this pair (repeatable)."),
-    random: Optional[int] = typer.Option(None, help="Show this many pairs drawn at random (default 5)."),
-    extreme: Optional[int] = typer.Option(None, help="Show the pairs with the largest |Σ r̂|."),
-    checkpoint: Optional[str] = typer.Option(None, help="A trained model: show its implicit token rewards β·log π_θ/π_ref too."),
-    beta: float = typer.Option(0.01, help="β for the implicit rewards (the one the checkpoint was trained with)."),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer to decode tokens (default: the scoring model's)."),
-    seed: int = typer.Option(0, help="Seed of --random."),
+    ids: Optional[list[str]] = typer.Option(None, "--id", help="Show this pair (repeatable).", rich_help_panel=PAIRS),
+    random: Optional[int] = option(None, PAIRS, "Show this many pairs drawn at random (default 5)."),
+    extreme: Optional[int] = option(None, PAIRS, "Show the pairs with the largest |Σ r̂|."),
+    seed: int = option(0, PAIRS, "Seed of --random."),
+    checkpoint: Optional[str] = option(
+        None, REWARDS, "A trained model: show its implicit token rewards β·log π_θ/π_ref too."),
+    beta: float = option(0.01, REWARDS, "β for the implicit rewards (the one the checkpoint was trained with)."),
+    tokenizer: Optional[str] = option(None, REWARDS, "Tokenizer to decode tokens (default: the scoring model's)."),
+    output: Optional[str] = option(None, OUTPUT, "HTML file to write (default: DATA/report.html)."),
 ) -> None:
     """Colour every response token by its reward, chosen and rejected side by side."""
     from transformers import AutoTokenizer
@@ -49,7 +53,8 @@ def inspect(
         meta["checkpoint"] = f"{checkpoint} (β = {beta})"
     target = Path(output) if output else Path(data) / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(report.render_html(views, "treg token rewards", meta), encoding="utf-8")
+    distribution = reward_distribution(report.shard_files(data))
+    target.write_text(report.render_html(views, "treg token rewards", meta, distribution), encoding="utf-8")
     print(f"treg-inspect: {len(views)} pair(s) written to {target}")
 
 

@@ -6,17 +6,17 @@ from typing import Optional
 
 import typer
 
-from treg_data.errors import run_cli
+from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer_app()
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command(cls=GroupedTyperCommand, context_settings=CONTEXT)
 def push(
     folder: str = typer.Argument(..., help="A finished treg-score output folder."),
     repo_id: str = typer.Argument(..., help="Hub dataset repository, ORG/NAME (created if missing)."),
-    private: bool = typer.Option(False, help="Create the repository as private."),
-    license: Optional[str] = typer.Option(None, help="Licence for the card (default: the source dataset's)."),
+    private: bool = option(False, "Options", "Create the repository as private."),
+    license: Optional[str] = option(None, "Options", "Licence for the card (default: the source dataset's)."),
 ) -> None:
     """Write a dataset card into FOLDER and upload the card, manifest and shards."""
     from treg_data.hub import push_to_hub

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from treg_data.errors import UserError
+from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_line
 
 COLUMNS = ["id", "prompt", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards",
            "chosen_ref_logps", "rejected_ref_logps"]
@@ -171,7 +172,8 @@ def _side_html(label: str, view: ResponseView, scales: dict[str, float]) -> str:
     return "".join(parts)
 
 
-def render_html(views: list[PairView], title: str, meta: dict[str, str]) -> str:
+def render_html(views: list[PairView], title: str, meta: dict[str, str],
+                distribution: RewardDistribution | None = None) -> str:
     """The report as one HTML string. Colours saturate at the 99th percentile of |value|."""
 
     def scale(kind: str) -> float:
@@ -187,6 +189,9 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str]) -> str:
               f'<span class="swatch" style="background:{_colour(-1, 1)}">negative</span> · full colour at '
               f'|r̂| ≥ {scales["rhat"]:.4f}' + (f', |implicit| ≥ {scales["implicit"]:.4f}' if views and views[0].chosen.implicit is not None else "")
               + ' · hover a token for its value</div>')
+    overview = (f'<section class="distribution"><h2>r̂ over the whole dataset</h2><p>'
+                f"{html.escape(summary_line(distribution))}</p>{histogram_svg(distribution)}</section>"
+                if distribution else "")
     sections = []
     for view in views:
         prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in view.prompt)
@@ -197,5 +202,5 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str]) -> str:
             + "</div></section>"
         )
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{meta_html}{legend}"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{meta_html}{overview}{legend}"
             + "".join(sections) + "</body></html>\n")

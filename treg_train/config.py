@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -12,43 +12,56 @@ from treg_data.errors import UserError
 from treg_train.losses import LOSS_TYPES, LossSettings
 
 
+def setting(default, group: str, help: str):
+    """A TrainConfig field: its default, the --help group it is listed under, and its help."""
+    return field(default=default, metadata={"group": group, "help": help})
+
+
+RUN, OBJECTIVE, OPTIMISATION, MEMORY, BOOKKEEPING = "Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = ""
-    data: str = ""
-    output: str = ""
-    # the objective
-    loss: str = "dpo_reg"
-    beta: float | None = None  # default: 0.01 for DPO losses, 10 for SimPO losses
-    alpha: float = 0.25
-    gamma: float | None = None  # SimPO margin; default 0.3 * beta
-    static_weight: bool = False
-    reward_column: str = "rewards"
-    ref_model: str | None = None  # compute reference log-probs online instead of reading them
-    # optimisation
-    learning_rate: float = 5e-7
-    global_batch_size: int = 128
-    num_train_epochs: int = 1
-    max_steps: int | None = None
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    # memory and speed
-    max_length: int = 2048
-    micro_batch_tokens: int = 16384
-    padding_free: bool | None = None  # default: pack where attention runs varlen (flash / flex attention)
-    gradient_checkpointing: bool = False
-    dtype: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
-    attn_implementation: str | None = None
-    shuffle_buffer: int = 10_000
-    logprob_chunk_rows: int = 1024
-    # bookkeeping
-    logging_steps: int = 10
-    save_steps: int = 500
-    resume: bool = False
-    report_to: str = "none"  # none, tensorboard, wandb
+    model: str = setting("", RUN, "Policy to train (and the reference): Hub id or local folder.")
+    data: str = setting("", RUN, "treg-score output folder, or a Hub dataset id of shards.")
+    output: str = setting("", RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
+    loss: str = setting("dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg or sft_chosen.")
+    beta: float | None = setting(None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses).")
+    alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
+    gamma: float | None = setting(None, OBJECTIVE, "SimPO target margin (default 0.3 x beta).")
+    static_weight: bool = setting(
+        False, OBJECTIVE, "Ablation: pair weight w = 1 instead of the detached DPO weight.")
+    reward_column: str = setting(
+        "rewards", OBJECTIVE, "Per-token column used as r̂: reads chosen_<name> and rejected_<name>.")
+    ref_model: str | None = setting(
+        None, OBJECTIVE, "Compute reference log-probs with this model instead of reading them from the shards.")
+    learning_rate: float = setting(5e-7, OPTIMISATION, "Peak learning rate of AdamW.")
+    global_batch_size: int = setting(
+        128, OPTIMISATION, "Pairs per optimizer step, over all processes (gradient accumulation fills it).")
+    num_train_epochs: int = setting(1, OPTIMISATION, "Passes over the data.")
+    max_steps: int | None = setting(None, OPTIMISATION, "Stop after this many optimizer steps (default: the epochs).")
+    lr_scheduler_type: str = setting("cosine", OPTIMISATION, "cosine, linear or constant (after the warmup).")
+    warmup_ratio: float = setting(0.1, OPTIMISATION, "Share of the steps spent warming the learning rate up.")
+    weight_decay: float = setting(0.0, OPTIMISATION, "AdamW weight decay.")
+    max_grad_norm: float = setting(1.0, OPTIMISATION, "Clip the gradient to this norm.")
+    seed: int = setting(42, OPTIMISATION, "Seed of the data order and of torch.")
+    max_length: int = setting(2048, MEMORY, "Longest prompt + response trained on; longer pairs are skipped and counted.")
+    micro_batch_tokens: int = setting(
+        16384, MEMORY, "Tokens per forward ([chosen; rejected] of several pairs).")
+    padding_free: bool | None = setting(
+        None, MEMORY, "Pack sequences without padding (position ids mark them) instead of length-grouped padding. "
+        "Default: pack when the attention implementation runs variable-length (flash, flex); mask-based "
+        "attention (sdpa, eager) would build a [tokens, tokens] mask over the pack.")
+    gradient_checkpointing: bool = setting(False, MEMORY, "Recompute activations in the backward to save memory.")
+    dtype: str = setting("auto", MEMORY, "auto (bf16 compute on GPU, fp32 on CPU), float32 or bfloat16.")
+    attn_implementation: str | None = setting(
+        None, MEMORY, "Attention kernel, as transformers names it (sdpa, eager, flash_attention_2, flex_attention).")
+    shuffle_buffer: int = setting(10_000, MEMORY, "Pairs held for shuffling while streaming the shards.")
+    logprob_chunk_rows: int = setting(1024, MEMORY, "Positions per chunk of the log-prob kernel (bounds its memory).")
+    logging_steps: int = setting(10, BOOKKEEPING, "Log the metrics every this many steps.")
+    save_steps: int = setting(500, BOOKKEEPING, "Write a checkpoint every this many steps (0: none; the model is exported at the end).")
+    resume: bool = setting(False, BOOKKEEPING, "Continue from the newest complete checkpoint in --output.")
+    report_to: str = setting("none", BOOKKEEPING, "none, tensorboard or wandb (metrics.jsonl is always written).")
 
     def loss_settings(self) -> LossSettings:
         simpo = self.loss.startswith("simpo")

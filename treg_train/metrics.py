@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 
 class MetricWindow:
@@ -47,6 +48,8 @@ class MetricSink:
         if not enabled:
             return
         output.mkdir(parents=True, exist_ok=True)
+        # The run's settings, for the curves page and to rerun with --config.
+        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 

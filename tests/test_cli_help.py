@@ -1,0 +1,62 @@
+"""Every command's --help shows every flag name whole, on an 80-column terminal and a wide one."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import typer.main
+
+from treg_data.cli import app as score_app
+from treg_data.inspect_cli import app as inspect_app
+from treg_data.push_cli import app as push_app
+from treg_train.cli import command as train_command
+from treg_train.curves_cli import app as curves_app
+
+COMMANDS = {
+    "treg_data.cli": typer.main.get_command(score_app),
+    "treg_train": train_command,
+    "treg_data.inspect_cli": typer.main.get_command(inspect_app),
+    "treg_data.push_cli": typer.main.get_command(push_app),
+    "treg_train.curves_cli": typer.main.get_command(curves_app),
+}
+
+
+def _flags(command) -> list[str]:
+    return [name for param in command.params if param.param_type_name == "option"
+            for name in param.opts + param.secondary_opts]
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_shows_every_flag_whole(module, columns):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": str(columns)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    flags = _flags(COMMANDS[module])
+    assert flags
+    for flag in flags:
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", result.stdout), f"{flag} is cut or missing"
+    assert "…" not in result.stdout
+
+
+@pytest.mark.parametrize("module", ["treg_data.cli", "treg_train"])
+def test_options_are_grouped(module):
+    result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "80"})
+    headings = [line[:-1] for line in result.stdout.splitlines() if re.fullmatch(r"[A-Z][\w ]+:", line)]
+    expected = {"treg_data.cli": ["Input", "Model", "Scoring", "Output", "Distributed", "Other options"],
+                "treg_train": ["Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping", "Other options"]}
+    assert headings == expected[module]
+
+
+def test_every_training_setting_has_help_and_a_group():
+    import dataclasses
+
+    from treg_train.config import TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help") and field.metadata.get("group"), field.name
