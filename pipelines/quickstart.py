@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +57,7 @@ def main() -> None:
     if (model / "config.json").exists():
         print(f"using the cached model in {model}")
     else:
-        from treg_data.tiny_model import build_tiny_model
+        from tiny_model import build_tiny_model
 
         build_tiny_model(model, **MODEL_SHAPE)
         print(f"built {model}")
@@ -73,8 +73,8 @@ def main() -> None:
     t = stage(3, f"training dpo_reg with torchrun, {args.processes} processes (treg-train)")
     train = output / "train"
     shutil.rmtree(train, ignore_errors=True)  # a rerun trains again from the start
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes), "-m", "treg_train",
-         "--model", str(model), "--data", str(scored), "--output", str(train), "--loss", "dpo_reg",
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes),
+         "-m", "treg_train", "--model", str(model), "--data", str(scored), "--output", str(train), "--loss", "dpo_reg",
          "--beta", str(BETA), "--alpha", "0.25", "--learning-rate", "2e-4", "--global-batch-size", "16",
          "--num-train-epochs", str(args.epochs), "--max-length", "512", "--micro-batch-tokens", "4096",
          "--logging-steps", "2", "--save-steps", "20"])
@@ -89,11 +89,16 @@ def main() -> None:
 
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
     manifest = json.loads((scored / "manifest.json").read_text())["counts"]
+    stages = (f"model {timings['model']:.0f}s, scoring {timings['scoring']:.0f}s, "
+              f"training {timings['training']:.0f}s, report {timings['report']:.0f}s")
+    first, last = metrics[0], metrics[-1]
+    training = (f"{last['epoch'] + 1} epochs, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+                f"reward accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}")
     print(f"""
 === quickstart finished in {time.perf_counter() - started:.0f}s ===
-  stages           model {timings['model']:.0f}s, scoring {timings['scoring']:.0f}s, training {timings['training']:.0f}s, report {timings['report']:.0f}s
+  stages           {stages}
   pairs            {manifest['pairs_scored']} scored, {manifest['pairs_skipped']} skipped
-  training         {metrics[-1]['epoch'] + 1} epochs, loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}, reward accuracy {metrics[0]['rewards/accuracies']:.2f} -> {metrics[-1]['rewards/accuracies']:.2f}
+  training         {training}
   scored shards    {scored}/data  (manifest.json beside them)
   trained model    {train / 'final'}
   metrics          {train / 'metrics.jsonl'}

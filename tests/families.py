@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from treg_data.tiny_model import TokenizerSpec, build_tiny_model
+from tiny_model import TokenizerSpec, build_tiny_model
 
 TEMPLATES = Path(__file__).parent / "chat_templates"
 

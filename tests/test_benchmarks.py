@@ -32,7 +32,8 @@ def test_training_benchmark_against_trl(tmp_path):
 
 @pytest.mark.engine
 def test_scoring_benchmark(tmp_path):
-    out = _run("scoring.py", "--size", "tiny", "--pairs", "20", "--sizes", "10,20", "--work", str(tmp_path), "--enforce-eager")
+    out = _run("scoring.py", "--size", "tiny", "--pairs", "20", "--sizes", "10,20", "--work", str(tmp_path),
+               "--enforce-eager")
     assert "treg vLLM scorer (prompt log-probs)" in out and "transformers reference" in out
     assert "log-prob scoring overhead over plain prefill" in out
 

@@ -65,9 +65,8 @@ def test_token_labels_follow_the_characters_each_token_covers():
 
 def test_token_labels_on_the_tokenizer_of_the_benchmark(tmp_path):
     import policy
+    from tiny_model import build_tokenizer
     from transformers import AutoTokenizer
-
-    from treg_data.tiny_model import build_tokenizer
 
     build_tokenizer().save_pretrained(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)

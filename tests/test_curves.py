@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import render_in_chromium
+
 from treg_train.curves import PANELS
 
 NAMES = [name for _, names in PANELS for name in names] + ["skipped_too_long"]
@@ -33,7 +33,8 @@ def _charts(dom: str) -> dict[str, str]:
 
 def test_curves_page_draws_every_metric_at_every_logged_step(run, tmp_path):
     folder, rows = run
-    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(folder)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(folder)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     page = folder / "curves.html"
     assert str(page) in result.stdout
@@ -43,7 +44,7 @@ def test_curves_page_draws_every_metric_at_every_logged_step(run, tmp_path):
     charts = _charts(render_in_chromium(page, tmp_path))
     assert list(charts) == [title for title, _ in PANELS] + ["skipped_too_long"]
     drawn = set()
-    for title, svg in charts.items():
+    for _title, svg in charts.items():
         ticks = {float(v): float(y) for v, y in re.findall(r'class="ytick" data-value="([^"]+)" data-y="([^"]+)"', svg)}
         (hi, y_hi), (lo, y_lo) = sorted(ticks.items(), reverse=True)
         series = re.findall(r'<g class="series" data-series="([^"]+)"(.*?)</g>', svg, re.S)
@@ -64,5 +65,6 @@ def test_curves_page_draws_every_metric_at_every_logged_step(run, tmp_path):
 
 
 def test_a_folder_without_metrics_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(tmp_path)],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr and "Traceback" not in result.stderr

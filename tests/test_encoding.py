@@ -1,8 +1,10 @@
 import pytest
 from conftest import make_pairs
 
-from treg_data.encoding import CONTEXTS, LengthLimits, PairEncoder, tokenizer_fingerprint
+from treg_data.contract import tokenizer_fingerprint
+from treg_data.encoding import CONTEXTS, PairEncoder
 from treg_data.errors import BadRow, UserError
+from treg_data.lengths import LengthLimits
 from treg_data.pairs import Columns, parse_pair
 from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS, fill, load_revision_prompts, transcript
 
@@ -67,14 +69,16 @@ def test_length_policy_skips_and_never_truncates(tokenizer):
 
 def test_revision_template_from_file(tmp_path):
     path = tmp_path / "revise.yaml"
-    path.write_text("better: 'Improve {response} for {prompt} {not a placeholder}'\nworse: 'Spoil {response} ({prompt})'\n")
+    path.write_text("better: 'Improve {response} for {prompt} {not a placeholder}'\n"
+                    "worse: 'Spoil {response} ({prompt})'\n")
     prompts = load_revision_prompts(path)
     assert prompts.better.startswith("Improve")
     conversation = [{"role": "user", "content": "say {response}"}]
     assert fill(prompts.better, conversation, "R") == "Improve R for say {response} {not a placeholder}"
 
 
-@pytest.mark.parametrize("text", ["better: 'only {prompt}'\nworse: '{prompt} {response}'\n", "- a list\n", "better: 1\n"])
+@pytest.mark.parametrize("text", ["better: 'only {prompt}'\nworse: '{prompt} {response}'\n", "- a list\n",
+                                  "better: 1\n"])
 def test_bad_revision_templates_are_refused(tmp_path, text):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -83,7 +87,8 @@ def test_bad_revision_templates_are_refused(tmp_path, text):
 
 
 def test_transcript_of_multi_turn_names_roles():
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Sum?"}]
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Sum?"}]
     assert transcript(messages) == "User: Hi\n\nAssistant: Hello\n\nUser: Sum?"
     assert transcript(messages[:1]) == "Hi"
 

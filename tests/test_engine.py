@@ -5,14 +5,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
+from helpers import read_shard_rows, run, score_command
 
 pytestmark = pytest.mark.engine
 
@@ -20,16 +18,8 @@ LOGPS = [f"{side}_{ctx}_logps" for side in ("chosen", "rejected") for ctx in ("r
 
 
 def _command(model, data, output, *extra):
-    return [sys.executable, "-m", "treg_data.cli", "--model", model, "--dataset", data, "--output", str(output),
-            "--dtype", "float32", "--max-length", "256", "--max-prompt-length", "128", "--enforce-eager", *extra]
-
-
-def _run(args):
-    return subprocess.run(args, capture_output=True, text=True, timeout=900)
-
-
-def _rows(output):
-    return pq.read_table(Path(output) / "data").to_pylist()
+    return score_command("--model", model, "--dataset", data, "--output", str(output),
+            "--dtype", "float32", "--max-length", "256", "--max-prompt-length", "128", "--enforce-eager", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +31,17 @@ def scored(tiny_model, tmp_path_factory):
         rows.insert(5 + 9 * offset, bad)
     data = write_jsonl(root / "pairs.jsonl", rows)
     small = ["--batch-size", "6", "--shard-size", "10"]
-    vllm_run = _run(_command(tiny_model, data, root / "vllm", *small))
+    vllm_run = run(_command(tiny_model, data, root / "vllm", *small))
     assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
-    hf_run = _run(_command(tiny_model, data, root / "hf", "--backend", "hf", *small))
+    hf_run = run(_command(tiny_model, data, root / "hf", "--backend", "hf", *small))
     assert hf_run.returncode == 0, hf_run.stderr[-3000:]
     return dict(root=root, data=data, rows=rows, small=small, vllm=vllm_run, hf=hf_run)
 
 
 def test_vllm_matches_the_reference_scorer_on_every_token(scored):
-    vllm_rows, hf_rows = _rows(scored["root"] / "vllm"), _rows(scored["root"] / "hf")
-    assert [r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows] == [r["id"] for r in scored["rows"] if r["id"] not in BAD_REASONS]
+    vllm_rows, hf_rows = read_shard_rows(scored["root"] / "vllm"), read_shard_rows(scored["root"] / "hf")
+    assert ([r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows]
+            == [r["id"] for r in scored["rows"] if r["id"] not in BAD_REASONS])
     worst = 0.0
     for a, b in zip(vllm_rows, hf_rows):
         for side in ("prompt", "chosen", "rejected"):
@@ -84,17 +75,17 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tiny_model, score
     written = len(list((output / "data").glob("*.parquet")))
     assert not (output / "manifest.json").exists() and written < 12
 
-    rerun = _run(args)
+    rerun = run(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming after" in rerun.stderr
-    assert _rows(output) == _rows(scored["root"] / "vllm")
+    assert read_shard_rows(output) == read_shard_rows(scored["root"] / "vllm")
     counts = lambda path: json.loads((path / "manifest.json").read_text())["counts"]  # noqa: E731
     assert counts(output) == counts(scored["root"] / "vllm")
 
 
 def test_strict_stops_at_the_bad_row_with_one_line(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", bad_rows()[3:4] + make_pairs(2))
-    result = _run(_command(tiny_model, data, tmp_path / "out", "--strict"))
+    result = run(_command(tiny_model, data, tmp_path / "out", "--strict"))
     assert result.returncode == 2
     assert "bad-nonstring" in result.stderr and "non_string_content" in result.stderr
     assert "Traceback" not in result.stderr
@@ -106,7 +97,7 @@ def test_bad_model_and_dataset_give_one_line(tiny_model, tmp_path):
         (_command(str(tmp_path / "missing-model"), data, tmp_path / "o1"), "does not exist"),
         (_command(tiny_model, "no-such-org/no-such-dataset", tmp_path / "o2"), "cannot load dataset"),
     ]:
-        result = _run(args)
+        result = run(args)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
@@ -116,7 +107,7 @@ def test_two_data_parallel_workers_match_one_row_for_row_at_the_default_dtype(ti
     output = scored["root"] / "data-parallel"
     args = _command(tiny_model, scored["data"], output, *scored["small"], "--data-parallel-size", "2")
     del args[args.index("--dtype"):args.index("--dtype") + 2]
-    result = _run(args)
+    result = run(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pairs scored   120" in result.stdout and "pairs skipped  7" in result.stdout
     shards = sorted(p.name for p in (output / "data").glob("*.parquet"))
@@ -125,7 +116,8 @@ def test_two_data_parallel_workers_match_one_row_for_row_at_the_default_dtype(ti
     one = json.loads((scored["root"] / "vllm" / "manifest.json").read_text())
     assert manifest["provenance"]["dtype"] == "float32"
     assert manifest["counts"] == one["counts"]
-    parallel_rows, single_rows, reference_rows = _rows(output), _rows(scored["root"] / "vllm"), _rows(scored["root"] / "hf")
+    parallel_rows = read_shard_rows(output)
+    single_rows, reference_rows = read_shard_rows(scored["root"] / "vllm"), read_shard_rows(scored["root"] / "hf")
     assert [r["id"] for r in parallel_rows] == [r["id"] for r in single_rows]
     worst_vs_single = worst_vs_reference = 0.0
     for a, b, ref in zip(parallel_rows, single_rows, reference_rows):

@@ -5,15 +5,12 @@ treg-train dpo_reg under torchrun with 2 processes; the export reloaded in trans
 in vLLM. Conversations a family's template refuses become skips with a reason."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from conftest import make_learnable_pairs, make_pairs, write_jsonl
 from families import FAMILIES, build_family_model
+from helpers import read_shard_rows, run, score_command, train_command
 
 from treg_data import pipeline
 
@@ -30,21 +27,14 @@ REFUSED = {
     "llama3": {},
     "qwen2_5": {},
     "gemma2": {"system": "template_error", "two-user-turns": "template_error"},  # raises on both
-    "mistral": {"system": "template_not_prefix", "two-user-turns": "template_error"},  # drops the system text of a finished conversation
+    # mistral drops the system text of a finished conversation
+    "mistral": {"system": "template_not_prefix", "two-user-turns": "template_error"},
 }
 
 
-def _run(args, timeout=900):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-
-
 def _score(model, data, output, *extra):
-    return _run([sys.executable, "-m", "treg_data.cli", "--model", model, "--dataset", data, "--output", str(output),
-                 *LIMITS, "--enforce-eager", "--shard-size", "20", *extra])
-
-
-def _rows(output):
-    return pq.read_table(Path(output) / "data").to_pylist()
+    return run(score_command("--model", model, "--dataset", data, "--output", str(output),
+                 *LIMITS, "--enforce-eager", "--shard-size", "20", *extra))
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +53,14 @@ def family(request, data, tmp_path_factory):
     assert scored.returncode == 0, scored.stderr[-3000:]
     pipeline.run(pipeline.ScoreConfig(model=model, dataset=path, output=str(root / "hf"), backend="hf",
                                       max_length=384, max_prompt_length=256, shard_size=20))
-    trained = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "treg_train",
-                    "--model", model, "--data", str(root / "vllm"), "--output", str(root / "run"), "--loss", "dpo_reg",
-                    "--global-batch-size", "8", "--max-steps", "8", "--learning-rate", "2e-4", "--beta", "0.1",
-                    "--logging-steps", "1", "--max-length", "384", "--micro-batch-tokens", "1536", "--save-steps", "0"])
+    trained = run(train_command("--model", model, "--data", root / "vllm", "--output", root / "run",
+                                "--loss", "dpo_reg", "--global-batch-size", "8", "--max-steps", "8",
+                                "--learning-rate", "2e-4", "--beta", "0.1",
+                                "--logging-steps", "1", "--max-length", "384", "--micro-batch-tokens", "1536",
+                                "--save-steps", "0", processes=2))
     assert trained.returncode == 0, trained.stderr[-3000:]
-    rescored = _score(str(root / "run" / "final"), write_jsonl(root / "few.jsonl", make_learnable_pairs(4)), root / "export-scored")
+    rescored = _score(str(root / "run" / "final"), write_jsonl(root / "few.jsonl", make_learnable_pairs(4)),
+                      root / "export-scored")
     return dict(name=name, model=model, root=root, rows=rows, scored=scored, trained=trained, rescored=rescored)
 
 
@@ -76,13 +68,14 @@ def test_prompt_ids_are_the_templates_generation_prompt(family):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(family["model"])
-    rows = _rows(family["root"] / "vllm")
+    rows = read_shard_rows(family["root"] / "vllm")
     assert rows
     for row in rows:
         expected = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"]
         assert row["prompt_ids"] == expected, row["id"]
         if tokenizer.bos_token_id is not None:
-            assert row["prompt_ids"].count(tokenizer.bos_token_id) == 1 and row["prompt_ids"][0] == tokenizer.bos_token_id
+            assert (row["prompt_ids"].count(tokenizer.bos_token_id) == 1
+                    and row["prompt_ids"][0] == tokenizer.bos_token_id)
         full = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=False)
         assert tokenizer.decode(row["prompt_ids"] + row["chosen_ids"]) == full, row["id"]
 
@@ -90,7 +83,7 @@ def test_prompt_ids_are_the_templates_generation_prompt(family):
 def test_default_dtype_matches_the_transformers_reference(family):
     manifest = json.loads((family["root"] / "vllm" / "manifest.json").read_text())
     assert manifest["provenance"]["dtype"] == "float32"  # the checkpoint's own, never "auto"
-    vllm_rows, hf_rows = _rows(family["root"] / "vllm"), _rows(family["root"] / "hf")
+    vllm_rows, hf_rows = read_shard_rows(family["root"] / "vllm"), read_shard_rows(family["root"] / "hf")
     assert [r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows]
     worst = max(float(np.abs(np.subtract(a[c], b[c])).max()) for a, b in zip(vllm_rows, hf_rows)
                 for c in a if c.endswith("_logps"))
@@ -102,14 +95,16 @@ def test_refused_conversations_are_skips_with_their_reason(family):
     assert "Traceback" not in family["scored"].stderr
     skipped = [json.loads(line) for line in (family["root"] / "vllm" / "skipped.jsonl").read_text().splitlines()]
     reasons = {entry["id"]: entry["reason"] for entry in skipped}
-    with_system = [r["id"] for r in family["rows"] if isinstance(r.get("prompt"), list) and r["prompt"][0]["role"] == "system"]
+    with_system = [r["id"] for r in family["rows"]
+                   if isinstance(r.get("prompt"), list) and r["prompt"][0]["role"] == "system"]
     expected = {}
     for rid in with_system:
         if "system" in REFUSED[family["name"]]:
             expected[rid] = REFUSED[family["name"]]["system"]
     if "two-user-turns" in REFUSED[family["name"]]:
         expected["two-user-turns"] = REFUSED[family["name"]]["two-user-turns"]
-    assert {rid: reason for rid, reason in reasons.items() if rid in expected or rid == "two-user-turns" or rid in with_system} == expected
+    assert {rid: reason for rid, reason in reasons.items()
+            if rid in expected or rid == "two-user-turns" or rid in with_system} == expected
     if family["name"] == "gemma2":
         assert any("System role not supported" in entry["detail"] for entry in skipped)
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
+from treg_data.contract import SCHEMA
 from treg_data.hub import write_card
-from treg_data.schema import SCHEMA
 
 TOKEN = "hf_treg_test_secret_token"
 

@@ -10,7 +10,8 @@ from treg_data.inputs import HubSource, InvalidRow, open_source, worker_range
 
 
 def _ids(source, start=0, stop=None):
-    return [row["id"] if isinstance(row, dict) else row.reason for _, row in source.rows(start, source.num_rows if stop is None else stop)]
+    rows = source.rows(start, source.num_rows if stop is None else stop)
+    return [row["id"] if isinstance(row, dict) else row.reason for _, row in rows]
 
 
 def test_jsonl_parquet_and_json_array_read_the_same_rows(tmp_path):

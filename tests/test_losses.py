@@ -1,4 +1,4 @@
-"""The losses against hand computation and against METHOD.md's gradient formulas."""
+"""The losses against hand computation and against the gradient formulas of docs/METHOD.md §3."""
 
 import math
 
@@ -46,7 +46,8 @@ def test_simpo_and_simpo_reg_by_hand():
     r_w, r_l = beta / 2 * -3.0, beta / 3 * -5.0  # -3, -3.333
     loss, m = preference_loss(_side(*CHOSEN), _side(*REJECTED), LossSettings("simpo", beta=beta, gamma=gamma))
     assert loss.item() == pytest.approx(-math.log(sig(r_w - r_l - gamma)))
-    loss, m = preference_loss(_side(*CHOSEN), _side(*REJECTED), LossSettings("simpo_reg", beta=beta, gamma=gamma, alpha=alpha))
+    loss, m = preference_loss(_side(*CHOSEN), _side(*REJECTED),
+                              LossSettings("simpo_reg", beta=beta, gamma=gamma, alpha=alpha))
     w = sig(r_l - r_w + gamma)
     reg = -(beta / 2) * (0.4 * -1.0 + -0.2 * -2.0) - (beta / 3) * (-0.3 * -1.0 + 0.1 * -1.0)
     assert m["mean_w"].item() == pytest.approx(w)
@@ -56,7 +57,8 @@ def test_simpo_and_simpo_reg_by_hand():
 def test_static_weight_and_sft_chosen_by_hand():
     beta, alpha = 0.5, 0.25
     h = 1.25
-    loss, m = preference_loss(_side(*CHOSEN), _side(*REJECTED), LossSettings("dpo_reg", beta=beta, alpha=alpha, static_weight=True))
+    loss, m = preference_loss(_side(*CHOSEN), _side(*REJECTED),
+                              LossSettings("dpo_reg", beta=beta, alpha=alpha, static_weight=True))
     assert m["mean_w"].item() == 1.0
     assert loss.item() == pytest.approx(-math.log(sig(h)) + alpha * (0.0 - 0.1))
     loss, _ = preference_loss(_side(*CHOSEN), _side(*REJECTED), LossSettings("sft_chosen", beta=beta, alpha=alpha))
@@ -102,7 +104,7 @@ def test_per_token_gradient_matches_method_coefficients(loss_type):
     w = metrics["mean_w"][:, None]
     scale_w = beta / chosen.length[:, None] if loss_type == "simpo_reg" else beta
     scale_l = beta / rejected.length[:, None] if loss_type == "simpo_reg" else beta
-    # METHOD.md §4: chosen β·(σ(−h) + α·w·r̂_t), rejected β·(−σ(−h) + α·w·r̂_t), as −∂L/∂log π.
+    # docs/METHOD.md §3: chosen β·(σ(−h) + α·w·r̂_t), rejected β·(−σ(−h) + α·w·r̂_t), as −∂L/∂log π.
     expected_w = scale_w * (w + alpha * w * chosen.rewards) * chosen.mask
     expected_l = scale_l * (-w + alpha * w * rejected.rewards) * rejected.mask
     torch.testing.assert_close(-g_w, expected_w)

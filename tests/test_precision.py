@@ -37,5 +37,6 @@ def test_unknown_dtype_is_one_line(tiny_model, tmp_path):
 
     from treg_data.cli import app
 
-    result = CliRunner().invoke(app, ["--model", tiny_model, "--dataset", "x.jsonl", "--output", str(tmp_path), "--dtype", "fp8"])
+    result = CliRunner().invoke(app, ["--model", tiny_model, "--dataset", "x.jsonl", "--output", str(tmp_path),
+                                      "--dtype", "fp8"])
     assert result.exit_code != 0 and "--dtype must be one of auto, float32, bfloat16, float16" in str(result.exception)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import render_in_chromium
+
 from treg_data.report import token_texts
 
 
-
 def _inspect(*args):
-    return subprocess.run([sys.executable, "-m", "treg_data.inspect_cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "treg_data.inspect_cli", *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_report_shows_pairs_tokens_and_sums(learnable_shards, tmp_path):
@@ -45,7 +45,8 @@ def test_report_shows_pairs_tokens_and_sums(learnable_shards, tmp_path):
 
 def test_report_with_a_checkpoint_shows_implicit_rewards(learnable_shards, tiny_model, tmp_path):
     page = tmp_path / "extreme.html"
-    result = _inspect(learnable_shards, "--extreme", "2", "--checkpoint", tiny_model, "--beta", "0.1", "--output", str(page))
+    result = _inspect(learnable_shards, "--extreme", "2", "--checkpoint", tiny_model, "--beta", "0.1",
+                      "--output", str(page))
     assert result.returncode == 0, result.stderr
     dom = render_in_chromium(page, tmp_path)
     assert len(re.findall(r'<section class="pair"', dom)) == 2
@@ -96,5 +97,6 @@ def test_report_shows_the_reward_distribution(learnable_shards, tmp_path):
     values = [v for row in rows for side in ("chosen", "rejected") for v in row[f"{side}_rewards"]]
     assert f"{len(values):,} response tokens, {sum(v > 0 for v in values) / len(values):.1%} with r̂ &gt; 0" in dom
     for side in ("chosen", "rejected"):
-        bars = [float(s) for s in re.findall(rf'class="bar" data-side="{side}" data-bin="\d+" data-share="([^"]+)"', dom)]
+        bars = [float(s) for s in
+                re.findall(rf'class="bar" data-side="{side}" data-bin="\d+" data-share="([^"]+)"', dom)]
         assert len(bars) == 10 and sum(bars) == pytest.approx(1.0)

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from treg_data.contract import METADATA_KEY
 from treg_data.errors import UserError
-from treg_data.schema import METADATA_KEY
+from treg_data.forward import TokenLogprobs
 from treg_train.collate import collate, scatter_tokens
-from treg_train.data import Pair, ShardDataset, global_batches, micro_batches, rank_slice
-from treg_train.model import TokenLogprobs, load_causal_lm
+from treg_train.data import ShardDataset, TrainingPair, global_batches, micro_batches, rank_slice
+from treg_train.model import load_causal_lm
 
 
 def test_order_covers_every_pair_once_and_depends_only_on_seed_and_epoch(learnable_shards):
@@ -41,13 +42,13 @@ def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shar
 
 def _pair(prompt, chosen, rejected):
     ids = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
-    return Pair("x", ids(prompt), ids(chosen), ids(rejected), None, None, np.zeros(chosen), np.zeros(rejected))
+    return TrainingPair("x", ids(prompt), ids(chosen), ids(rejected), None, None, np.zeros(chosen), np.zeros(rejected))
 
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_micro_batches_respect_the_token_budget(packed):
     pairs = [_pair(p, c, r) for p, c, r in [(10, 30, 5), (50, 20, 40), (5, 5, 5), (30, 60, 10), (8, 8, 90)]]
-    batches = micro_batches(pairs, max_tokens=200, packed=packed)
+    batches = micro_batches(pairs, max_tokens=200, padding_free=packed)
     assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
     for batch in batches:
         inputs = collate(batch, packed)

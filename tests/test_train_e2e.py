@@ -12,21 +12,17 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import read_metrics, run, score_command, train_command
 
 ARGS = ["--global-batch-size", "8", "--max-steps", "12", "--learning-rate", "2e-4", "--beta", "0.1",
         "--logging-steps", "1", "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]
 
 
 def _train(model, data, output, *extra, processes=1, wait=True):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)] if processes > 1 else [sys.executable]
-    command = launcher + ["-m", "treg_train", "--model", model, "--data", data, "--output", str(output), *ARGS, *extra]
+    command = train_command("--model", model, "--data", data, "--output", output, *ARGS, *extra, processes=processes)
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
-
-
-def _metrics(output):
-    return [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+        return subprocess.Popen([str(a) for a in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return run(command)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def short_run(tiny_model, learnable_shards, tmp_path_factory):
 
 def test_loss_falls_and_reward_accuracy_rises(single):
     output, result = single
-    metrics = _metrics(output)
+    metrics = read_metrics(output)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     first, last = metrics[:3], metrics[-3:]
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
@@ -64,7 +60,7 @@ def test_loss_falls_and_reward_accuracy_rises(single):
 def test_two_processes_match_one(tiny_model, learnable_shards, single, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "two", "--save-steps", "0", processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = _metrics(single[0]), _metrics(tmp_path / "two")
+    one, two = read_metrics(single[0]), read_metrics(tmp_path / "two")
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
@@ -84,11 +80,12 @@ def _kill_after_first_checkpoint_and_resume(model, data, output, *extra):
     result = _train(model, data, output, "--save-steps", "4", "--resume", *extra, processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    return _metrics(output)
+    return read_metrics(output)
 
 
 def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):
-    resumed, uninterrupted = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed"), _metrics(single[0])
+    resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed")
+    uninterrupted = read_metrics(single[0])
     assert [m["step"] for m in resumed] == list(range(1, 13))
     for a, b in zip(uninterrupted, resumed):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
@@ -99,14 +96,14 @@ def test_accelerate_launch_runs_two_processes_like_torchrun(tiny_model, learnabl
     with socket.socket() as s:  # a free port, as torchrun --standalone finds one
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--main_process_port", port,
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", port,
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "treg_train", "--model", tiny_model,
                "--data", learnable_shards, "--output", str(output), *ARGS, "--save-steps", "0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "treg-train: 2 process(es) on cpu" in result.stderr
-    for a, b in zip(_metrics(single[0]), _metrics(output), strict=True):
+    for a, b in zip(read_metrics(single[0]), read_metrics(output), strict=True):
         for key in ("loss", "rewards/margins", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
@@ -123,7 +120,7 @@ def test_bf16_mixed_precision_learns_and_warns_about_fp32_shards(bf16_run, singl
     output, result = bf16_run
     assert "computing in bfloat16" in result.stderr
     assert "warning: the reference log-probs" in result.stderr and "scored in float32" in result.stderr
-    bf16, fp32 = _metrics(output), _metrics(single[0])
+    bf16, fp32 = read_metrics(output), read_metrics(single[0])
     assert np.mean([m["loss"] for m in bf16[-3:]]) < 0.7 * np.mean([m["loss"] for m in bf16[:3]])
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], abs=5e-3)  # the same objective, in lower precision
     assert any(abs(a["loss"] - b["loss"]) > 1e-7 for a, b in zip(bf16, fp32))  # and it did compute in bf16
@@ -132,8 +129,9 @@ def test_bf16_mixed_precision_learns_and_warns_about_fp32_shards(bf16_run, singl
 
 
 def test_bf16_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, bf16_run, tmp_path):
-    resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed", "--dtype", "bfloat16")
-    for a, b in zip(_metrics(bf16_run[0]), resumed, strict=True):
+    resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed",
+                                                      "--dtype", "bfloat16")
+    for a, b in zip(read_metrics(bf16_run[0]), resumed, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 
 
@@ -142,9 +140,8 @@ def test_rank0_loading_equals_the_checkpoint_for_untied_and_tied_embeddings(tiny
     from families import build_family_model
 
     for model in (tiny_model, build_family_model("gemma2", tmp_path / "gemma2")):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                 str(Path(__file__).parent / "distributed" / "check_loading.py"), model],
-                                capture_output=True, text=True, timeout=600)
+        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                      Path(__file__).parent / "distributed" / "check_loading.py", model], timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         report = json.loads(result.stdout.strip().splitlines()[-1])
         assert report == {"same_keys": True, "max_param_diff": 0.0, "same_buffer_names": True, "max_buffer_diff": 0.0,
@@ -170,10 +167,9 @@ def test_exported_model_scores_in_vllm(single, tmp_path):
     from conftest import make_learnable_pairs, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", make_learnable_pairs(4))
-    command = [sys.executable, "-m", "treg_data.cli", "--model", str(single[0] / "final"), "--dataset", data,
-               "--output", str(tmp_path / "scored"), "--dtype", "float32", "--max-length", "256",
-               "--max-prompt-length", "128", "--enforce-eager"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = run(score_command("--model", single[0] / "final", "--dataset", data, "--output", tmp_path / "scored",
+                               "--dtype", "float32", "--max-length", "256", "--max-prompt-length", "128",
+                               "--enforce-eager"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pairs scored   4" in result.stdout and "vllm:flat_prompt_logprobs" in result.stdout
 
@@ -195,21 +191,20 @@ def test_bad_flags_give_one_clear_message(tiny_model, learnable_shards, tmp_path
 
 def test_config_file_with_flags_on_top(tiny_model, learnable_shards, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(f"model: {tiny_model}\ndata: {learnable_shards}\nloss: simpo_reg\nlearning-rate: 1.0e-4\nbogus: 1\n")
-    result = subprocess.run([sys.executable, "-m", "treg_train", "--config", str(config), "--output", str(tmp_path / "o")],
-                            capture_output=True, text=True, timeout=300)
+    config.write_text(f"model: {tiny_model}\ndata: {learnable_shards}\n"
+                      "loss: simpo_reg\nlearning-rate: 1.0e-4\nbogus: 1\n")
+    result = run(train_command("--config", config, "--output", tmp_path / "o"), timeout=300)
     assert result.returncode == 2 and "unknown setting(s) ['bogus']" in result.stderr
     config.write_text(config.read_text().replace("bogus: 1\n", ""))
-    result = subprocess.run([sys.executable, "-m", "treg_train", "--config", str(config), "--output", str(tmp_path / "o"),
-                             "--global-batch-size", "8", "--max-steps", "2", "--max-length", "256",
-                             "--micro-batch-tokens", "1024", "--save-steps", "0"],
-                            capture_output=True, text=True, timeout=300)
+    result = run(train_command("--config", config, "--output", tmp_path / "o", "--global-batch-size", "8",
+                               "--max-steps", "2", "--max-length", "256", "--micro-batch-tokens", "1024",
+                               "--save-steps", "0"), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(_metrics(tmp_path / "o")) == 1  # logging every 10 steps, plus the last one
+    assert len(read_metrics(tmp_path / "o")) == 1  # logging every 10 steps, plus the last one
 
 
 def test_shards_of_another_tokenizer_are_refused(learnable_shards, tmp_path):
-    from treg_data.tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other-model", vocab_size=600)
     result = _train(str(other), learnable_shards, tmp_path / "out")
@@ -225,9 +220,10 @@ def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--padding-free"], ["--ref-model", "MODEL"]],
                          ids=["gradient-checkpointing", "packed", "online-reference"])
-def test_memory_and_reference_options_leave_the_losses_unchanged(tiny_model, learnable_shards, short_run, tmp_path, extra):
+def test_memory_and_reference_options_leave_the_losses_unchanged(tiny_model, learnable_shards, short_run, tmp_path,
+                                                                 extra):
     extra = [tiny_model if arg == "MODEL" else arg for arg in extra]
     result = _train(tiny_model, learnable_shards, tmp_path / "variant", "--save-steps", "0", "--max-steps", "3", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
-    for a, b in zip(_metrics(short_run), _metrics(tmp_path / "variant"), strict=True):
+    for a, b in zip(read_metrics(short_run), read_metrics(tmp_path / "variant"), strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)

@@ -3,14 +3,12 @@ never in a wrong result that says "finished", and never cost the user a file."""
 
 import json
 import shutil
-import subprocess
-import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_learnable_pairs, make_pairs, write_jsonl
+from helpers import assert_one_line_error, hf_score_config, run, train_command
 
 from treg_data import pipeline
 from treg_data.errors import UserError
@@ -20,21 +18,7 @@ TRAIN = ["--global-batch-size", "8", "--learning-rate", "2e-4", "--beta", "0.1",
 
 
 def _train(model, data, output, *extra):
-    command = [sys.executable, "-m", "treg_train", "--model", model, "--data", str(data), "--output", str(output), *TRAIN, *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
-
-
-def _one_line_error(result, *expected):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    for text in expected:
-        assert text in result.stderr, result.stderr[-3000:]
-
-
-def _score_config(model, data, output, **overrides):
-    base = pipeline.ScoreConfig(model=model, dataset=str(data), output=str(output), backend="hf", dtype="float32",
-                                max_length=256, max_prompt_length=128, batch_size=4, shard_size=8)
-    return replace(base, **overrides)
+    return run(train_command("--model", model, "--data", data, "--output", output, *TRAIN, *extra), timeout=600)
 
 
 # ---- training -------------------------------------------------------------------------------
@@ -54,14 +38,14 @@ def _with_a_nan_reward(shards: str, folder: Path) -> tuple[Path, str]:
 def test_a_nan_token_reward_stops_the_run_naming_its_shard_and_pair(tiny_model, learnable_shards, tmp_path):
     shard, pair_id = _with_a_nan_reward(learnable_shards, tmp_path / "scored")
     result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "12", "--save-steps", "0")
-    _one_line_error(result, shard.name, pair_id, "chosen_rewards", "NaN or infinite")
+    assert_one_line_error(result, shard.name, pair_id, "chosen_rewards", "NaN or infinite")
     assert not (tmp_path / "run" / "final").exists()
 
 
 def test_a_diverging_run_stops_at_its_step_and_exports_nothing(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "12", "--save-steps", "1",
                     "--learning-rate", "1e9")
-    _one_line_error(result, "not finite", "at step", "nothing was exported")
+    assert_one_line_error(result, "not finite", "at step", "nothing was exported")
     assert not (tmp_path / "run" / "final").exists()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert kept and all(not name.endswith(".tmp") for name in kept)  # the good checkpoints stay
@@ -79,8 +63,9 @@ def finished_run(tiny_model, learnable_shards, tmp_path_factory):
                                      ["--seed", "4"]], ids=lambda c: c[0])
 def test_resume_with_other_settings_is_refused_naming_them(tiny_model, learnable_shards, finished_run, changed):
     before = (finished_run / "metrics.jsonl").read_text()
-    result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "2", "--resume", *changed)
-    _one_line_error(result, "--resume", changed[0])
+    result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "2", "--resume",
+                    *changed)
+    assert_one_line_error(result, "--resume", changed[0])
     assert (finished_run / "metrics.jsonl").read_text() == before
 
 
@@ -97,7 +82,7 @@ def test_resume_may_extend_the_run_and_change_logging(tiny_model, learnable_shar
 def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_model, learnable_shards, finished_run):
     before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
     result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "0")
-    _one_line_error(result, "already holds a run", "--resume")
+    assert_one_line_error(result, "already holds a run", "--resume")
     assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
 
 
@@ -105,21 +90,32 @@ def test_an_output_folder_of_other_files_is_refused(tiny_model, learnable_shards
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("my notes")
     result = _train(tiny_model, learnable_shards, tmp_path / "mine", "--max-steps", "2")
-    _one_line_error(result, "treg did not write", "notes.txt")
+    assert_one_line_error(result, "treg did not write", "notes.txt")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
 def test_an_unfinished_scoring_folder_is_refused(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", make_learnable_pairs(48))
-    pipeline.run(_score_config(tiny_model, data, tmp_path / "scored", num_workers=3, worker_index=0))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "scored", num_workers=3, worker_index=0))
     result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "2")
-    _one_line_error(result, "not a finished treg-score output", "1 of 3 workers")
+    assert_one_line_error(result, "not a finished treg-score output", "1 of 3 workers")
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_reference_log_probs_of_another_scorer_are_refused(tiny_model, tmp_path):
+    import shutil
+
+    scorer = shutil.copytree(tiny_model, tmp_path / "scorer")  # same vocabulary, another model
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_learnable_pairs(16))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "scored", scorer_model=str(scorer)))
+    result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "2")
+    assert_one_line_error(result, f"come from the --scorer-model {scorer}", f"--ref-model {tiny_model}")
+    assert not (tmp_path / "run").exists()
 
 
 def test_max_length_below_every_pair_is_one_clear_line(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "3", "--max-length", "16")
-    _one_line_error(result, "longer than --max-length 16")
+    assert_one_line_error(result, "longer than --max-length 16")
     assert not (tmp_path / "run" / "final").exists()
 
 
@@ -131,7 +127,7 @@ def test_a_conversation_the_template_refuses_is_a_skip_with_its_reason(tmp_path)
 
     model = build_family_model("gemma2", tmp_path / "gemma2")
     rows = make_pairs(8)  # two of them start with a system turn, which Gemma's template refuses
-    summary = pipeline.run(_score_config(model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"))
+    summary = pipeline.run(hf_score_config(model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"))
     assert summary.skipped_by_reason == {"template_error": 2} and summary.pairs_scored == 6
 
 
@@ -143,18 +139,18 @@ def test_an_output_folder_of_other_files_is_never_written(tiny_model, tmp_path):
     for name, text in files.items():
         (theirs / name).write_text(text)
     with pytest.raises(UserError, match="treg did not write"):
-        pipeline.run(_score_config(tiny_model, data, theirs))
+        pipeline.run(hf_score_config(tiny_model, data, theirs))
     assert {str(p.relative_to(theirs)): p.read_text() for p in theirs.rglob("*") if p.is_file()} == files
 
 
 def test_rows_appended_to_the_input_are_never_silently_left_out(tiny_model, tmp_path):
     rows = make_pairs(12)
     data = write_jsonl(tmp_path / "d.jsonl", rows[:8])
-    pipeline.run(_score_config(tiny_model, data, tmp_path / "out"))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
     write_jsonl(tmp_path / "d.jsonl", rows)  # four more rows, same path
     with pytest.raises(UserError, match="input"):
-        pipeline.run(_score_config(tiny_model, data, tmp_path / "out"))
-    summary = pipeline.run(_score_config(tiny_model, data, tmp_path / "out", overwrite=True))
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", overwrite=True))
     assert summary.pairs_read == 12 and summary.pairs_scored == 12
 
 
@@ -173,7 +169,7 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
 
 def test_a_model_that_does_not_load_is_one_line(learnable_shards, tmp_path):
     result = _train(str(tmp_path / "no-such-model"), learnable_shards, tmp_path / "run", "--max-steps", "2")
-    _one_line_error(result, "cannot load the tokenizer of --model")
+    assert_one_line_error(result, "cannot load the tokenizer of --model")
 
 
 def test_a_failed_start_leaves_the_output_folder_usable(tiny_model, learnable_shards, tmp_path):
@@ -186,7 +182,7 @@ def test_a_failed_start_leaves_the_output_folder_usable(tiny_model, learnable_sh
 def test_max_model_len_beyond_the_models_context_is_refused_before_any_work(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
     with pytest.raises(UserError, match="beyond the model's context of 2048"):
-        pipeline.run(_score_config(tiny_model, data, tmp_path / "out", max_model_len=4096))
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", max_model_len=4096))
     assert not (tmp_path / "out").exists()
 
 
@@ -195,4 +191,4 @@ def test_a_data_parallel_worker_error_is_one_line(tmp_path):
 
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
     with pytest.raises(UserError, match=r"worker \d: model folder .* does not exist"):
-        run_data_parallel(_score_config("./no-such-model", data, tmp_path / "out"), 2)
+        run_data_parallel(hf_score_config("./no-such-model", data, tmp_path / "out"), 2)

@@ -30,14 +30,14 @@ def score(
         ..., MODEL, "Policy / reference model: Hub id or local folder. Its chat template renders the prompts."),
     scorer_model: Optional[str] = option(
         None, MODEL, "Model that computes the token rewards (default: --model). Needs the same vocabulary."),
-    revision: Optional[str] = option(None, MODEL, "Model revision (branch, tag or commit)."),
+    model_revision: Optional[str] = option(None, MODEL, "Revision of --model on the Hub (branch, tag or commit)."),
     chat_template: Optional[str] = option(None, MODEL, "Jinja chat template file, for tokenizers without one."),
     dtype: str = option("auto", MODEL, "auto (the checkpoint's own, as transformers reads it), bfloat16, float16 "
                         "or float32."),
     # scoring
     backend: str = option("vllm", SCORING, "'vllm' (default) or 'hf' (plain transformers reference scorer)."),
-    revision_template: Optional[str] = option(
-        None, SCORING, "YAML/JSON file with 'better' and 'worse' revision prompts using {prompt} and {response}."),
+    revision_prompts: Optional[str] = option(
+        None, SCORING, "YAML/JSON file with the 'better' and 'worse' revision prompts, using {prompt} and {response}."),
     max_length: int = option(2048, SCORING, "Max tokens of prompt + response; longer pairs are skipped."),
     max_prompt_length: int = option(1800, SCORING, "Max prompt tokens; longer pairs are skipped."),
     max_model_len: Optional[int] = option(
@@ -64,6 +64,9 @@ def score(
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     from treg_data import pipeline
 
+    settings = dict(locals())  # every option by name; all but the few below are ScoreConfig fields
+    del settings["pipeline"]
+
     if dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if backend not in ("vllm", "hf"):
@@ -73,16 +76,10 @@ def score(
                         ("data-parallel-size", data_parallel_size), ("tensor-parallel-size", tensor_parallel_size)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    config = pipeline.ScoreConfig(
-        model=model, dataset=dataset, output=output, split=split, dataset_config=dataset_config,
-        columns=Columns(prompt=prompt_column, chosen=chosen_column, rejected=rejected_column, id=id_column),
-        scorer_model=scorer_model, revision=revision, backend=backend, revision_template=revision_template,
-        chat_template=chat_template, max_length=max_length, max_prompt_length=max_prompt_length,
-        max_model_len=max_model_len, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, batch_size=batch_size,
-        shard_size=shard_size, num_workers=num_workers, worker_index=worker_index, strict=strict,
-        overwrite=overwrite, seed=seed,
-    )
+    for name in ("data_parallel_size", "push_to_hub", "hub_private"):
+        del settings[name]
+    columns = Columns(**{name: settings.pop(f"{name}_column") for name in ("prompt", "chosen", "rejected", "id")})
+    config = pipeline.ScoreConfig(columns=columns, **settings)
     if data_parallel_size > 1:
         from treg_data.data_parallel import run_data_parallel
 

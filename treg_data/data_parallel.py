@@ -74,14 +74,14 @@ def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, 
             raise UserError(f"--data-parallel-size {size} x --tensor-parallel-size {tensor_parallel_size} needs "
                             f"{size * tensor_parallel_size} GPUs; {len(devices)} are visible")
         groups = _split(devices, size * tensor_parallel_size)
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size], []))}
-                for r in range(size)]
+        per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(worker_groups, []))} for worker_groups in per_worker]
     cores = sorted(os.sched_getaffinity(0))
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
         return [{} for _ in range(size)]
     groups = _split([str(c) for c in cores], size * tensor_parallel_size)
-    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size])}
-            for r in range(size)]
+    per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
+    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)} for worker_groups in per_worker]
 
 
 def _split(items: list[str], parts: int) -> list[list[str]]:

@@ -1,32 +1,20 @@
 """Token ids for the six scored sequences of a pair, and the one length policy.
 
-METHOD.md §2: the response ids are tokenized once, inside the policy's chat template, and the
+docs/METHOD.md §2: the response ids are tokenized once, inside the policy's chat template, and the
 same ids are appended after the policy prompt and after each revision prompt. Nothing is ever
 truncated: a pair whose sequences do not all fit is skipped with a reason.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 from treg_data.errors import BadRow, UserError
-from treg_data.pairs import Message, Pair
+from treg_data.lengths import LengthLimits
+from treg_data.pairs import Message, PreferencePair
 from treg_data.revision_prompts import RevisionPrompts, fill
 
 CONTEXTS = ("ref", "better", "worse")  # policy prompt, x_better, x_worse
-
-
-@dataclass(frozen=True)
-class LengthLimits:
-    """`max_length` bounds prompt + response (the training sequence); `max_prompt_length` the
-    prompt; `max_model_len` every revision sequence (revision prompt quoting the response, then
-    the response), which is why it defaults to about twice `max_length`."""
-
-    max_length: int
-    max_prompt_length: int
-    max_model_len: int
 
 
 @dataclass(frozen=True)
@@ -37,7 +25,7 @@ class EncodedResponse:
 
 @dataclass(frozen=True)
 class EncodedPair:
-    pair: Pair
+    pair: PreferencePair
     prompt_ids: list[int]
     chosen: EncodedResponse
     rejected: EncodedResponse
@@ -56,29 +44,34 @@ class PairEncoder:
         self.revision_prompts = revision_prompts
         self.limits = limits
 
-    def encode(self, pair: Pair) -> EncodedPair:
+    def encode(self, pair: PreferencePair) -> EncodedPair:
         prompt_text = self._render(pair.prompt, generation_prompt=True)
         prompt_ids = self._ids(prompt_text)
         limits = self.limits
         if len(prompt_ids) > limits.max_prompt_length:
-            raise BadRow("prompt_too_long", f"prompt has {len(prompt_ids)} tokens > max_prompt_length {limits.max_prompt_length}")
+            raise BadRow("prompt_too_long",
+                         f"prompt has {len(prompt_ids)} tokens > max_prompt_length {limits.max_prompt_length}")
         chosen = self._encode_response(pair, pair.chosen, prompt_text, prompt_ids)
         rejected = self._encode_response(pair, pair.rejected, prompt_text, prompt_ids)
         return EncodedPair(pair=pair, prompt_ids=prompt_ids, chosen=chosen, rejected=rejected)
 
-    def _encode_response(self, pair: Pair, answer: Message, prompt_text: str, prompt_ids: list[int]) -> EncodedResponse:
+    def _encode_response(self, pair: PreferencePair, answer: Message, prompt_text: str,
+                         prompt_ids: list[int]) -> EncodedResponse:
         full_text = self._render(pair.prompt + [answer], generation_prompt=False)
         if not full_text.startswith(prompt_text):
-            raise BadRow("template_not_prefix", "the chat template does not render the prompt as a prefix of prompt + answer")
+            raise BadRow("template_not_prefix",
+                         "the chat template does not render the prompt as a prefix of prompt + answer")
         ids = self._ids(full_text[len(prompt_text):])
         if len(prompt_ids) + len(ids) > self.limits.max_length:
-            raise BadRow("too_long", f"prompt + response is {len(prompt_ids) + len(ids)} tokens > max_length {self.limits.max_length}")
+            raise BadRow("too_long", f"prompt + response is {len(prompt_ids) + len(ids)} tokens "
+                                     f"> max_length {self.limits.max_length}")
         prefixes = {"ref": prompt_ids}
         for name in ("better", "worse"):
             request = fill(getattr(self.revision_prompts, name), pair.prompt, answer["content"])
             prefix = self._ids(self._render([{"role": "user", "content": request}], generation_prompt=True))
             if len(prefix) + len(ids) > self.limits.max_model_len:
-                raise BadRow("revision_too_long", f"revision sequence is {len(prefix) + len(ids)} tokens > max_model_len {self.limits.max_model_len}")
+                raise BadRow("revision_too_long", f"revision sequence is {len(prefix) + len(ids)} tokens "
+                                                  f"> max_model_len {self.limits.max_model_len}")
             prefixes[name] = prefix
         return EncodedResponse(ids=ids, prefixes=prefixes)
 
@@ -112,18 +105,3 @@ def revision_overhead(tokenizer, revision_prompts: RevisionPrompts) -> int:
         len(token_ids(tokenizer, render(tokenizer, [{"role": "user", "content": fill(t, empty, "")}], True)))
         for t in (revision_prompts.better, revision_prompts.worse)
     )
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that maps text to ids: vocabulary, added tokens, special tokens and
-    chat template. Training refuses shards whose fingerprint differs from its policy's."""
-    blob = json.dumps(
-        {
-            "vocab": sorted(tokenizer.get_vocab().items()),
-            "added": sorted((str(k), str(v)) for k, v in tokenizer.added_tokens_decoder.items()),
-            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-            "chat_template": tokenizer.chat_template,
-        },
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()

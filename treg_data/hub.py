@@ -9,17 +9,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from treg_data.contract import DATA_DIR, MANIFEST, SCHEMA, SHARD_GLOB, SKIPPED
 from treg_data.errors import UserError, first_line
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
 from treg_data.rewards import REWARD_TRANSFORM
-from treg_data.schema import SCHEMA
 
-UPLOADED = ["README.md", "manifest.json", "skipped.jsonl", "data/*.parquet"]
+UPLOADED = ["README.md", MANIFEST, SKIPPED, f"{DATA_DIR}/{SHARD_GLOB}"]
 CARD_MARK = "<!-- dataset card written by treg-push -->"  # a README.md without it is the user's
 
 
 def load_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / "manifest.json"
+    path = Path(folder) / MANIFEST
     if not path.exists():
         raise UserError(f"{folder} has no manifest.json: finish scoring (every worker) before sharing it")
     return json.loads(path.read_text())
@@ -164,8 +164,10 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, license
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status in (401, 403):
-            raise UserError(f"the Hub refused the upload to {repo_id} (HTTP {status}): the token cannot write there") from None
+            raise UserError(f"the Hub refused the upload to {repo_id} (HTTP {status}): "
+                            "the token cannot write there") from None
         raise UserError(f"the upload to {repo_id} failed: {first_line(err)}") from None
     except Exception as err:  # connection refused, DNS, timeouts: the network, not the data
-        raise UserError(f"cannot reach the Hugging Face Hub ({type(err).__name__}); local data in {folder} is intact") from None
+        raise UserError(f"cannot reach the Hugging Face Hub ({type(err).__name__}); "
+                        f"local data in {folder} is intact") from None
     return f"https://huggingface.co/datasets/{repo_id}"

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from treg_data.errors import UserError, first_line
 
@@ -44,7 +45,8 @@ def open_source(dataset: str, split: str = "train", config: str | None = None) -
         files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
         kinds = {LOCAL_SUFFIXES.get(f.suffix) for f in files}
         if not files or None in kinds or len(kinds) > 1:
-            raise UserError(f"{dataset}: expected .json, .jsonl or .parquet files (one kind), found {[f.name for f in files] or 'none'}")
+            raise UserError(f"{dataset}: expected .json, .jsonl or .parquet files (one kind), "
+                            f"found {[f.name for f in files] or 'none'}")
         return ParquetSource(files) if kinds == {"parquet"} else JsonSource(files)
     return HubSource(dataset, split, config)
 

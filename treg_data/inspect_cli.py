@@ -10,6 +10,7 @@ import typer
 
 from treg_data import report
 from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
+from treg_data.contract import MANIFEST, output_root, read_shard_metadata, shard_files
 from treg_data.errors import UserError
 from treg_data.reward_stats import reward_distribution
 
@@ -43,7 +44,8 @@ def inspect(
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as err:
-        raise UserError(f"cannot load the tokenizer {name!r}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise UserError(f"cannot load the tokenizer {name!r}: "
+                        f"{str(err).splitlines()[0] if str(err) else err}") from None
     rows = report.select_rows(data, ids=ids or None, sample=random, extreme=extreme, seed=seed)
     implicit = report.implicit_rewards(checkpoint, rows, beta) if checkpoint else None
     views = report.build_views(rows, tok, implicit)
@@ -53,18 +55,16 @@ def inspect(
         meta["checkpoint"] = f"{checkpoint} (β = {beta})"
     target = Path(output) if output else Path(data) / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    distribution = reward_distribution(report.shard_files(data))
+    distribution = reward_distribution(shard_files(data))
     target.write_text(report.render_html(views, "treg token rewards", meta, distribution), encoding="utf-8")
     print(f"treg-inspect: {len(views)} pair(s) written to {target}")
 
 
 def _manifest(data: str) -> dict:
-    for candidate in (Path(data) / "manifest.json", Path(data).parent / "manifest.json"):
-        if candidate.exists():
-            return json.loads(candidate.read_text())
-    from treg_data.shards import read_shard_metadata
-
-    return {"provenance": read_shard_metadata(report.shard_files(data)[0])["provenance"]}
+    manifest = output_root(data) / MANIFEST
+    if manifest.exists():
+        return json.loads(manifest.read_text())
+    return {"provenance": read_shard_metadata(shard_files(data)[0])["provenance"]}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ class Columns:
 
 
 @dataclass(frozen=True)
-class Pair:
+class PreferencePair:
     id: str
     prompt: list[Message]  # the conversation up to the answer
     chosen: Message  # the assistant's answer
@@ -44,7 +44,7 @@ def row_id(row: dict[str, Any], columns: Columns) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def parse_pair(row: dict[str, Any], columns: Columns) -> Pair:
+def parse_pair(row: dict[str, Any], columns: Columns) -> PreferencePair:
     """Validate and normalise a row; raises BadRow with a reason code when it cannot be used."""
     rid = row_id(row, columns)
     chosen_turns = _conversation(row, columns.chosen, default_role="assistant")
@@ -61,7 +61,7 @@ def parse_pair(row: dict[str, Any], columns: Columns) -> Pair:
         raise BadRow("empty_prompt", "the prompt has no content")
     if chosen["content"] == rejected["content"]:
         raise BadRow("identical_responses", "chosen and rejected are the same text")
-    return Pair(id=rid, prompt=prompt, chosen=chosen, rejected=rejected)
+    return PreferencePair(id=rid, prompt=prompt, chosen=chosen, rejected=rejected)
 
 
 def _conversation(row: dict[str, Any], column: str, default_role: str) -> list[Message]:
@@ -73,7 +73,8 @@ def _conversation(row: dict[str, Any], column: str, default_role: str) -> list[M
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        raise BadRow("malformed_field", f"{column!r} must be a string or a list of messages, got {type(value).__name__}")
+        raise BadRow("malformed_field",
+                     f"{column!r} must be a string or a list of messages, got {type(value).__name__}")
     return [_message(item, column) for item in value]
 
 

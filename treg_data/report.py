@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from treg_data.contract import SIDES, column, shard_files, side_columns
 from treg_data.errors import UserError
 from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_line
 
-COLUMNS = ["id", "prompt", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards",
-           "chosen_ref_logps", "rejected_ref_logps"]
+COLUMNS = ["id", "prompt", "prompt_ids"] + [name for side in SIDES
+                                           for name in side_columns(side, ("ids", "rewards", "ref_logps"))]
 
 
 @dataclass
@@ -34,14 +35,6 @@ class PairView:
     prompt: list[dict]
     chosen: ResponseView
     rejected: ResponseView
-
-
-def shard_files(data: str | Path) -> list[Path]:
-    root = Path(data)
-    files = sorted((root / "data").glob("*.parquet")) if (root / "data").is_dir() else sorted(root.glob("*.parquet"))
-    if not files:
-        raise UserError(f"no .parquet shards in {data}")
-    return files
 
 
 def _rows(files: list[Path]):
@@ -64,7 +57,7 @@ def select_rows(data: str | Path, ids: list[str] | None = None, sample: int | No
             raise UserError(f"no pair with id {', '.join(missing)} in {data}")
         return list(wanted.values())
     if extreme:
-        score = lambda r: abs(sum(r["chosen_rewards"])) + abs(sum(r["rejected_rewards"]))  # noqa: E731
+        score = lambda r: sum(abs(sum(r[column(side, "rewards")])) for side in SIDES)  # noqa: E731
         top = heapq.nlargest(extreme, ((score(r), n, r) for n, r in enumerate(_rows(files))))
         return [row for *_, row in top]
     rng, reservoir = random.Random(seed), []
@@ -99,11 +92,11 @@ def build_views(rows: list[dict], tokenizer, implicit: list[tuple[np.ndarray, np
     views = []
     for n, row in enumerate(rows):
         sides = []
-        for k, side in enumerate(("chosen", "rejected")):
-            ids = row[f"{side}_ids"]
+        for k, side in enumerate(SIDES):
+            ids = row[column(side, "ids")]
             sides.append(ResponseView(
                 tokens=token_texts(tokenizer, row["prompt_ids"], ids),
-                rewards=np.asarray(row[f"{side}_rewards"], dtype=np.float64),
+                rewards=np.asarray(row[column(side, "rewards")], dtype=np.float64),
                 implicit=implicit[n][k] if implicit else None,
             ))
         views.append(PairView(row["id"], row["prompt"], *sides))
@@ -116,12 +109,12 @@ def implicit_rewards(checkpoint: str, rows: list[dict], beta: float) -> list[tup
     from treg_data.scorers.hf_scorer import HFScorer
 
     scorer = HFScorer(EngineOptions(model=checkpoint, dtype="float32"))
-    requests = [(row["prompt_ids"], row[f"{side}_ids"]) for row in rows for side in ("chosen", "rejected")]
+    requests = [(row["prompt_ids"], row[column(side, "ids")]) for row in rows for side in SIDES]
     logps = scorer.score(requests)
     out = []
     for n, row in enumerate(rows):
-        out.append(tuple(beta * (logps[2 * n + k] - np.asarray(row[f"{side}_ref_logps"]))
-                         for k, side in enumerate(("chosen", "rejected"))))
+        out.append(tuple(beta * (logps[2 * n + k] - np.asarray(row[column(side, "ref_logps")]))
+                         for k, side in enumerate(SIDES)))
     return out
 
 
@@ -178,7 +171,7 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str],
 
     def scale(kind: str) -> float:
         values = [np.abs(getattr(v, side).rewards if kind == "rhat" else getattr(v, side).implicit)
-                  for v in views for side in ("chosen", "rejected")
+                  for v in views for side in SIDES
                   if kind == "rhat" or getattr(v, side).implicit is not None]
         values = np.concatenate(values) if values else np.zeros(1)
         return float(np.quantile(values, 0.99)) if values.size else 0.0
@@ -187,7 +180,8 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str],
     meta_html = "".join(f'<div class="meta">{html.escape(k)}: {html.escape(str(v))}</div>' for k, v in meta.items())
     legend = (f'<div class="legend">colour: <span class="swatch" style="background:{_colour(1, 1)}">positive</span>'
               f'<span class="swatch" style="background:{_colour(-1, 1)}">negative</span> · full colour at '
-              f'|r̂| ≥ {scales["rhat"]:.4f}' + (f', |implicit| ≥ {scales["implicit"]:.4f}' if views and views[0].chosen.implicit is not None else "")
+              f'|r̂| ≥ {scales["rhat"]:.4f}'
+              + (f', |implicit| ≥ {scales["implicit"]:.4f}' if views and views[0].chosen.implicit is not None else "")
               + ' · hover a token for its value</div>')
     overview = (f'<section class="distribution"><h2>r̂ over the whole dataset</h2><p>'
                 f"{html.escape(summary_line(distribution))}</p>{histogram_svg(distribution)}</section>"

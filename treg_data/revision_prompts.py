@@ -1,4 +1,4 @@
-"""The two revision prompts of METHOD.md §2: default wording and loading a replacement.
+"""The two revision prompts of docs/METHOD.md §2: default wording and loading a replacement.
 
 A template is plain text with two placeholders, `{prompt}` (the conversation, as a transcript)
 and `{response}` (the response's text). Nothing else in it is interpreted, so braces are safe.

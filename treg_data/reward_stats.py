@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SIDES = ("chosen", "rejected")
+from treg_data.contract import SIDES, column
+
 FINE_BINS = 1000  # of width 0.001 over [-0.5, 0.5], where r̂ = ½·tanh(·) lies
 FINE_EDGES = np.linspace(-0.5, 0.5, FINE_BINS + 1)
 SHOWN_RANGES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)  # each a multiple of 5 fine bins
@@ -44,16 +45,16 @@ class RewardDistribution:
         return self.sum_total[side] / max(self.responses, 1)
 
 
-def reward_distribution(files: list[Path], column: str = "rewards") -> RewardDistribution:
+def reward_distribution(files: list[Path], name: str = "rewards") -> RewardDistribution:
     counts = {side: np.zeros(FINE_BINS, dtype=np.int64) for side in SIDES}
     positive, sum_total, responses = dict.fromkeys(SIDES, 0), dict.fromkeys(SIDES, 0.0), 0
     for file in files:
         shard = pq.ParquetFile(file)
         for group in range(shard.num_row_groups):
-            table = shard.read_row_group(group, columns=[f"{side}_{column}" for side in SIDES])
+            table = shard.read_row_group(group, columns=[column(side, name) for side in SIDES])
             responses += table.num_rows
             for side in SIDES:
-                values = pc.list_flatten(table.column(f"{side}_{column}")).to_numpy().astype(np.float64)
+                values = pc.list_flatten(table.column(column(side, name))).to_numpy().astype(np.float64)
                 counts[side] += np.histogram(values, bins=FINE_EDGES)[0]
                 positive[side] += int((values > 0).sum())
                 sum_total[side] += float(values.sum())

@@ -1,4 +1,4 @@
-"""The token reward of METHOD.md §2 (paper Eq. 3)."""
+"""The token reward of docs/METHOD.md §2 (paper Eq. 3)."""
 
 from __future__ import annotations
 

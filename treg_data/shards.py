@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from treg_data.contract import DATA_DIR, FORMAT, MANIFEST, METADATA_KEY, SCHEMA, SKIPPED, read_shard_metadata
 from treg_data.errors import UserError
 from treg_data.folders import claim_folder
-from treg_data.schema import METADATA_KEY, SCHEMA
 
 IGNORED_PROVENANCE = ("treg_version",)  # may differ between compatible runs
 ROW_GROUP_SIZE = 1000  # the unit readers fetch, so streaming needs little memory
@@ -50,7 +50,7 @@ class Progress:
 class ShardStore:
     def __init__(self, output: str | Path, split: str, worker_index: int, num_workers: int, provenance: dict):
         self.root = Path(output)
-        self.data_dir = self.root / "data"
+        self.data_dir = self.root / DATA_DIR
         self.split = split
         self.worker_index = worker_index
         self.num_workers = num_workers
@@ -102,7 +102,7 @@ class ShardStore:
             for stale in (self.data_dir.glob(f"{stem}-of-*") if stem else [path]):
                 stale.unlink()
         if overwrite:
-            for name in ("manifest.json", "skipped.jsonl"):
+            for name in (MANIFEST, SKIPPED):
                 (self.root / name).unlink(missing_ok=True)
 
     def _first_shards_and_manifests(self) -> list[Path]:
@@ -152,6 +152,57 @@ class ShardStore:
         return merge_manifests(self.root, self.num_workers)
 
 
+@dataclass
+class _Pending:
+    """A processed input row waiting for its shard: a scored row or a skip report."""
+
+    index: int
+    row: dict | None = None
+    skip: dict | None = None
+    tokens: int = 0
+
+
+class ShardCutter:
+    """Cuts scored rows into shards of exactly `shard_size` rows, in input order. A shard covers
+    the input rows from the previous shard's end to its last row, skips included; skips after the
+    last row belong to no shard, and the worker manifest keeps them."""
+
+    def __init__(self, store: ShardStore, progress: Progress, shard_size: int):
+        self.store, self.progress, self.shard_size = store, progress, shard_size
+        self.pending: list[_Pending] = []
+
+    def add_row(self, index: int, row: dict, tokens: int) -> None:
+        self.pending.append(_Pending(index, row=row, tokens=tokens))
+
+    def add_skip(self, index: int, skip: dict) -> None:
+        self.pending.append(_Pending(index, skip=skip))
+
+    def flush(self, final: bool = False) -> None:
+        """Write every full shard; at the end, the remainder too."""
+        self.pending.sort(key=lambda item: item.index)
+        while True:
+            scored_positions = [i for i, item in enumerate(self.pending) if item.row is not None]
+            if len(scored_positions) >= self.shard_size:
+                cut = scored_positions[self.shard_size - 1] + 1
+            elif final and scored_positions:
+                cut = len(self.pending)
+            else:
+                break
+            taken, self.pending = self.pending[:cut], self.pending[cut:]
+            rows = [item.row for item in taken if item.row is not None]
+            skipped = [item.skip for item in taken if item.skip is not None]
+            tokens, end = sum(item.tokens for item in taken), taken[-1].index + 1
+            self.store.write_shard(self.progress.next_shard, rows, self.progress.next_input, end, tokens, skipped)
+            self.progress.next_shard += 1
+            self.progress.next_input = end
+            self.progress.rows += len(rows)
+            self.progress.tokens += tokens
+            self.progress.skipped += skipped
+        if final:
+            self.progress.skipped += [item.skip for item in self.pending]
+            self.pending = []
+
+
 def merge_manifests(root: Path, num_workers: int) -> Path | None:
     """Combine the worker manifests once all are present. Deterministic, so racing writers agree."""
     paths = [root / "manifests" / f"worker-{i:05d}-of-{num_workers:05d}.json" for i in range(num_workers)]
@@ -160,7 +211,7 @@ def merge_manifests(root: Path, num_workers: int) -> Path | None:
     workers = [json.loads(p.read_text()) for p in paths]
     skipped = [entry for w in workers for entry in w["skipped"]]
     manifest = {
-        "format": "treg-shards/1",
+        "format": FORMAT,
         "provenance": workers[0]["provenance"],
         "counts": {
             "pairs_read": sum(w["input_end"] - w["input_start"] for w in workers),
@@ -169,20 +220,13 @@ def merge_manifests(root: Path, num_workers: int) -> Path | None:
             "skipped_by_reason": dict(sorted(Counter(e["reason"] for e in skipped).items())),
             "tokens": sum(w["tokens"] for w in workers),
         },
-        "shards": [f"data/{name}" for w in workers for name in w["shards"]],
+        "shards": [f"{DATA_DIR}/{name}" for w in workers for name in w["shards"]],
         "skipped_examples": skipped[:20],
         "scoring_path": sorted({w.get("scoring_path", "") for w in workers} - {""}),
     }
-    _write_text(root / "skipped.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
-    _write_json(root / "manifest.json", manifest)
-    return root / "manifest.json"
-
-
-def read_shard_metadata(path: str | Path) -> dict:
-    metadata = pq.read_schema(path).metadata or {}
-    if METADATA_KEY not in metadata:
-        raise UserError(f"{path} is not a treg shard (no '{METADATA_KEY.decode()}' metadata)")
-    return json.loads(metadata[METADATA_KEY])
+    _write_text(root / SKIPPED, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
+    _write_json(root / MANIFEST, manifest)
+    return root / MANIFEST
 
 
 def provenance_differences(ours: dict, theirs: dict) -> list[str]:

@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from treg_train.data import Pair
+from treg_data.forward import response_positions, right_padded
+from treg_train.data import TrainingPair
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [rows, width]
     position_ids: torch.Tensor  # [rows, width]
-    attention_mask: torch.Tensor | None  # None when packed: the position ids mark the sequences
+    attention_mask: torch.Tensor | None  # None when padding-free: the position ids mark the sequences
     predict_index: torch.Tensor  # [N] flat positions whose hidden state predicts a response token
     targets: torch.Tensor  # [N] the response tokens
     token_mask: torch.Tensor  # [2 * pairs, longest response]: where the N tokens go, row-major
@@ -24,34 +25,24 @@ class ModelInputs:
     num_pairs: int
     num_tokens: int  # real tokens in the forward
 
-    def to(self, device: torch.device) -> "ModelInputs":
+    def to(self, device: torch.device) -> ModelInputs:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return ModelInputs(**moved)
 
 
-def collate(pairs: list[Pair], packed: bool) -> ModelInputs:
+def collate(pairs: list[TrainingPair], padding_free: bool) -> ModelInputs:
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
     lengths = [len(prompt) + len(response) for prompt, response in zip(prompts, responses)]
     sequences = [np.concatenate([prompt, response]) for prompt, response in zip(prompts, responses)]
-    if packed:
+    if padding_free:
         input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None]
         position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
         attention_mask, starts = None, np.concatenate([[0], np.cumsum(lengths)[:-1]])
     else:
-        width = max(lengths)
-        input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, sequence in enumerate(sequences):
-            input_ids[row, : lengths[row]] = torch.from_numpy(sequence.astype(np.int64))
-            attention_mask[row, : lengths[row]] = 1
-        position_ids = torch.arange(width).expand(len(sequences), width)
-        starts = np.arange(len(sequences)) * width
-    # The hidden state at position p predicts token p + 1.
-    predict_index = torch.from_numpy(np.concatenate([
-        np.arange(start + len(prompt) - 1, start + len(prompt) + len(response) - 1)
-        for start, prompt, response in zip(starts, prompts, responses)
-    ]))
+        input_ids, attention_mask, position_ids = right_padded(sequences)
+        starts = np.arange(len(sequences)) * input_ids.shape[1]
+    predict_index = response_positions(starts, map(len, prompts), map(len, responses))
     targets = torch.from_numpy(np.concatenate(responses).astype(np.int64))
 
     longest = max(len(response) for response in responses)

@@ -17,7 +17,8 @@ def setting(default, group: str, help: str):
     return field(default=default, metadata={"group": group, "help": help})
 
 
-RUN, OBJECTIVE, OPTIMISATION, MEMORY, BOOKKEEPING = "Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping"
+RUN, OBJECTIVE, OPTIMISATION, MEMORY, BOOKKEEPING = (
+    "Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping")
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, OPTIMISATION, "AdamW weight decay.")
     max_grad_norm: float = setting(1.0, OPTIMISATION, "Clip the gradient to this norm.")
     seed: int = setting(42, OPTIMISATION, "Seed of the data order and of torch.")
-    max_length: int = setting(2048, MEMORY, "Longest prompt + response trained on; longer pairs are skipped and counted.")
+    max_length: int = setting(
+        2048, MEMORY, "Longest prompt + response trained on; longer pairs are skipped and counted.")
     micro_batch_tokens: int = setting(
         16384, MEMORY, "Tokens per forward ([chosen; rejected] of several pairs).")
     padding_free: bool | None = setting(
@@ -59,7 +61,8 @@ class TrainConfig:
     shuffle_buffer: int = setting(10_000, MEMORY, "Pairs held for shuffling while streaming the shards.")
     logprob_chunk_rows: int = setting(1024, MEMORY, "Positions per chunk of the log-prob kernel (bounds its memory).")
     logging_steps: int = setting(10, BOOKKEEPING, "Log the metrics every this many steps.")
-    save_steps: int = setting(500, BOOKKEEPING, "Write a checkpoint every this many steps (0: none; the model is exported at the end).")
+    save_steps: int = setting(
+        500, BOOKKEEPING, "Write a checkpoint every this many steps (0: none; the model is exported at the end).")
     resume: bool = setting(False, BOOKKEEPING, "Continue from the newest complete checkpoint in --output.")
     report_to: str = setting("none", BOOKKEEPING, "none, tensorboard or wandb (metrics.jsonl is always written).")
 
@@ -112,14 +115,16 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise UserError(f"--{name} is required")
     checks = [
         (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
-        (config.lr_scheduler_type in ("cosine", "linear", "constant"), "--lr-scheduler-type must be cosine, linear or constant"),
+        (config.lr_scheduler_type in ("cosine", "linear", "constant"),
+         "--lr-scheduler-type must be cosine, linear or constant"),
         (config.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb"),
         (config.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
         (config.global_batch_size >= 1, "--global-batch-size must be at least 1"),
         (config.learning_rate > 0, "--learning-rate must be positive"),
         (0 <= config.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
         (config.alpha >= 0, "--alpha must be non-negative"),
-        (config.micro_batch_tokens >= 2 * config.max_length, "--micro-batch-tokens must hold one pair: at least 2 x --max-length"),
+        (config.micro_batch_tokens >= 2 * config.max_length,
+         "--micro-batch-tokens must hold one pair: at least 2 x --max-length"),
         (config.logging_steps >= 1 and config.save_steps >= 0, "--logging-steps must be >= 1 and --save-steps >= 0"),
     ]
     for ok, message in checks:

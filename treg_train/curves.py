@@ -103,7 +103,8 @@ def render_page(run: str | Path, rows: list[dict], settings: dict) -> str:
     last = rows[-1]
     summary = (f"{len(rows)} logged step(s), last at step {last['step']}: loss {_fmt(last.get('loss', math.nan))}, "
                f"reward accuracy {_fmt(last.get('rewards/accuracies', math.nan))}")
-    table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
+    table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in settings.items())
     charts = "".join(chart_svg(name, series) for name, series in panels(rows))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"

@@ -15,22 +15,21 @@ from __future__ import annotations
 import json
 import random
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from treg_data.contract import MANIFEST, SIDES, column, output_root, read_shard_metadata, shard_files, side_columns
 from treg_data.errors import UserError, first_line
-from treg_data.schema import SIDES
-from treg_data.shards import read_shard_metadata
 
 
 @dataclass
-class Pair:
+class TrainingPair:
     """One pair's token data as NumPy arrays (views into the cached Arrow row group)."""
 
     id: str
@@ -61,53 +60,51 @@ def resolve_shards(data: str) -> tuple[Path, list[Path]]:
             path = Path(snapshot_download(repo_id=data, repo_type="dataset", allow_patterns=["*.parquet", "*.json"]))
         except Exception as err:  # network, auth, missing repo: one line for the user
             raise UserError(f"cannot download dataset {data!r}: {first_line(err)}") from None
-    files = sorted((path / "data").glob("*.parquet")) if (path / "data").is_dir() else sorted(path.glob("*.parquet"))
-    if not files:
-        raise UserError(f"no .parquet shards in {path}; point --data at a treg-score output folder")
-    root = path if (path / "data").is_dir() or path.name != "data" else path.parent
-    return root, files
+    return output_root(path), shard_files(path)
 
 
 def check_complete(root: Path, files: list[Path], num_pairs: int, provenance: dict) -> None:
     """Train only on a finished treg-score output: its manifest lists exactly these shards and rows."""
-    if not (root / "manifest.json").is_file():
+    if not (root / MANIFEST).is_file():
         finished = len(list((root / "manifests").glob("worker-*.json")))
         raise UserError(f"{root} is not a finished treg-score output: no manifest.json ({finished} of "
-                        f"{provenance.get('num_workers', '?')} workers finished); rerun the treg-score command(s) to finish it")
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+                        f"{provenance.get('num_workers', '?')} workers finished); "
+                        "rerun the treg-score command(s) to finish it")
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
     listed = sorted(Path(name).name for name in manifest.get("shards", []))
     scored = manifest.get("counts", {}).get("pairs_scored")
     if listed != [f.name for f in files] or scored != num_pairs:
-        raise UserError(f"{root}: the shards there ({len(files)} files, {num_pairs} pairs) are not those its manifest.json "
-                        f"lists ({len(listed)} files, {scored} pairs); the folder changed after scoring: score it again")
+        raise UserError(f"{root}: the shards there ({len(files)} files, {num_pairs} pairs) "
+                        f"are not those its manifest.json lists ({len(listed)} files, {scored} pairs); "
+                        "the folder changed after scoring: score it again")
 
 
 def check_numbers(table: pa.Table, where: str) -> None:
     """Every per-token list has one finite value per token: NaN or Inf would train a NaN model."""
     ids = table.column("id").to_pylist()
     for side in SIDES:
-        tokens = pc.list_value_length(table.column(f"{side}_ids")).to_numpy(zero_copy_only=False)
+        tokens = pc.list_value_length(table.column(column(side, "ids"))).to_numpy(zero_copy_only=False)
         for name in table.column_names:
-            if not name.startswith(f"{side}_") or name == f"{side}_ids":
+            if not name.startswith(column(side, "")) or name == column(side, "ids"):
                 continue
-            column = table.column(name).combine_chunks()
-            lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+            values = table.column(name).combine_chunks()
+            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
             if (lengths != tokens).any():
                 row = int(np.argmax(lengths != tokens))
                 raise UserError(f"{where}: pair {ids[row]}: {name} has {lengths[row]} values for {tokens[row]} tokens")
-            finite = np.isfinite(column.flatten().to_numpy(zero_copy_only=False))
+            finite = np.isfinite(values.flatten().to_numpy(zero_copy_only=False))
             if not finite.all():
-                row = pc.list_parent_indices(column).to_numpy()[np.argmin(finite)]
+                row = pc.list_parent_indices(values).to_numpy()[np.argmin(finite)]
                 raise UserError(f"{where}: pair {ids[row]}: {name} holds NaN or infinite values; "
                                 "score the data again or drop that pair")
 
 
 class ShardDataset:
-    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True, buffer_size: int = 10_000):
+    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True,
+                 buffer_size: int = 10_000):
         root, self.files = resolve_shards(data)
-        self.columns = ["id", "prompt_ids"]
-        for side in ("chosen", "rejected"):
-            self.columns += [f"{side}_ids", f"{side}_{reward_column}"] + ([f"{side}_ref_logps"] if with_ref_logps else [])
+        per_side = ("ids", reward_column) + (("ref_logps",) if with_ref_logps else ())
+        self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]
         self.reward_column, self.with_ref_logps = reward_column, with_ref_logps
         self.groups: list[tuple[int, int, int]] = []  # (file index, row group, rows)
         hashes = set()
@@ -152,7 +149,7 @@ class ShardDataset:
         rng.shuffle(buffer)
         yield from buffer
 
-    def read(self, group: int, row: int) -> Pair:
+    def read(self, group: int, row: int) -> TrainingPair:
         table = self._group(group)
 
         def value(name: str):
@@ -161,11 +158,13 @@ class ShardDataset:
             cell = table.column(name)[row]
             return cell.as_py() if name == "id" else cell.values.to_numpy(zero_copy_only=False)
 
-        return Pair(
+        return TrainingPair(
             id=value("id"), prompt_ids=value("prompt_ids"),
-            chosen_ids=value("chosen_ids"), rejected_ids=value("rejected_ids"),
-            chosen_ref_logps=value("chosen_ref_logps"), rejected_ref_logps=value("rejected_ref_logps"),
-            chosen_rewards=value(f"chosen_{self.reward_column}"), rejected_rewards=value(f"rejected_{self.reward_column}"),
+            chosen_ids=value(column("chosen", "ids")), rejected_ids=value(column("rejected", "ids")),
+            chosen_ref_logps=value(column("chosen", "ref_logps")),
+            rejected_ref_logps=value(column("rejected", "ref_logps")),
+            chosen_rewards=value(column("chosen", self.reward_column)),
+            rejected_rewards=value(column("rejected", self.reward_column)),
         )
 
     def _group(self, group: int) -> pa.Table:
@@ -203,18 +202,19 @@ def rank_slice(batch: list, rank: int, world_size: int) -> list:
     return batch[rank::world_size]
 
 
-def micro_batches(pairs: list[Pair], max_tokens: int, packed: bool) -> list[list[Pair]]:
+def micro_batches(pairs: list[TrainingPair], max_tokens: int, padding_free: bool) -> list[list[TrainingPair]]:
     """Split pairs into forwards of at most max_tokens tokens ([chosen; rejected] together).
     Longest first; with padding every pair costs the longest sequence in its micro-batch."""
     ordered = sorted(pairs, key=lambda p: -max(len(p.chosen_ids), len(p.rejected_ids)) - len(p.prompt_ids))
-    batches: list[list[Pair]] = []
-    current: list[Pair] = []
+    batches: list[list[TrainingPair]] = []
+    current: list[TrainingPair] = []
     for pair in ordered:
         candidate = current + [pair]
-        if packed:
+        if padding_free:
             cost = sum(p.num_tokens for p in candidate)
         else:
-            cost = 2 * len(candidate) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in candidate)
+            cost = 2 * len(candidate) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                            for p in candidate)
         if current and cost > max_tokens:
             batches.append(current)
             candidate = [pair]

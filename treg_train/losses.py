@@ -1,4 +1,4 @@
-"""Preference losses as pure functions of per-token tensors (METHOD.md §1, §3-§5).
+"""Preference losses as pure functions of per-token tensors (docs/METHOD.md §1 and §3).
 
 Every tensor is [pairs, tokens], padded, with a boolean mask of real response tokens:
 policy log-probs, reference log-probs and token rewards r̂ for the chosen and the rejected
@@ -41,7 +41,8 @@ class LossSettings:
     static_weight: bool = False  # ablation: w ≡ 1 instead of the detached DPO pair weight
 
 
-def preference_loss(chosen: SideTokens, rejected: SideTokens, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def preference_loss(chosen: SideTokens, rejected: SideTokens,
+                    settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-pair losses [pairs] and per-pair metrics (each [pairs], to be averaged by the caller)."""
     beta, alpha = settings.beta, settings.alpha
     if settings.loss_type in ("simpo", "simpo_reg"):
@@ -88,14 +89,15 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens, settings: LossSett
 
 
 def implicit_token_rewards(side: SideTokens, beta: float) -> torch.Tensor:
-    """β · log π_θ/π_ref per token (METHOD.md §1), zero off the mask."""
+    """β · log π_θ/π_ref per token (docs/METHOD.md §1), zero off the mask."""
     return beta * (side.logps - side.ref_logps).detach() * side.mask
 
 
 def token_reward_agreement(chosen: SideTokens, rejected: SideTokens, beta: float) -> torch.Tensor:
     """Pearson correlation between implicit token rewards and r̂ over all response tokens."""
     mask = torch.cat([chosen.mask.flatten(), rejected.mask.flatten()])
-    implicit = torch.cat([implicit_token_rewards(chosen, beta).flatten(), implicit_token_rewards(rejected, beta).flatten()])[mask]
+    implicit = torch.cat([implicit_token_rewards(chosen, beta).flatten(),
+                          implicit_token_rewards(rejected, beta).flatten()])[mask]
     target = torch.cat([chosen.rewards.flatten(), rejected.rewards.flatten()])[mask]
     implicit, target = implicit.double() - implicit.double().mean(), target.double() - target.double().mean()
     denominator = implicit.norm() * target.norm()

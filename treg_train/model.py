@@ -1,32 +1,14 @@
-"""The policy as a module that returns log-probs of the response tokens only, its FSDP2 sharding
-(fully_shard per decoder layer, then the root), and loading it so that a node holds one full copy
-of the checkpoint, not one per process."""
+"""The policy (treg_data.forward.TokenLogprobs: log-probs of the response tokens only), its FSDP2
+sharding (fully_shard per decoder layer, then the root), and loading it so that a node holds one
+full copy of the checkpoint, not one per process."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from treg_data.token_logprobs import final_logit_transform, selected_token_logprobs
-
-
-class TokenLogprobs(nn.Module):
-    """Wraps a causal LM: forward returns log π(target) for the selected positions, never a
-    [tokens, vocab] fp32 tensor for the batch (the output projection runs in checkpointed chunks).
-    Everything touching the root's parameters happens inside this forward, as FSDP2 requires."""
-
-    def __init__(self, lm: nn.Module, chunk_rows: int = 1024):
-        super().__init__()
-        self.lm = lm
-        self.chunk_rows = chunk_rows
-        self.transform = final_logit_transform(lm.config)
-
-    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets) -> torch.Tensor:
-        hidden = self.lm.base_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        hidden = hidden.reshape(-1, hidden.shape[-1])[predict_index]
-        return selected_token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.transform, self.chunk_rows)
+from treg_data.errors import UserError
+from treg_data.forward import TokenLogprobs
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
@@ -64,7 +46,8 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_imple
     model.to_empty(device=mesh.device_type)
     full = {}
     if dist.get_rank() == 0:
-        full = {f"lm.{key}": value for key, value in load_causal_lm(path, torch.float32, attn_implementation).state_dict().items()}
+        full = {f"lm.{key}": value
+                for key, value in load_causal_lm(path, torch.float32, attn_implementation).state_dict().items()}
     saved_buffers = [[name for name in buffers if name in full]]  # the rest are computed in __init__
     dist.broadcast_object_list(saved_buffers, src=0)
     with torch.no_grad():
@@ -99,7 +82,7 @@ def scatter_rows(full: torch.Tensor | None, local: torch.Tensor, shape: torch.Si
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
 
 
-def packs_without_padding(lm: nn.Module, requested: bool | None) -> bool:
+def use_padding_free(lm: nn.Module, requested: bool | None) -> bool:
     """Packing pays where attention is variable-length; with a mask it costs [tokens, tokens]."""
     if requested is not None:
         return requested
@@ -111,7 +94,8 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     names = set(getattr(lm, "_no_split_modules", None) or [])
     layers = [m for m in lm.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(lm).__name__}")
+        raise UserError(f"cannot find the decoder layers of {type(lm).__name__} (its _no_split_modules names none), "
+                        "so treg-train cannot shard it; use a transformers causal LM that lists them")
     return layers
 
 
@@ -120,7 +104,8 @@ def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, tra
     Mixed precision computes in `param_dtype` and reduces gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
+              else MixedPrecisionPolicy())
     for layer in decoder_layers(model.lm):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

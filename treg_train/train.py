@@ -1,5 +1,5 @@
-"""The training loop, top to bottom: distributed set-up, data, FSDP2 policy, the step, logging,
-checkpoints, export."""
+"""The training run, top to bottom as it happens: set-up (distributed, data, FSDP2 policy, optimizer,
+resume), the steps (micro-batches, the update, logging, checkpoints), then the export."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from treg_data.encoding import tokenizer_fingerprint
+from treg_data.contract import tokenizer_fingerprint
 from treg_data.errors import UserError, first_line
 from treg_data.folders import check_folder, claim_folder
 from treg_data.precision import DTYPES, checkpoint_dtype, dtype_name
@@ -24,9 +24,9 @@ from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint,
 from treg_train.collate import ModelInputs, collate, scatter_tokens
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
-from treg_train.losses import SideTokens, preference_loss, token_reward_agreement
+from treg_train.losses import LossSettings, SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
-from treg_train.model import load_sharded, packs_without_padding
+from treg_train.model import load_sharded, use_padding_free
 
 
 @dataclass
@@ -39,6 +39,54 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass
+class Run:
+    """What the phases of one run share; `step` counts the updates done (restored ones included)."""
+
+    config: TrainConfig
+    rt: Runtime
+    output: Path
+    tokenizer: object
+    dataset: ShardDataset
+    settings: LossSettings
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # None: the shards' reference log-probs stand in
+    padding_free: bool  # sequences packed back to back, no padding
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    sink: MetricSink
+    step: int = 0
+
+
+@dataclass
+class LogWindow:
+    """Sums since the last log line; the throughput also needs the tokens and the time since then."""
+
+    metrics: MetricWindow = field(default_factory=MetricWindow)
+    tokens: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def train(config: TrainConfig) -> dict:
+    runtime = setup_distributed()
+    try:
+        return _train(config, runtime)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rt: Runtime) -> dict:
+    run = _setup(config, rt)
+    last = _train_steps(run)
+    _export_final_model(run)
+    run.sink.close()
+    return {"steps": run.step, "final": str(run.output / "final"), "metrics": last} if rt.is_main else {}
+
+
+# ---- set-up ---------------------------------------------------------------------------------
 
 
 def setup_distributed() -> Runtime:
@@ -61,143 +109,32 @@ def setup_distributed() -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device, mesh)
 
 
-def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0 - progress if kind == "linear" else 1.0
-
-    return factor
-
-
-def train(config: TrainConfig) -> dict:
-    runtime = setup_distributed()
-    try:
-        return _train(config, runtime)
-    finally:
-        dist.destroy_process_group()
-
-
-def _train(config: TrainConfig, rt: Runtime) -> dict:
-    from transformers import AutoConfig, AutoTokenizer
-
+def _setup(config: TrainConfig, rt: Runtime) -> Run:
+    """Checks, data, models, optimizer and scheduler; the output folder is claimed only once all of them passed,
+    then a --resume run restores its checkpoint."""
     output = Path(config.output)
     torch.manual_seed(config.seed)
     if config.global_batch_size % rt.world_size:
-        raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the {rt.world_size} processes")
+        raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
+                        f"{rt.world_size} processes")
     checkpoint = check_output(output, config)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
-        raise UserError(f"cannot load the tokenizer of --model {config.model!r}: {first_line(err)}") from None
-    dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                           buffer_size=config.shuffle_buffer)
-    if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
-        raise UserError(
-            f"the shards in {config.data} were scored with another tokenizer or chat template than {config.model}'s; "
-            "score the data with this model (treg-score --model ...) or train the model the data was scored for"
-        )
-    settings = config.loss_settings()
-    compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (torch.bfloat16 if rt.device.type == "cuda" else torch.float32)
-    if rt.is_main and config.ref_model is None:
-        warn_on_precision_mismatch(dataset.provenance.get("dtype"), dtype_name(compute_dtype), config.data)
-    mixed = compute_dtype if compute_dtype != torch.float32 else None
-
-    load = dict(attn_implementation=config.attn_implementation, chunk_rows=config.logprob_chunk_rows)
-    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing, **load)
-    packed = packs_without_padding(policy.lm, config.padding_free)
-    reference = load_sharded(config.ref_model, rt.mesh, mixed, trainable=False, **load) if config.ref_model else None
-
-    steps_per_epoch = dataset.num_pairs // config.global_batch_size
-    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
-    if total_steps < 1:
-        raise UserError(f"{dataset.num_pairs} pairs give no step of --global-batch-size {config.global_batch_size}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
-
+    tokenizer, dataset = _load_tokenizer_and_data(config)
+    compute_dtype = _compute_dtype(config, rt.device)
+    policy, reference = _build_models(config, rt, dataset, compute_dtype)
+    total_steps = _count_steps(config, dataset)
+    optimizer, scheduler = _build_optimizer(config, policy, total_steps)
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in {dtype_name(compute_dtype)}; "
               f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}", file=sys.stderr)
-    if rt.is_main:  # marked only now that every check passed (and every rank checked it, before loading)
+        # marked only now that every check passed (and every rank checked it, before loading)
         claim_folder(output, "treg-train")
     sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
-    step = 0
+    run = Run(config, rt, output, tokenizer, dataset, settings=config.loss_settings(), policy=policy,
+              reference=reference, padding_free=use_padding_free(policy.lm, config.padding_free), optimizer=optimizer,
+              scheduler=scheduler, total_steps=total_steps, sink=sink)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, policy, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        sink.truncate_after(step)
-        if rt.is_main:
-            print(f"resumed from {checkpoint} at step {step}", file=sys.stderr)
-
-    batches = global_batches(dataset, config.seed, config.global_batch_size, config.shuffle_buffer, start_batch=step)
-    window, tokens, window_start = MetricWindow(), 0, time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not rt.is_main, file=sys.stderr)
-    last = {}
-    while step < total_steps:
-        epoch, _, coordinates = next(batches)
-        mine = [dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
-        pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
-        window.add("skipped_too_long", len(mine) - len(pairs), 1)
-        micro = micro_batches(pairs, config.micro_batch_tokens, packed)
-        count = torch.tensor([len(micro)], device=rt.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank runs as many forwards (FSDP collectives)
-        if int(count) == 0:
-            raise UserError(f"every pair of global batch {step + 1} is longer than --max-length {config.max_length} "
-                            f"(prompt + response); raise it (the data was scored with max_length "
-                            f"{dataset.provenance.get('max_length')})")
-        not_finite = torch.zeros((), device=rt.device)
-        for index in range(int(count)):
-            real = index < len(micro)
-            # A rank with fewer micro-batches runs a zero-weighted one so the collectives line up.
-            inputs = collate(micro[index] if real else (micro or [mine[:1]])[0], packed).to(rt.device)
-            policy.set_requires_gradient_sync(index == int(count) - 1)
-            losses, metrics = _forward(policy, reference, inputs, settings)
-            # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
-            scale = rt.world_size / config.global_batch_size if real else 0.0
-            (losses.sum() * scale).backward()
-            not_finite += (~torch.isfinite(losses.detach())).sum() if real else 0
-            if real:
-                tokens += inputs.num_tokens
-                window.add("loss", losses.detach().sum(), inputs.num_pairs)
-                for name, values in metrics.items():
-                    window.add(name, values.sum(), inputs.num_pairs)
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        dist.all_reduce(not_finite)
-        if not_finite > 0 or not torch.isfinite(grad_norm):
-            raise UserError(f"the loss or the gradient is not finite at step {step + 1} (gradient norm {float(grad_norm):.3g}); "
-                            f"the run stopped before that update and nothing was exported; last good checkpoint: "
-                            f"{latest_checkpoint(output) or 'none'}; lower --learning-rate, or check the data")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-
-        if step % config.logging_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            window.add("grad_norm", float(grad_norm), 1)
-            window.add("tokens_per_second_per_device", tokens / elapsed, 1)
-            window.add("peak_memory_gb", peak_memory_gb(rt.device), 1)
-            last = {**window.reduce(rt.device), "learning_rate": scheduler.get_last_lr()[0], "epoch": epoch}
-            sink.log(step, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                            tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
-            tokens, window_start = 0, time.perf_counter()
-        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-            save_checkpoint(output, step, policy, optimizer,
-                            {"step": step, "scheduler": scheduler.state_dict(), "config": config.as_dict()})
-    bar.close()
-
-    lm_config = AutoConfig.from_pretrained(config.model)
-    export_hf(policy, lm_config, tokenizer, output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)])
-    sink.close()
-    return {"steps": step, "final": str(output / "final"), "metrics": last} if rt.is_main else {}
+        _resume(run, checkpoint)
+    return run
 
 
 def check_output(output: Path, config: TrainConfig) -> Path | None:
@@ -213,12 +150,56 @@ def check_output(output: Path, config: TrainConfig) -> Path | None:
         raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     if "config" not in saved:
-        raise UserError(f"--resume: {checkpoint} does not record the run's settings, so continuing it cannot be checked")
+        raise UserError(f"--resume: {checkpoint} does not record the run's settings, "
+                        "so continuing it cannot be checked")
     changed = changed_on_resume(saved["config"], config)
     if changed:
         raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
-                        f"may change only --max-steps, --logging-steps, --save-steps and --report-to; start a new --output")
+                        "may change only --max-steps, --logging-steps, --save-steps and --report-to; "
+                        "start a new --output")
     return checkpoint
+
+
+def _load_tokenizer_and_data(config: TrainConfig) -> tuple[object, ShardDataset]:
+    """The model's tokenizer and the shards, which must have been scored with that very tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
+        raise UserError(f"cannot load the tokenizer of --model {config.model!r}: {first_line(err)}") from None
+    dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
+                           buffer_size=config.shuffle_buffer)
+    if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"the shards in {config.data} were scored with another tokenizer or chat template than {config.model}'s; "
+            "score the data with this model (treg-score --model ...) or train the model the data was scored for"
+        )
+    scorer, scored_for = dataset.provenance.get("scorer_model"), dataset.provenance.get("model")
+    if config.ref_model is None and scorer and scored_for and scorer != scored_for:
+        raise UserError(f"the reference log-probs in {config.data} come from the --scorer-model {scorer}, not from "
+                        f"{scored_for}; train with --ref-model {scored_for} to compute them online")
+    return tokenizer, dataset
+
+
+def _compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on a GPU, fp32 on the CPU."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _build_models(config: TrainConfig, rt: Runtime, dataset: ShardDataset,
+                  compute_dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The FSDP2 policy and, with --ref-model, the frozen online reference; without one the shards' reference
+    log-probs stand in, so they should come from the precision this run computes in."""
+    if rt.is_main and config.ref_model is None:
+        warn_on_precision_mismatch(dataset.provenance.get("dtype"), dtype_name(compute_dtype), config.data)
+    mixed = compute_dtype if compute_dtype != torch.float32 else None
+    load = dict(attn_implementation=config.attn_implementation, chunk_rows=config.logprob_chunk_rows)
+    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing, **load)
+    reference = load_sharded(config.ref_model, rt.mesh, mixed, trainable=False, **load) if config.ref_model else None
+    return policy, reference
 
 
 def warn_on_precision_mismatch(scored: str | None, computed: str, data: str) -> None:
@@ -231,6 +212,129 @@ def warn_on_precision_mismatch(scored: str | None, computed: str, data: str) -> 
         what, advice = "in an unrecorded precision ('auto')", f"treg-score --dtype {computed}"
     print(f"treg-train: warning: the reference log-probs in {data} were scored {what} but this run computes "
           f"in {computed}; rescore with {advice}", file=sys.stderr)
+
+
+def _count_steps(config: TrainConfig, dataset: ShardDataset) -> int:
+    steps_per_epoch = dataset.num_pairs // config.global_batch_size
+    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+    if total_steps < 1:
+        raise UserError(f"{dataset.num_pairs} pairs give no step of --global-batch-size {config.global_batch_size}")
+    return total_steps
+
+
+def _build_optimizer(config: TrainConfig, policy: torch.nn.Module,
+                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
+    return optimizer, scheduler
+
+
+def lr_lambda(kind: str, total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress if kind == "linear" else 1.0
+
+    return factor
+
+
+def _resume(run: Run, checkpoint: Path) -> None:
+    """Weights, optimizer and schedule from the checkpoint; the metrics a killed run logged past it are dropped."""
+    state = load_checkpoint(checkpoint, run.policy, run.optimizer)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step = state["step"]
+    run.sink.truncate_after(run.step)
+    if run.rt.is_main:
+        print(f"resumed from {checkpoint} at step {run.step}", file=sys.stderr)
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+
+def _train_steps(run: Run) -> dict:
+    """Global batches until the last step, from where the run stands. Returns the last metrics logged."""
+    config = run.config
+    batches = global_batches(run.dataset, config.seed, config.global_batch_size, config.shuffle_buffer,
+                             start_batch=run.step)
+    window = LogWindow()
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not run.rt.is_main,
+               file=sys.stderr)
+    last = {}
+    while run.step < run.total_steps:
+        epoch, _, coordinates = next(batches)
+        grad_norm = _train_global_batch(run, coordinates, window)
+        bar.update(1)
+        if run.step % config.logging_steps == 0 or run.step == run.total_steps:
+            last = _log_window(run, window, bar, grad_norm, epoch)
+        if config.save_steps and run.step % config.save_steps == 0 and run.step < run.total_steps:
+            _save_checkpoint(run)  # not at the last step: the export follows
+    bar.close()
+    return last
+
+
+def _train_global_batch(run: Run, coordinates: list, window: LogWindow) -> torch.Tensor:
+    """One update from one global batch, of which this rank trains its share. Returns the gradient norm."""
+    micro = _micro_batches_of_this_rank(run, coordinates, window.metrics)
+    not_finite = _accumulate_gradients(run, micro, window)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.config.max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    _stop_if_not_finite(run, not_finite, grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return grad_norm
+
+
+def _micro_batches_of_this_rank(run: Run, coordinates: list, window: MetricWindow) -> list[tuple[list, bool]]:
+    """This rank's pairs within --max-length (the others are counted as skipped), in micro-batches of at most
+    --micro-batch-tokens, as many as on every other rank; each with whether it is real."""
+    config, rt = run.config, run.rt
+    mine = [run.dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
+    pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
+    window.add("skipped_too_long", len(mine) - len(pairs), 1)
+    batches = micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
+    micro = _pad_to_same_number_of_micro_batches(batches, mine[:1], rt.device)
+    if not micro:
+        raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length {config.max_length} "
+                        f"(prompt + response); raise it (the data was scored with max_length "
+                        f"{run.dataset.provenance.get('max_length')})")
+    return micro
+
+
+def _pad_to_same_number_of_micro_batches(micro: list[list], filler: list,
+                                         device: torch.device) -> list[tuple[list, bool]]:
+    """Each micro-batch as (pairs, real), padded up to the most any rank has with dummies weighted zero in the
+    loss: its first micro-batch again, or `filler` where it has none."""
+    # Every rank must run as many forwards and backwards, or FSDP's collectives would not line up.
+    count = torch.tensor([len(micro)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    dummy = (micro or [filler])[0]
+    return [(pairs, True) for pairs in micro] + [(dummy, False)] * (int(count) - len(micro))
+
+
+def _accumulate_gradients(run: Run, micro: list[tuple[list, bool]], window: LogWindow) -> torch.Tensor:
+    """Forward and backward of each micro-batch; gradients sync over ranks only on the last. Returns the number
+    of this rank's losses that are not finite."""
+    not_finite = torch.zeros((), device=run.rt.device)
+    for index, (pairs, real) in enumerate(micro):
+        inputs = collate(pairs, run.padding_free).to(run.rt.device)
+        run.policy.set_requires_gradient_sync(index == len(micro) - 1)
+        losses, metrics = _forward(run.policy, run.reference, inputs, run.settings)
+        # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
+        scale = run.rt.world_size / run.config.global_batch_size if real else 0.0
+        (losses.sum() * scale).backward()
+        if real:
+            not_finite += (~torch.isfinite(losses.detach())).sum()
+            window.tokens += inputs.num_tokens
+            window.metrics.add("loss", losses.detach().sum(), inputs.num_pairs)
+            for name, values in metrics.items():
+                window.metrics.add(name, values.sum(), inputs.num_pairs)
+    return not_finite
 
 
 def _forward(policy, reference, inputs: ModelInputs, settings):
@@ -247,3 +351,44 @@ def _forward(policy, reference, inputs: ModelInputs, settings):
     losses, metrics = preference_loss(*sides, settings)
     metrics["token_reward_agreement"] = token_reward_agreement(*sides, settings.beta) * n
     return losses, metrics
+
+
+def _stop_if_not_finite(run: Run, not_finite: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Every rank stops together, before the update that would spoil the weights."""
+    dist.all_reduce(not_finite)
+    if not_finite > 0 or not torch.isfinite(grad_norm):
+        raise UserError(f"the loss or the gradient is not finite at step {run.step + 1} "
+                        f"(gradient norm {float(grad_norm):.3g}); "
+                        f"the run stopped before that update and nothing was exported; last good checkpoint: "
+                        f"{latest_checkpoint(run.output) or 'none'}; lower --learning-rate, or check the data")
+
+
+def _log_window(run: Run, window: LogWindow, bar: tqdm, grad_norm: torch.Tensor, epoch: int) -> dict:
+    """Means over the window and every rank, to the sink and the progress bar; then a new window. Returns them."""
+    elapsed = time.perf_counter() - window.start
+    window.metrics.add("grad_norm", float(grad_norm), 1)
+    window.metrics.add("tokens_per_second_per_device", window.tokens / elapsed, 1)
+    window.metrics.add("peak_memory_gb", peak_memory_gb(run.rt.device), 1)
+    last = {**window.metrics.reduce(run.rt.device), "learning_rate": run.scheduler.get_last_lr()[0], "epoch": epoch}
+    run.sink.log(run.step, last)
+    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                    tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
+    window.tokens, window.start = 0, time.perf_counter()
+    return last
+
+
+def _save_checkpoint(run: Run) -> None:
+    """The trainer state records the settings too, so that --resume can refuse other ones."""
+    save_checkpoint(run.output, run.step, run.policy, run.optimizer,
+                    {"step": run.step, "scheduler": run.scheduler.state_dict(), "config": run.config.as_dict()})
+
+
+# ---- the end --------------------------------------------------------------------------------
+
+
+def _export_final_model(run: Run) -> None:
+    """A Hugging Face model in output/final, in the dtype of the checkpoint the run started from."""
+    from transformers import AutoConfig
+
+    lm_config = AutoConfig.from_pretrained(run.config.model)
+    export_hf(run.policy, lm_config, run.tokenizer, run.output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)])

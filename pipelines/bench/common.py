@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(1, str(ROOT / "pipelines"))  # tiny_model
 SIZES = {
     "tiny": {},  # 2 layers, hidden 128, vocab 512
     "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408, model_vocab_size=32000),
@@ -16,7 +18,7 @@ SIZES = {
 
 
 def local_model(work: Path, size: str) -> str:
-    from treg_data.tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model
 
     folder = work / f"model-{size}"
     if not (folder / "config.json").exists():

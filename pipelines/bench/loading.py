@@ -50,7 +50,8 @@ def load_and_report(model: str, way: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from treg_train.model import TokenLogprobs, load_causal_lm, load_sharded, shard_model
+    from treg_data.forward import TokenLogprobs
+    from treg_train.model import load_causal_lm, load_sharded, shard_model
     from treg_train.train import setup_distributed
 
     runtime = setup_distributed()
@@ -89,9 +90,9 @@ def main() -> None:
     params = sum(p.numel() for p in empty_causal_lm(model).parameters())
     peaks = {}
     for way in WAYS:
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.processes),
-                                 __file__, "--way", way, "--model", model], capture_output=True, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                 str(args.processes), __file__, "--way", way, "--model", model],
+                                capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if result.returncode != 0:
             sys.exit(result.stderr[-3000:])
         peaks[way] = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("PEAKS "))[6:])
@@ -103,7 +104,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for rank in range(args.processes):
         (base, before), (_, after) = peaks["every-rank"][rank], peaks["rank0"][rank]
-        print(f"| {rank} | {base:.2f} | {before:.2f} | {after:.2f} | {after / before:.2f}× | {(after - base) / (before - base):.2f}× |")
+        print(f"| {rank} | {base:.2f} | {before:.2f} | {after:.2f} | "
+              f"{after / before:.2f}× | {(after - base) / (before - base):.2f}× |")
 
 
 if __name__ == "__main__":

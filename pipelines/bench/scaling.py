@@ -28,7 +28,7 @@ SHARD_ROWS = 10_000
 
 
 def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
-    from treg_data.schema import METADATA_KEY, SCHEMA, SIDES, side_columns
+    from treg_data.contract import METADATA_KEY, SCHEMA, SIDES, side_columns
     from treg_data.shards import ROW_GROUP_SIZE
 
     if (folder / "done").exists():
@@ -79,8 +79,8 @@ def measure(folder: str, what: str) -> dict:
         for _ in range(dataset.num_pairs // 128):
             _, _, coordinates = next(batches)
             mine = [dataset.read(*c) for c in rank_slice(coordinates, 0, 8)]  # one rank of eight
-            for micro in micro_batches(mine, 16384, packed=True):
-                collate(micro, packed=True)
+            for micro in micro_batches(mine, 16384, padding_free=True):
+                collate(micro, padding_free=True)
             pairs += len(mine)
     return {"pairs": pairs, "seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
 
@@ -102,7 +102,7 @@ def main() -> None:
         for what in ("reader", "data path"):
             done = subprocess.run([sys.executable, __file__, "--measure", str(folder), what.replace(" ", "_")],
                                   capture_output=True, text=True, check=True)
-            result = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
+            result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
             rows.append((size, disk, what, result))
     print("\nsynthetic shards: prompts 20-200 tokens, responses 20-300 tokens, 10k-row shards, 1k-row groups; "
           "shuffle buffer 10k; data path = global batch 128, one rank of 8, 16k-token packed micro-batches")

@@ -80,9 +80,10 @@ def main() -> None:
     t_hf = timed(hf.score, requests)
 
     print(f"\nmodel {args.size} ({model}) | {args.pairs} pairs = {len(requests)} sequences, {tokens:,} tokens | "
-          f"{args.dtype} | vLLM path {vllm_scorer.path} | {os.cpu_count()} CPU cores")
+          f"{args.dtype} | vLLM path {vllm_scorer.scoring_path} | {os.cpu_count()} CPU cores")
     print(f"{'scorer':<44}{'seconds':>9}{'tokens/s':>12}{'vs reference':>14}")
-    for name, seconds in (("transformers reference (length-sorted batches)", t_hf), ("treg vLLM scorer (prompt log-probs)", t_vllm),
+    for name, seconds in (("transformers reference (length-sorted batches)", t_hf),
+                          ("treg vLLM scorer (prompt log-probs)", t_vllm),
                           ("vLLM plain prefill, same tokens", t_prefill)):
         print(f"{name:<44}{seconds:>9.2f}{tokens / seconds:>12,.0f}{t_hf / seconds:>13.2f}x")
     print(f"log-prob scoring overhead over plain prefill: {100 * (t_vllm / t_prefill - 1):+.1f}%")

@@ -40,7 +40,8 @@ def run_treg(args, loss: str) -> dict:
         micro_batch_tokens=args.batch * 2 * args.max_length, logging_steps=1, save_steps=0, warmup_ratio=0.0,
     ))
     train(config)
-    rates = [json.loads(line)["tokens_per_second_per_device"] for line in (output / "metrics.jsonl").read_text().splitlines()]
+    logged = (output / "metrics.jsonl").read_text().splitlines()
+    rates = [json.loads(line)["tokens_per_second_per_device"] for line in logged]
     return {"tokens_per_s": statistics.median(rates[1:]), "peak_memory_gb": peak_memory_gb()}
 
 
@@ -119,10 +120,11 @@ def main() -> None:
     prepare(args)
     results = {}
     for side in ("trl", "dpo", "dpo_reg"):
-        command = [sys.executable, str(HERE), "--side", side, "--model", args.model, "--data", args.data, "--work", args.work,
-                   "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]
+        command = [sys.executable, str(HERE), "--side", side, "--model", args.model, "--data", args.data,
+                   "--work", args.work, "--steps", str(args.steps), "--batch", str(args.batch),
+                   "--max-length", str(args.max_length)]
         done = subprocess.run(command, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((printed for printed in done.stdout.splitlines() if printed.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
         results[side] = json.loads(line[len("RESULT "):])

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tiny_model
 import policy  # noqa: E402
 import world  # noqa: E402
 
@@ -44,7 +45,8 @@ def example(task: world.Task, kind: str, rng: random.Random) -> tuple[list[dict]
     return [{"role": "user", "content": request}], world.answer_text(answer)
 
 
-def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_tensors(tokenizer, rng: random.Random, size: int,
+                  kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One padded batch of examples of one kind (kinds differ in length; this keeps padding low)."""
     rows = [policy.encode(tokenizer, *example(world.random_task(rng), kind, rng)) for _ in range(size)]
     width = max(len(p) + len(a) for p, a in rows)
@@ -60,9 +62,8 @@ def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str) -> tuple[
 
 def build(folder: Path = DEFAULT_FOLDER, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> Path:
     """Train and save the model into `folder` (written aside, then renamed: never half there)."""
+    from tiny_model import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from treg_data.tiny_model import build_tiny_model
 
     folder = Path(folder)
     if (folder / "config.json").exists():
@@ -72,11 +73,13 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 1500, batch: int = 32, lr:
     build_tiny_model(partial, seed=seed, **MODEL_SHAPE)
     tokenizer = AutoTokenizer.from_pretrained(partial)
     model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
-    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, {steps} steps of {batch}", flush=True)
+    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
+          f"{steps} steps of {batch}", flush=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     rng, started = random.Random(seed), time.perf_counter()
     torch.manual_seed(seed)
     model.train()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 import world
 
 
@@ -31,7 +30,8 @@ def answers(model, tokenizer, tasks: list[world.Task], samples: int = 1, seed: i
             batch_prompts: int = 128, max_new_tokens: int = 16) -> list[list[str]]:
     """`samples` answers per task at temperature 1, or the greedy answer when samples is 0."""
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if samples else dict(do_sample=False)
+    sampling = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if samples
+                else dict(do_sample=False))
     out = []
     for start in range(0, len(tasks), batch_prompts):
         chunk = tasks[start:start + batch_prompts]

@@ -122,8 +122,9 @@ def score_pairs(model_dir: Path, folder: Path, enforce_eager: bool) -> Path:
     template = folder / "revision-prompts.yaml"
     template.write_text(yaml.safe_dump(world.REVISION_PROMPTS))
     scored = folder / "scored"
-    command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir), "--dataset", str(folder / "pairs.jsonl"),
-               "--output", str(scored), "--revision-template", str(template), "--dtype", "float32", "--max-length", "64",
+    command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir),
+               "--dataset", str(folder / "pairs.jsonl"),
+               "--output", str(scored), "--revision-prompts", str(template), "--dtype", "float32", "--max-length", "64",
                "--max-prompt-length", "48", "--batch-size", "128", "--overwrite"]
     run(command + (["--enforce-eager"] if enforce_eager else []), folder / "score.log")
     return scored
@@ -139,7 +140,8 @@ def rhat_auroc(tokenizer, folder: Path, scored: Path) -> dict:
     for file in sorted((scored / "data").glob("*.parquet")):
         for row in pq.read_table(file).to_pylist():
             for side in ("chosen", "rejected"):
-                labels.append(policy.labels_of(tokenizer, tasks[row["id"]], row[side][0]["content"], row[f"{side}_ids"]))
+                labels.append(policy.labels_of(tokenizer, tasks[row["id"]], row[side][0]["content"],
+                                               row[f"{side}_ids"]))
                 rewards.append(row[f"{side}_rewards"])
                 ref_logps.append(row[f"{side}_ref_logps"])
     labels = np.concatenate(labels)
@@ -173,13 +175,15 @@ def success_rate(model, tokenizer, tasks: list[world.Task]) -> float:
     return float(np.mean([world.is_solved(t, a[0]) for t, a in zip(tasks, greedy)]))
 
 
-def train_and_measure(method: str, model_dir: Path, scored: Path, heldout: HeldOut, settings: Settings, seed: int, folder: Path) -> dict:
+def train_and_measure(method: str, model_dir: Path, scored: Path, heldout: HeldOut, settings: Settings, seed: int,
+                      folder: Path) -> dict:
     out = folder / f"train-{method}"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "treg_train", "--model", str(model_dir), "--data", str(scored), "--output", str(out),
-               *METHODS[method], "--learning-rate", str(settings.learning_rate), "--global-batch-size",
-               str(settings.global_batch_size), "--num-train-epochs", str(settings.epochs), "--max-length", "64",
-               "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0", "--seed", str(seed)]
+    command = [sys.executable, "-m", "treg_train", "--model", str(model_dir), "--data", str(scored),
+               "--output", str(out), *METHODS[method], "--learning-rate", str(settings.learning_rate),
+               "--global-batch-size", str(settings.global_batch_size), "--num-train-epochs", str(settings.epochs),
+               "--max-length", "64", "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0",
+               "--seed", str(seed)]
     if not method.startswith("simpo"):
         command += ["--beta", str(settings.dpo_beta)]
     started = time.perf_counter()
@@ -191,7 +195,8 @@ def train_and_measure(method: str, model_dir: Path, scored: Path, heldout: HeldO
             "train_seconds": time.perf_counter() - started}
 
 
-def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str], output: Path, enforce_eager: bool) -> dict:
+def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str], output: Path,
+             enforce_eager: bool) -> dict:
     folder = output / f"seed-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "results.json"
@@ -237,8 +242,9 @@ def table(per_seed: dict[int, dict], methods: list[str]) -> str:
         f"| r̂ (treg-score, contrastive revision prompts) | {mean_std([s['rhat_auroc'] for s in stage_one])} |",
         f"| log π_ref (the policy's own confidence) | {mean_std([s['ref_logp_auroc'] for s in stage_one])} |",
         "",
-        f"pairs per seed: {np.mean([s['pairs'] for s in stage_one]):.0f} from {stage_one[0]['tasks']} sampled tasks; judge score "
-        f"chosen {np.mean([s['judge_chosen'] for s in stage_one]):.2f}, rejected {np.mean([s['judge_rejected'] for s in stage_one]):.2f}",
+        f"pairs per seed: {np.mean([s['pairs'] for s in stage_one]):.0f} from {stage_one[0]['tasks']} sampled tasks; "
+        f"judge score chosen {np.mean([s['judge_chosen'] for s in stage_one]):.2f}, "
+        f"rejected {np.mean([s['judge_rejected'] for s in stage_one]):.2f}",
         "",
         "after training, on held-out tasks",
         "",
@@ -256,7 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output", type=Path, default=Path("runs/credit"))
-    parser.add_argument("--model-dir", type=Path, default=build_model.DEFAULT_FOLDER, help="where the built model is cached")
+    parser.add_argument("--model-dir", type=Path, default=build_model.DEFAULT_FOLDER,
+                        help="where the built model is cached")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--smoke", action="store_true", help="a minute-scale run on a barely trained model (for tests)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation")
@@ -271,10 +278,12 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     print("=== the model (built once, then cached) ===", flush=True)
     model_dir = build_model.build(args.model_dir, steps=settings.build_steps)
-    per_seed = {int(s): run_seed(int(s), model_dir, settings, methods, args.output, args.enforce_eager) for s in args.seeds.split(",")}
+    per_seed = {int(s): run_seed(int(s), model_dir, settings, methods, args.output, args.enforce_eager)
+                for s in args.seeds.split(",")}
     report = table(per_seed, methods)
     write_json(args.output / "results.json", {"settings": asdict(settings), "model": str(model_dir), "seeds": per_seed})
-    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===\n{report}\n\nresults in {args.output / 'results.json'}")
+    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===\n{report}\n\n"
+          f"results in {args.output / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GOOD, BAD, NEUTRAL = 1, -1, 0
-# The revision prompts of this world (treg-score --revision-template). Short, and worded in the
+# The revision prompts of this world (treg-score --revision-prompts). Short, and worded in the
 # tokenizer's own words, so the model that learns them trains in minutes on a CPU.
 REVISION_PROMPTS = {
     "better": "make the answer correct:\n{prompt}\n{response}",

@@ -26,7 +26,8 @@ if runtime.rank == 0:
         "same_keys": sorted(full) == sorted(expected),
         "max_param_diff": max(float((full[k] - expected[k]).abs().max()) for k in expected),
         "same_buffer_names": sorted(buffers) == sorted(expected_buffers),
-        "max_buffer_diff": max((float((buffers[k] - expected_buffers[k]).abs().max()) for k in expected_buffers), default=0.0),
+        "max_buffer_diff": max((float((buffers[k] - expected_buffers[k]).abs().max()) for k in expected_buffers),
+                               default=0.0),
         "tied": tied,
         "reference_tied": reference.get_output_embeddings().weight is reference.get_input_embeddings().weight,
     }

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from treg_data.errors import UserError
+
 ScoreRequest = tuple[list[int], list[int]]  # (prefix ids, response ids)
 
 
@@ -29,7 +31,7 @@ class EngineOptions:
 
 
 class Scorer(Protocol):
-    path: str  # which scoring path ran, for the log and the manifest
+    scoring_path: str  # which scoring path ran, for the log and the manifest
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]: ...
 
@@ -45,4 +47,4 @@ def build_scorer(backend: str, options: EngineOptions) -> Scorer:
         from treg_data.scorers.hf_scorer import HFScorer
 
         return HFScorer(options)
-    raise ValueError(f"unknown backend {backend!r}")
+    raise UserError(f"unknown backend {backend!r}; choose vllm or hf")

@@ -1,7 +1,7 @@
-"""Reference scorer: a plain transformers forward with the same interface as the vLLM scorer.
-
-Sequences are sorted by length and batched to a token budget (right padding, so the default
-positions are right); only the response rows go through the output projection.
+"""Reference scorer: a plain transformers forward with the same interface as the vLLM scorer,
+through the kernel the training policy uses (treg_data.forward). Sequences are sorted by length
+and batched to a token budget, right-padded; only the response rows go through the output
+projection.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from treg_data.forward import TokenLogprobs, response_positions, right_padded
 from treg_data.precision import DTYPES
 from treg_data.scorers import EngineOptions, ScoreRequest
-from treg_data.token_logprobs import final_logit_transform, selected_token_logprobs
 
 
 class HFScorer:
-    path = "transformers_forward"
+    scoring_path = "transformers_forward"
 
     def __init__(self, options: EngineOptions):
         from transformers import AutoModelForCausalLM
@@ -23,8 +23,7 @@ class HFScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES.get(options.dtype, "auto")
         model = AutoModelForCausalLM.from_pretrained(options.model, revision=options.revision, dtype=dtype)
-        self.model = model.to(self.device).eval()
-        self.transform = final_logit_transform(model.config)
+        self.model = TokenLogprobs(model).to(self.device).eval()
         self.batch_tokens = options.batch_tokens
 
     def close(self) -> None:
@@ -40,25 +39,12 @@ class HFScorer:
         return results
 
     def _score_batch(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        sequences = [prefix + response for prefix, response in requests]
-        width = max(map(len, sequences))
-        input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-        hidden = self.model.base_model(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
-        ).last_hidden_state
-        # Position p predicts token p + 1: the response starting at P is predicted from P - 1 on.
-        rows = torch.cat([torch.arange(len(p) - 1, len(p) + len(r) - 1) + i * width for i, (p, r) in enumerate(requests)])
-        targets = torch.tensor([t for _, response in requests for t in response], device=self.device)
-        logps = selected_token_logprobs(
-            hidden.reshape(-1, hidden.shape[-1])[rows.to(self.device)],
-            self.model.get_output_embeddings(),
-            targets,
-            self.transform,
-        )
+        input_ids, attention_mask, position_ids = right_padded([prefix + response for prefix, response in requests])
+        starts = np.arange(len(requests)) * input_ids.shape[1]
+        predict_index = response_positions(starts, [len(p) for p, _ in requests], [len(r) for _, r in requests])
+        targets = torch.tensor([t for _, response in requests for t in response])
+        inputs = (input_ids, position_ids, attention_mask, predict_index, targets)
+        logps = self.model(*(tensor.to(self.device) for tensor in inputs))
         splits = np.cumsum([len(r) for _, r in requests])[:-1]
         return np.split(logps.cpu().numpy(), splits)
 

@@ -1,4 +1,4 @@
-"""Prompt log-prob scoring with the vLLM engine (DESIGN.md, stage one notes).
+"""Prompt log-prob scoring with the vLLM engine (docs/DESIGN.md, stage one).
 
 Two paths, the fastest available is used:
 - `token_id_rows` (GPU, V2 model runner): `prompt_logprob_start` + `prompt_logprob_token_ids`
@@ -38,19 +38,20 @@ class VLLMScorer:
         config = self.llm.llm_engine.vllm_config
         has_rows = hasattr(SamplingParams, "prompt_logprob_token_ids")  # vLLM >= 0.32
         uses_v2 = getattr(config, "use_v2_model_runner", False)
-        self.path = "token_id_rows" if has_rows and uses_v2 else "flat_prompt_logprobs"
+        self.scoring_path = "token_id_rows" if has_rows and uses_v2 else "flat_prompt_logprobs"
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=prefix + response) for prefix, response in requests]
-        if self.path == "token_id_rows":
+        if self.scoring_path == "token_id_rows":
             params = [self._row_params(prefix, response) for prefix, response in requests]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [out.prompt_token_id_logprobs[:, 0].astype(np.float32) for out in outputs]
         params = self._sampling_params(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [flat_response_logprobs(out.prompt_logprobs, prefix, response) for (prefix, response), out in zip(requests, outputs)]
+        return [flat_response_logprobs(out.prompt_logprobs, prefix, response)
+                for (prefix, response), out in zip(requests, outputs)]
 
     def close(self) -> None:
         """Stop the engine processes now rather than at interpreter exit."""

@@ -2,19 +2,18 @@
 test_engine.py."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
+from helpers import hf_score_config, read_shard_rows
 
 from treg_data import pipeline
+from treg_data.contract import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS, read_shard_metadata
 from treg_data.errors import UserError
 from treg_data.rewards import contrastive_rewards
-from treg_data.schema import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS
-from treg_data.shards import read_shard_metadata
 
 
 @pytest.fixture
@@ -25,24 +24,15 @@ def dataset(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows), rows
 
 
-def _config(tiny_model, data, output, **overrides):
-    base = pipeline.ScoreConfig(model=tiny_model, dataset=data, output=str(output), backend="hf", dtype="float32",
-                                max_length=256, max_prompt_length=128, batch_size=4, shard_size=8)
-    return replace(base, **overrides)
-
-
-def _rows(output):
-    return pq.read_table(Path(output) / "data").to_pylist()
-
-
 def test_shards_follow_the_contract(tiny_model, tokenizer, dataset, tmp_path):
     data, rows = dataset
-    summary = pipeline.run(_config(tiny_model, data, tmp_path / "out"))
-    scored = _rows(tmp_path / "out")
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
+    scored = read_shard_rows(tmp_path / "out")
     good_ids = [r["id"] for r in rows if r["id"] not in BAD_REASONS]
     assert [r["id"] for r in scored] == good_ids  # input order, bad rows left out
     assert summary.pairs_read == len(rows) and summary.pairs_scored == len(good_ids)
-    assert summary.skipped_by_reason == {reason: list(BAD_REASONS.values()).count(reason) for reason in set(BAD_REASONS.values())}
+    assert summary.skipped_by_reason == {reason: list(BAD_REASONS.values()).count(reason)
+                                         for reason in set(BAD_REASONS.values())}
 
     shards = sorted((tmp_path / "out" / "data").glob("*.parquet"))
     assert [pq.ParquetFile(s).metadata.num_rows for s in shards] == [8, 8, 8, 6]
@@ -75,7 +65,7 @@ class _Crash(Exception):
 
 def test_resume_after_a_crash_gives_the_uninterrupted_rows(tiny_model, dataset, tmp_path, monkeypatch):
     data, _ = dataset
-    pipeline.run(_config(tiny_model, data, tmp_path / "whole"))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "whole"))
 
     real_build = pipeline.build_scorer
 
@@ -94,15 +84,15 @@ def test_resume_after_a_crash_gives_the_uninterrupted_rows(tiny_model, dataset, 
 
     monkeypatch.setattr(pipeline, "build_scorer", crashing_build)
     with pytest.raises(_Crash):
-        pipeline.run(_config(tiny_model, data, tmp_path / "resumed"))
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "resumed"))
     monkeypatch.undo()
     data_dir = tmp_path / "resumed" / "data"
     assert len(list(data_dir.glob("*.parquet"))) == 1 and not (tmp_path / "resumed" / "manifest.json").exists()
     (data_dir / ".train-00000-of-00001-00001.parquet.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
 
-    summary = pipeline.run(_config(tiny_model, data, tmp_path / "resumed"))
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "resumed"))
     assert not list(data_dir.glob(".*"))
-    assert _rows(tmp_path / "resumed") == _rows(tmp_path / "whole")
+    assert read_shard_rows(tmp_path / "resumed") == read_shard_rows(tmp_path / "whole")
     whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert resumed["counts"] == whole["counts"] and summary.pairs_scored == whole["counts"]["pairs_scored"]
@@ -110,55 +100,56 @@ def test_resume_after_a_crash_gives_the_uninterrupted_rows(tiny_model, dataset, 
 
 def test_other_settings_are_refused_unless_overwrite(tiny_model, dataset, tmp_path):
     data, _ = dataset
-    pipeline.run(_config(tiny_model, data, tmp_path / "out"))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
     with pytest.raises(UserError, match="max_length"):
-        pipeline.run(_config(tiny_model, data, tmp_path / "out", max_length=200))
-    summary = pipeline.run(_config(tiny_model, data, tmp_path / "out", max_length=200, overwrite=True))
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", max_length=200))
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", max_length=200, overwrite=True))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["provenance"]["max_length"] == 200 and summary.pairs_scored == len(_rows(tmp_path / "out"))
+    assert (manifest["provenance"]["max_length"] == 200
+            and summary.pairs_scored == len(read_shard_rows(tmp_path / "out")))
 
 
 def test_rerun_of_a_finished_run_scores_nothing(tiny_model, dataset, tmp_path, monkeypatch):
     data, _ = dataset
-    pipeline.run(_config(tiny_model, data, tmp_path / "out"))
-    before = _rows(tmp_path / "out")
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
+    before = read_shard_rows(tmp_path / "out")
     monkeypatch.setattr(pipeline, "build_scorer", lambda *a: pytest.fail("a finished run must not start a scorer"))
-    summary = pipeline.run(_config(tiny_model, data, tmp_path / "out"))
-    assert summary.tokens == 0 and _rows(tmp_path / "out") == before
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
+    assert summary.tokens == 0 and read_shard_rows(tmp_path / "out") == before
 
 
 def test_workers_write_one_dataset_covering_every_row_once(tiny_model, dataset, tmp_path):
     data, rows = dataset
     out = tmp_path / "split"
-    summaries = [pipeline.run(_config(tiny_model, data, out, num_workers=3, worker_index=i)) for i in (2, 0, 1)]
+    summaries = [pipeline.run(hf_score_config(tiny_model, data, out, num_workers=3, worker_index=i)) for i in (2, 0, 1)]
     assert [s.manifest is not None for s in summaries] == [False, False, True]
-    ids = [r["id"] for r in _rows(out)]
+    ids = [r["id"] for r in read_shard_rows(out)]
     assert ids == [r["id"] for r in rows if r["id"] not in BAD_REASONS]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["pairs_read"] == len(rows)
     assert manifest["counts"]["pairs_skipped"] == len(BAD_REASONS)
     with pytest.raises(UserError, match="num_workers"):
-        pipeline.run(_config(tiny_model, data, out))
+        pipeline.run(hf_score_config(tiny_model, data, out))
 
 
 def test_strict_fails_on_the_first_bad_row_with_its_id(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(2) + bad_rows()[:1])
     with pytest.raises(UserError, match=r"bad-missing.*missing_field"):
-        pipeline.run(_config(tiny_model, data, tmp_path / "out", strict=True))
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", strict=True))
 
 
 def test_scorer_with_another_vocabulary_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
-    from treg_data.tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", vocab_size=600)
     monkeypatch.setattr(pipeline, "open_source", lambda *a: pytest.fail("no data may be read"))
     with pytest.raises(UserError, match="different vocabulary"):
-        pipeline.run(_config(tiny_model, "unused", tmp_path / "out", scorer_model=str(other)))
+        pipeline.run(hf_score_config(tiny_model, "unused", tmp_path / "out", scorer_model=str(other)))
 
 
 def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        pipeline.run(_config(str(tmp_path / "nope"), "unused", tmp_path / "out"))
+        pipeline.run(hf_score_config(str(tmp_path / "nope"), "unused", tmp_path / "out"))
 
 
 def test_tokenizer_without_chat_template_needs_one_from_a_file(tiny_model, tmp_path):
@@ -172,8 +163,8 @@ def test_tokenizer_without_chat_template_needs_one_from_a_file(tiny_model, tmp_p
     (bare / "tokenizer_config.json").write_text(json.dumps(config))
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(2))
     with pytest.raises(UserError, match="--chat-template"):
-        pipeline.run(_config(str(bare), data, tmp_path / "o1"))
+        pipeline.run(hf_score_config(str(bare), data, tmp_path / "o1"))
     template = tmp_path / "template.jinja"
     template.write_text((Path(tiny_model) / "chat_template.jinja").read_text())
-    summary = pipeline.run(_config(str(bare), data, tmp_path / "o2", chat_template=str(template)))
+    summary = pipeline.run(hf_score_config(str(bare), data, tmp_path / "o2", chat_template=str(template)))
     assert summary.pairs_scored == 2

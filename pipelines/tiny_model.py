@@ -72,7 +72,8 @@ def build_tokenizer(vocab_size: int = 512, spec: TokenizerSpec = TokenizerSpec()
     tok.train_from_iterator(corpus(), trainer=trainer)
     if spec.adds_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, tok.token_to_id(spec.bos))])
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B",
+            special_tokens=[(spec.bos, tok.token_to_id(spec.bos))])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, unk_token=spec.unk,
     )
@@ -119,7 +120,8 @@ def build_tiny_model(
             n_positions=max_position_embeddings, **common,
         )
     else:
-        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config, "mistral": MistralConfig}[arch]
+        config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config,
+                        "mistral": MistralConfig}[arch]
         common.update(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
                       num_key_value_heads=num_heads, intermediate_size=intermediate_size,
                       max_position_embeddings=max_position_embeddings)

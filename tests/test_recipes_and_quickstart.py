@@ -55,7 +55,8 @@ def _fake(bin_dir: Path, name: str) -> None:
 def test_launch_scripts_build_the_right_commands(tmp_path):
     _fake(tmp_path, "treg-score")
     _fake(tmp_path, "torchrun")
-    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": "16", "SLURM_ARRAY_TASK_ID": "3"}
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_COUNT": "16",
+           "SLURM_ARRAY_TASK_ID": "3"}
     recipe = ROOT / "pipelines/recipes/llama3-8b-instruct/score.yaml"
     out = subprocess.run(["bash", ROOT / "pipelines/launch/score_slurm_array.sh", recipe, "--overwrite"],
                          capture_output=True, text=True, env=env, check=True).stdout.splitlines()

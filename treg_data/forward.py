@@ -1,0 +1,100 @@
+"""The one forward kernel both stages use (the training policy and the transformers reference
+scorer): token sequences in, the log-probability of each response token out.
+
+- Layout: sequences are packed back to back (position ids restart per sequence) or right-padded
+  (an attention mask marks them); either way the hidden state at flat position p predicts the
+  token at p + 1, so a response after a prompt of P tokens is predicted from P - 1 on.
+- Log-probs never come from a [tokens, vocab] fp32 tensor for the batch: the output projection
+  and log-softmax run a chunk of rows at a time, and only at the response positions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+
+def final_logit_transform(config):
+    """The logit post-processing some architectures apply in their own forward."""
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2
+    scale = getattr(config, "logit_scale", None)  # Cohere
+    divide = getattr(config, "logits_scaling", None)  # Granite
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divide is not None:
+            logits = logits / divide
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def selected_token_logprobs(
+    hidden: torch.Tensor,
+    lm_head: torch.nn.Module,
+    targets: torch.Tensor,
+    transform=lambda logits: logits,
+    chunk_rows: int = 1024,
+) -> torch.Tensor:
+    """hidden [N, H] (the states that predict each target), targets [N] -> log π(target) [N], fp32.
+
+    Under autograd each chunk is checkpointed: its logits are dropped after the forward and
+    recomputed in the backward, so at most one [chunk_rows, vocab] fp32 block exists at a time.
+    """
+
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = transform(lm_head(h).float())
+        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    chunks = []
+    for start in range(0, targets.shape[0], chunk_rows):
+        h, t = hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
+        if torch.is_grad_enabled() and h.requires_grad:
+            chunks.append(torch.utils.checkpoint.checkpoint(chunk_logps, h, t, use_reentrant=False))
+        else:
+            chunks.append(chunk_logps(h, t))
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class TokenLogprobs(nn.Module):
+    """Wraps a causal LM: forward returns log π(target) at the selected positions. Everything
+    touching the root's parameters happens inside this forward, as FSDP2 requires."""
+
+    def __init__(self, lm: nn.Module, chunk_rows: int = 1024):
+        super().__init__()
+        self.lm = lm
+        self.chunk_rows = chunk_rows
+        self.transform = final_logit_transform(lm.config)
+
+    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets) -> torch.Tensor:
+        hidden = self.lm.base_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])[predict_index]
+        return selected_token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.transform,
+                                       self.chunk_rows)
+
+
+def right_padded(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids [rows, longest] for right-padded sequences."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence, dtype=np.int64))
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask, torch.arange(width).expand(len(sequences), width)
+
+
+def response_positions(starts, prompt_lengths, response_lengths) -> torch.Tensor:
+    """Flat positions whose hidden state predicts each response token (position p predicts p + 1),
+    for sequences starting at `starts` in the flattened batch."""
+    return torch.from_numpy(np.concatenate([
+        np.arange(start + prompt - 1, start + prompt + response - 1, dtype=np.int64)
+        for start, prompt, response in zip(starts, prompt_lengths, response_lengths)
+    ]))
