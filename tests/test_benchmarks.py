@@ -42,3 +42,10 @@ def test_loading_benchmark(tmp_path):
     out = _run("loading.py", "--size", "tiny", "--processes", "2", "--work", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and "rank 0 reads and sends shards" in out
+
+
+def test_lora_memory_benchmark(tmp_path):
+    out = _run("lora_memory.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
+               "--max-length", "256", "--work", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith(("| full fine-tuning |", "| LoRA r=16 |"))]
+    assert len(rows) == 2 and "peak memory while training" in out

@@ -49,7 +49,8 @@ def test_options_are_grouped(module):
                             env={**os.environ, "COLUMNS": "80"})
     headings = [line[:-1] for line in result.stdout.splitlines() if re.fullmatch(r"[A-Z][\w ]+:", line)]
     expected = {"treg_data.cli": ["Input", "Model", "Scoring", "Output", "Distributed", "Other options"],
-                "treg_train": ["Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping", "Other options"]}
+                "treg_train": ["Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping",
+                               "Evaluation", "Other options"]}
     assert headings == expected[module]
 
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
-from helpers import read_shard_rows, run, score_command
+from helpers import perturbed_copy, read_metrics, read_shard_rows, run, score_command, train_command
 
 pytestmark = pytest.mark.engine
 
@@ -127,3 +127,39 @@ def test_two_data_parallel_workers_match_one_row_for_row_at_the_default_dtype(ti
             worst_vs_reference = max(worst_vs_reference, float(np.abs(np.subtract(a[column], ref[column])).max()))
     assert worst_vs_single <= 1e-5, worst_vs_single
     assert worst_vs_reference <= 1e-4, worst_vs_reference
+
+
+@pytest.fixture(scope="module")
+def dpo_scored(tiny_model, tmp_path_factory):
+    """A few pairs scored with --dpo-model (a perturbed copy of the tiny model) by vLLM, which
+    then runs two engines, and by the reference scorer."""
+    root = tmp_path_factory.mktemp("engine-dpo")
+    dpo_model = perturbed_copy(tiny_model, root / "tiny-dpo", seed=1)
+    data = write_jsonl(root / "pairs.jsonl", make_pairs(8))
+    for name, extra in (("vllm", []), ("hf", ["--backend", "hf"])):
+        result = run(_command(tiny_model, data, root / name, "--dpo-model", dpo_model, "--batch-size", "4", *extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return root
+
+
+def test_vllm_dpo_rewards_match_the_reference_scorer(dpo_scored):
+    vllm_rows, hf_rows = read_shard_rows(dpo_scored / "vllm"), read_shard_rows(dpo_scored / "hf")
+    assert len(vllm_rows) == 8 and [r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows]
+    worst = largest = 0.0
+    for a, b in zip(vllm_rows, hf_rows):
+        for column in ("chosen_dpo_rewards", "rejected_dpo_rewards"):
+            assert len(a[column]) == len(a[column.replace("dpo_rewards", "ids")])
+            worst = max(worst, float(np.abs(np.subtract(a[column], b[column])).max()))
+            largest = max(largest, float(np.abs(a[column]).max()))
+    assert worst <= 1e-4, worst
+    assert largest > 1e-3, largest
+
+
+def test_training_reads_the_dpo_rewards_column(tiny_model, dpo_scored, tmp_path):
+    result = run(train_command(
+        "--model", tiny_model, "--data", dpo_scored / "vllm", "--output", tmp_path / "train",
+        "--reward-column", "dpo_rewards", "--global-batch-size", "4", "--max-steps", "2", "--save-steps", "0",
+        "--learning-rate", "2e-4", "--beta", "0.1", "--logging-steps", "1", "--max-length", "256",
+        "--micro-batch-tokens", "1024", "--seed", "3"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(read_metrics(tmp_path / "train")) == 2

@@ -42,6 +42,25 @@ def test_card_parses_and_the_folder_loads_with_datasets(folder):
     assert loaded.features == datasets.Features.from_arrow_schema(SCHEMA)
 
 
+def test_card_of_a_folder_with_dpo_rewards_lists_them_and_loads(tiny_model, tmp_path):
+    from conftest import make_pairs, write_jsonl
+    from helpers import hf_score_config
+
+    from treg_data import pipeline
+    from treg_data.contract import shard_schema
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6))
+    folder = tmp_path / "scored"
+    pipeline.run(hf_score_config(tiny_model, data, folder, dpo_model=tiny_model))
+    text = write_card(folder, "treg/with-dpo").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert [f["name"] for f in front["dataset_info"]["features"]] == shard_schema(dpo_rewards=True).names
+    assert "| `*_dpo_rewards` | `sigmoid(dpo_logps - ref_logps) - 0.5`" in text
+    loaded = datasets.load_dataset(str(folder), split="train")
+    assert loaded.num_rows == 6
+    assert loaded.features == datasets.Features.from_arrow_schema(shard_schema(dpo_rewards=True))
+
+
 def test_card_shows_how_the_rewards_are_distributed(folder):
     import pyarrow.parquet as pq
 

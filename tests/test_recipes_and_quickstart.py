@@ -14,7 +14,8 @@ from treg_train.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "pipelines" / "recipes").glob("*/*.yaml"))
-TRAIN_RECIPES = [p for p in RECIPES if p.name != "score.yaml"]
+SCORE_RECIPES = [p for p in RECIPES if p.stem == "score" or p.stem.startswith("score_")]  # e.g. score_dpo_reward
+TRAIN_RECIPES = [p for p in RECIPES if p not in SCORE_RECIPES]
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -41,7 +42,7 @@ def test_score_recipes_use_real_treg_score_flags():
     import typer.main
 
     known = {opt for param in typer.main.get_command(score_app).params for opt in param.opts}
-    for path in (p for p in RECIPES if p.name == "score.yaml"):
+    for path in SCORE_RECIPES:
         for key in yaml.safe_load(path.read_text()):
             assert f"--{key}" in known, (path, key)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
-from helpers import hf_score_config, read_shard_rows
+from helpers import hf_score_config, perturbed_copy, read_shard_rows, token_logprobs
 
 from treg_data import pipeline
-from treg_data.contract import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS, read_shard_metadata
+from treg_data.contract import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS, read_shard_metadata, shard_schema
 from treg_data.errors import UserError
 from treg_data.rewards import contrastive_rewards
 
@@ -168,3 +168,54 @@ def test_tokenizer_without_chat_template_needs_one_from_a_file(tiny_model, tmp_p
     template.write_text((Path(tiny_model) / "chat_template.jinja").read_text())
     summary = pipeline.run(hf_score_config(str(bare), data, tmp_path / "o2", chat_template=str(template)))
     assert summary.pairs_scored == 2
+
+
+# ---- --dpo-model: token rewards from a DPO-trained model (paper Table 2, "DPO reward") -------------
+
+
+@pytest.fixture(scope="module")
+def dpo_model(tiny_model, tmp_path_factory):
+    return perturbed_copy(tiny_model, tmp_path_factory.mktemp("dpo") / "tiny-dpo", seed=1)
+
+
+def test_dpo_rewards_are_the_sigmoid_of_the_dpo_models_log_ratio(tiny_model, dpo_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(10))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", dpo_model=dpo_model))
+    rows = read_shard_rows(tmp_path / "out")
+    shard = sorted((tmp_path / "out" / "data").glob("*.parquet"))[0]
+    assert pq.read_schema(shard).remove_metadata() == shard_schema(dpo_rewards=True)
+    assert read_shard_metadata(shard)["provenance"]["dpo_model"] == dpo_model
+    largest = 0.0
+    for side in SIDES:
+        for row, logps in zip(rows, token_logprobs(dpo_model, rows, side)):
+            expected = 1 / (1 + np.exp(-(logps - np.array(row[f"{side}_ref_logps"], dtype=np.float64)))) - 0.5
+            np.testing.assert_allclose(row[f"{side}_dpo_rewards"], expected, atol=1e-5)
+            largest = max(largest, float(np.abs(row[f"{side}_dpo_rewards"]).max()))
+    assert largest > 1e-3  # the two models differ, so their log-ratio does too
+
+
+def test_dpo_rewards_of_the_model_itself_are_zero(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(10))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", dpo_model=tiny_model))
+    for row in read_shard_rows(tmp_path / "out"):
+        for side in SIDES:
+            assert len(row[f"{side}_dpo_rewards"]) == len(row[f"{side}_ids"])
+            np.testing.assert_allclose(row[f"{side}_dpo_rewards"], 0.0, atol=1e-6)
+
+
+def test_dpo_model_is_part_of_the_recorded_settings(tiny_model, dpo_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out"))
+    assert "dpo_rewards" not in "".join(pq.read_schema(sorted((tmp_path / "out" / "data").glob("*.parquet"))[0]).names)
+    with pytest.raises(UserError, match="dpo_model"):
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", dpo_model=dpo_model))
+
+
+def test_dpo_model_with_another_vocabulary_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch):
+    from tiny_model import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", vocab_size=600)
+    monkeypatch.setattr(pipeline, "open_source", lambda *a: pytest.fail("no data may be read"))
+    monkeypatch.setattr(pipeline, "build_scorer", lambda *a: pytest.fail("no engine may start"))
+    with pytest.raises(UserError, match="--dpo-model .* different vocabulary"):
+        pipeline.run(hf_score_config(tiny_model, "unused", tmp_path / "out", dpo_model=str(other)))

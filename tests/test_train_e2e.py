@@ -3,26 +3,20 @@ treg-score; then the exported model in transformers and in the vLLM engine."""
 
 import json
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
-from helpers import read_metrics, run, score_command, train_command
+from helpers import kill_after_first_checkpoint_and_resume, read_metrics, run, score_command, train_command
 
 ARGS = ["--global-batch-size", "8", "--max-steps", "12", "--learning-rate", "2e-4", "--beta", "0.1",
         "--logging-steps", "1", "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]
 
 
-def _train(model, data, output, *extra, processes=1, wait=True):
-    command = train_command("--model", model, "--data", data, "--output", output, *ARGS, *extra, processes=processes)
-    if not wait:
-        return subprocess.Popen([str(a) for a in command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return run(command)
+def _train(model, data, output, *extra, processes=1):
+    return run(train_command("--model", model, "--data", data, "--output", output, *ARGS, *extra, processes=processes))
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +61,10 @@ def test_two_processes_match_one(tiny_model, learnable_shards, single, tmp_path)
 
 
 def _kill_after_first_checkpoint_and_resume(model, data, output, *extra):
-    """Start a 2-process run, SIGKILL every process once step 4 is saved, then --resume it."""
-    process = _train(model, data, output, "--save-steps", "4", *extra, processes=2, wait=False)
-    deadline = time.time() + 600
-    while not (output / "checkpoints" / "step-00000004").exists():
-        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    for proc in [psutil.Process(process.pid)] + psutil.Process(process.pid).children(recursive=True):
-        proc.kill()
-    process.wait()
-    assert not (output / "final").exists()
-    result = _train(model, data, output, "--save-steps", "4", "--resume", *extra, processes=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
-    return read_metrics(output)
+    """A 2-process run killed once step 4 is saved, then resumed."""
+    command = train_command("--model", model, "--data", data, "--output", output, *ARGS, "--save-steps", "4", *extra,
+                            processes=2)
+    return kill_after_first_checkpoint_and_resume(command, output)
 
 
 def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):

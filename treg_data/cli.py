@@ -30,6 +30,10 @@ def score(
         ..., MODEL, "Policy / reference model: Hub id or local folder. Its chat template renders the prompts."),
     scorer_model: Optional[str] = option(
         None, MODEL, "Model that computes the token rewards (default: --model). Needs the same vocabulary."),
+    dpo_model: Optional[str] = option(
+        None, MODEL, "A DPO-trained model (same vocabulary): also write *_dpo_rewards, sigmoid(its token log-prob - "
+        "*_ref_logps) - 0.5. It runs in a second engine; with vLLM each engine gets half the GPU memory "
+        "fraction."),
     model_revision: Optional[str] = option(None, MODEL, "Revision of --model on the Hub (branch, tag or commit)."),
     chat_template: Optional[str] = option(None, MODEL, "Jinja chat template file, for tokenizers without one."),
     dtype: str = option("auto", MODEL, "auto (the checkpoint's own, as transformers reads it), bfloat16, float16 "
@@ -45,7 +49,8 @@ def score(
         "model's context)."),
     batch_size: int = option(256, SCORING, "Pairs per scorer call (6 sequences each)."),
     seed: int = option(0, SCORING, "Engine seed."),
-    gpu_memory_utilization: float = option(0.9, SCORING, "vLLM GPU memory fraction."),
+    gpu_memory_utilization: float = option(
+        0.9, SCORING, "vLLM GPU memory fraction (with --dpo-model: shared, half for each of the two engines)."),
     enforce_eager: bool = option(False, SCORING, "vLLM: skip graph compilation (faster start, slower steps)."),
     # output
     output: str = option(..., OUTPUT, "Folder for the shards and manifest.json."),

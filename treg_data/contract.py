@@ -10,7 +10,9 @@ conversational form with an explicit prompt (message lists of role and content),
 shard has one schema whatever the input's format; plain-string inputs become one message each.
 Per side (`chosen_`, `rejected_`), the response token ids and one float32 per token of each
 TOKEN_FLOAT_COLUMNS: every per-token list has exactly the length of its `*_ids`. The token
-sequence a model sees is `prompt_ids + {side}_ids`.
+sequence a model sees is `prompt_ids + {side}_ids`. OPTIONAL_TOKEN_FLOAT_COLUMNS are there only
+when the run asked for them (`dpo_rewards`: treg-score --dpo-model), so a folder's schema is
+`shard_schema(...)` of its provenance; SCHEMA is the default one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from treg_data.errors import UserError
 
 SIDES = ("chosen", "rejected")
 TOKEN_FLOAT_COLUMNS = ("ref_logps", "better_logps", "worse_logps", "rewards")
+OPTIONAL_TOKEN_FLOAT_COLUMNS = ("dpo_rewards",)  # written only with treg-score --dpo-model
 METADATA_KEY = b"treg"  # Parquet metadata key of the provenance
 FORMAT = "treg-shards/1"
 DATA_DIR, SHARD_GLOB, MANIFEST, SKIPPED = "data", "*.parquet", "manifest.json", "skipped.jsonl"
@@ -44,11 +47,23 @@ def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLU
     return [column(side, name) for name in names]
 
 
-SCHEMA = pa.schema(
-    [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
-     ("prompt_ids", TOKEN_IDS)]
-    + [(name, TOKEN_IDS if name.endswith("_ids") else TOKEN_FLOATS) for side in SIDES for name in side_columns(side)]
-)
+def shard_schema(dpo_rewards: bool = False) -> pa.Schema:
+    """The shards' schema; with `dpo_rewards`, each side's `*_dpo_rewards` follows its `*_rewards`."""
+    names = ("ids",) + TOKEN_FLOAT_COLUMNS + (OPTIONAL_TOKEN_FLOAT_COLUMNS if dpo_rewards else ())
+    return pa.schema(
+        [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
+         ("prompt_ids", TOKEN_IDS)]
+        + [(name, TOKEN_IDS if name.endswith("_ids") else TOKEN_FLOATS)
+           for side in SIDES for name in side_columns(side, names)]
+    )
+
+
+def provenance_schema(provenance: dict) -> pa.Schema:
+    """The schema of shards written with this provenance (older folders lack the optional keys)."""
+    return shard_schema(dpo_rewards=provenance.get("dpo_model") is not None)
+
+
+SCHEMA = shard_schema()  # the default: no optional columns
 
 
 def shard_files(folder: str | Path) -> list[Path]:

@@ -40,16 +40,24 @@ def selected_token_logprobs(
     targets: torch.Tensor,
     transform=lambda logits: logits,
     chunk_rows: int = 1024,
-) -> torch.Tensor:
+    with_log_sum_sq: bool = False,
+):
     """hidden [N, H] (the states that predict each target), targets [N] -> log π(target) [N], fp32.
+
+    With `with_log_sum_sq`, also log Σ_v π(v)² per position [N] (detached): WPO's normaliser,
+    log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z) for logits z, taken from the same chunk.
 
     Under autograd each chunk is checkpointed: its logits are dropped after the forward and
     recomputed in the backward, so at most one [chunk_rows, vocab] fp32 block exists at a time.
     """
 
-    def chunk_logps(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def chunk_logps(h: torch.Tensor, t: torch.Tensor):
         logits = transform(lm_head(h).float())
-        return logits.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        normaliser = torch.logsumexp(logits, dim=-1)
+        logps = logits.gather(-1, t[:, None]).squeeze(-1) - normaliser
+        if not with_log_sum_sq:
+            return logps
+        return logps, (torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * normaliser.detach())
 
     chunks = []
     for start in range(0, targets.shape[0], chunk_rows):
@@ -58,7 +66,11 @@ def selected_token_logprobs(
             chunks.append(torch.utils.checkpoint.checkpoint(chunk_logps, h, t, use_reentrant=False))
         else:
             chunks.append(chunk_logps(h, t))
-    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_log_sum_sq:
+        return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
+    if not chunks:
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
 
 class TokenLogprobs(nn.Module):
@@ -71,13 +83,14 @@ class TokenLogprobs(nn.Module):
         self.chunk_rows = chunk_rows
         self.transform = final_logit_transform(lm.config)
 
-    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets, with_log_sum_sq: bool = False):
+        """log π(target) [N]; with `with_log_sum_sq`, the pair (log π(target), log Σ_v π(v)²)."""
         hidden = self.lm.base_model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[predict_index]
         return selected_token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.transform,
-                                       self.chunk_rows)
+                                       self.chunk_rows, with_log_sum_sq)
 
 
 def right_padded(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from treg_data.contract import DATA_DIR, MANIFEST, SCHEMA, SHARD_GLOB, SKIPPED
+from treg_data.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, provenance_schema
 from treg_data.errors import UserError, first_line
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
-from treg_data.rewards import REWARD_TRANSFORM
+from treg_data.rewards import DPO_REWARD_TRANSFORM, REWARD_TRANSFORM
 
 UPLOADED = ["README.md", MANIFEST, SKIPPED, f"{DATA_DIR}/{SHARD_GLOB}"]
 CARD_MARK = "<!-- dataset card written by treg-push -->"  # a README.md without it is the user's
@@ -48,12 +48,16 @@ def dataset_card(manifest: dict, repo_id: str, license: str | None, num_bytes: i
         "tags": ["treg", "dpo", "preference", "token-level-rewards"],
         "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
         "dataset_info": {
-            "features": Features.from_arrow_schema(SCHEMA)._to_yaml_list(),
+            # the columns the shards really have: the optional ones only if this run wrote them
+            "features": Features.from_arrow_schema(provenance_schema(provenance))._to_yaml_list(),
             "splits": [{"name": split, "num_examples": counts["pairs_scored"], "num_bytes": num_bytes}],
         },
     }
     skipped = ", ".join(f"{k}: {v}" for k, v in counts["skipped_by_reason"].items()) or "none"
     prompts = provenance["revision_prompts"]
+    dpo_row = (f"| `*_dpo_rewards` | `{DPO_REWARD_TRANSFORM}` per token, `dpo_logps` being the log-prob under the "
+               f"DPO-trained model `{provenance['dpo_model']}` after the policy prompt |\n"
+               if provenance.get("dpo_model") else "")
     return f"""---
 {yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---
 
@@ -99,7 +103,7 @@ which lies in (-0.5, 0.5). The raw log-probs are kept, so other transforms need 
 | `*_ref_logps` | log-prob of each response token after the policy prompt (the reference model) |
 | `*_better_logps`, `*_worse_logps` | log-prob of each response token after `x_better` / `x_worse` |
 | `*_rewards` | the token reward above |
-
+{dpo_row}
 ## Revision prompts
 
 `x_better`:

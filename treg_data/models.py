@@ -27,11 +27,13 @@ def load_tokenizer(name: str, revision: str | None, chat_template: str | None):
     return tokenizer
 
 
-def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str) -> None:
+def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str, flag: str = "--scorer-model") -> None:
+    """Token rewards compare log-probs of the very same token ids, so every model that scores
+    them (`flag` names which) must share --model's vocabulary."""
     if policy_tokenizer.get_vocab() != scorer_tokenizer.get_vocab():
         raise UserError(
-            f"--scorer-model {scorer_name} has a different vocabulary from --model; token rewards need "
-            "identical token ids, so use a scorer from the same model family and tokenizer"
+            f"{flag} {scorer_name} has a different vocabulary from --model; token rewards need "
+            "identical token ids, so use a model from the same model family and tokenizer"
         )
 
 

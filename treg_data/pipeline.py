@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -38,6 +38,7 @@ class ScoreConfig:
     dataset_config: str | None = None
     columns: Columns = Columns()
     scorer_model: str | None = None
+    dpo_model: str | None = None  # a DPO-trained model: also write *_dpo_rewards (docs/METHOD.md §3)
     model_revision: str | None = None
     backend: str = "vllm"
     revision_prompts: str | None = None  # a YAML/JSON file; None: the default prompts
@@ -58,12 +59,21 @@ class ScoreConfig:
     seed: int = 0
 
     def engine_options(self, dtype: str, max_model_len: int) -> EngineOptions:
-        """The engine's settings, with the dtype and context length resolved for this model."""
+        """The engine's settings, with the dtype and context length resolved for this model. With
+        --dpo-model two engines share the GPU, so each gets half of --gpu-memory-utilization."""
         return EngineOptions(
             model=self.scorer_model or self.model, revision=self.model_revision, dtype=dtype,
             max_model_len=max_model_len, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager, seed=self.seed,
+            gpu_memory_utilization=self.gpu_memory_utilization / (2 if self.dpo_model else 1),
+            enforce_eager=self.enforce_eager, seed=self.seed,
         )
+
+    def dpo_engine_options(self, dtype: str, max_model_len: int) -> EngineOptions | None:
+        """The DPO model's engine: the main one's settings (one dtype for both sides of the
+        log-ratio), another model; None without --dpo-model."""
+        if not self.dpo_model:
+            return None
+        return replace(self.engine_options(dtype, max_model_len), model=self.dpo_model, revision=None)
 
 
 @dataclass
@@ -101,6 +111,9 @@ def run(config: ScoreConfig) -> Summary:
     tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template)
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)
+    if config.dpo_model:
+        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, None, config.chat_template),
+                              config.dpo_model, flag="--dpo-model")
     revision_prompts = load_revision_prompts(config.revision_prompts)
     model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
     dtype = resolve_dtype(config.dtype, model_config)
@@ -114,7 +127,8 @@ def run(config: ScoreConfig) -> Summary:
     store = ShardStore(config.output, config.split, config.worker_index, config.num_workers,
                        provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
     progress = store.resume(start, config.overwrite)
-    engine = _Engine(config.backend, config.engine_options(dtype, max_model_len))
+    engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
+                     config.dpo_engine_options(dtype, max_model_len))
     tokens_before, rows_before = progress.tokens, progress.rows
     if progress.finished:
         print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
@@ -147,6 +161,7 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
         "model": config.model,
         "model_revision": config.model_revision,
         "scorer_model": config.scorer_model or config.model,
+        "dpo_model": config.dpo_model,  # not None: the shards hold *_dpo_rewards (contract.provenance_schema)
         "tokenizer_hash": tokenizer_fingerprint(tokenizer),
         "dataset": str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
         "dataset_config": config.dataset_config,
@@ -167,12 +182,13 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
 
 
 class _Engine:
-    """The scorer, started on the first pair to score (so bad input is reported before the
-    engine's long start), and the time spent inside it."""
+    """The scorer (and, with --dpo-model, the DPO model's), started on the first pair to score (so
+    bad input is reported before the engine's long start), and the time spent inside them."""
 
-    def __init__(self, backend: str, options: EngineOptions):
-        self.backend, self.options = backend, options
+    def __init__(self, backend: str, options: EngineOptions, dpo_options: EngineOptions | None = None):
+        self.backend, self.options, self.dpo_options = backend, options, dpo_options
         self.scorer: Scorer | None = None
+        self.dpo_scorer: Scorer | None = None
         self.seconds = 0.0
 
     @property
@@ -183,14 +199,22 @@ class _Engine:
         if self.scorer is None:
             self.scorer = build_scorer(self.backend, self.options)
             tqdm.write(f"scoring path: {self.scoring_path}", file=sys.stderr)
+        if self.dpo_options is not None and self.dpo_scorer is None:
+            self.dpo_scorer = build_scorer(self.backend, self.dpo_options)
+            tqdm.write(f"DPO model {self.dpo_options.model}: {self.backend}:{self.dpo_scorer.scoring_path}",
+                       file=sys.stderr)
         started = time.perf_counter()
-        rows = score_pairs(self.scorer, pairs)
+        rows = score_pairs(self.scorer, pairs, self.dpo_scorer)
         self.seconds += time.perf_counter() - started
         return rows
 
     def close(self) -> None:
-        if self.scorer is not None:
-            self.scorer.close()
+        try:
+            if self.scorer is not None:
+                self.scorer.close()
+        finally:
+            if self.dpo_scorer is not None:
+                self.dpo_scorer.close()
 
 
 def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, engine: _Engine,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from treg_data.contract import DATA_DIR, FORMAT, MANIFEST, METADATA_KEY, SCHEMA, SKIPPED, read_shard_metadata
+from treg_data.contract import DATA_DIR, FORMAT, MANIFEST, METADATA_KEY, SKIPPED, provenance_schema, read_shard_metadata
 from treg_data.errors import UserError
 from treg_data.folders import claim_folder
 
@@ -124,7 +124,8 @@ class ShardStore:
             "shard": {"input_start": input_start, "input_end": input_end, "rows": len(rows),
                       "tokens": tokens, "skipped": skipped},
         }
-        table = pa.Table.from_pylist(rows, schema=SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta)}))
+        schema = provenance_schema(self.provenance)  # optional columns only when the run wrote them
+        table = pa.Table.from_pylist(rows, schema=schema.with_metadata({METADATA_KEY: json.dumps(meta)}))
         final = self.data_dir / self.shard_name(number)
         tmp = self.data_dir / f".{final.name}.tmp"
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)

@@ -20,6 +20,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 PREFIX = "step-"
+# Frozen weights (a LoRA run's base model) are not saved: they are the starting checkpoint's, which --resume
+# loads again (it refuses another --model). A full fine-tuning run has none, so it saves everything.
+TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -41,7 +44,7 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
         shutil.rmtree(tmp, ignore_errors=True)  # left by a kill mid-save
         tmp.mkdir(parents=True)
     dist.barrier()
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _sharded_state(model, optimizer)
     dcp.save(state, checkpoint_id=str(tmp))
     torch.save({"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -56,11 +59,18 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
     return final
 
 
+def _sharded_state(model, optimizer) -> dict:
+    """This rank's shards of the trainable weights and of the optimizer state."""
+    return {"model": get_model_state_dict(model, options=TRAINABLE),
+            "optim": get_optimizer_state_dict(model, optimizer)}
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and this rank's RNG; returns the trainer state saved with them."""
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    # strict=False only lets the frozen weights be absent; dcp.load refuses a checkpoint that lacks any other.
+    state = _sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=TRAINABLE)
     set_optimizer_state_dict(model, optimizer, state["optim"])
     rng = torch.load(path / f"rng-{dist.get_rank():05d}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
@@ -69,14 +79,23 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = torch.float32) -> None:
+def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = torch.float32,
+              adapter_target: Path | None = None) -> None:
     """Gather the full weights to rank 0 and write safetensors + config + tokenizer, in `dtype`
-    (the dtype of the checkpoint training started from: the fp32 master weights are cast to it)."""
+    (the dtype of the checkpoint training started from: the fp32 master weights are cast to it).
+    A LoRA model is written merged, as the plain architecture, so that every loader reads it like a fully
+    fine-tuned one; with `adapter_target` the adapter alone is written there too, in peft's format."""
     from transformers import AutoModelForCausalLM
 
+    from treg_train.lora import ADAPTER, adapted_layers, merged_state, save_adapter
+
+    layers = adapted_layers(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        state = {key.removeprefix("lm."): value.to(dtype) for key, value in full.items()}
+        if adapter_target is not None:
+            save_adapter(full, model.lm.peft_config[ADAPTER], adapter_target, dtype)
+        merged = merged_state(full, layers) if layers else full
+        state = {key.removeprefix("lm."): value.to(dtype) for key, value in merged.items()}
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with torch.device("meta"):

@@ -19,6 +19,8 @@ def setting(default, group: str, help: str):
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, BOOKKEEPING = (
     "Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping")
+LORA = "LoRA"
+EVALUATION = "Evaluation"
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class TrainConfig:
     model: str = setting("", RUN, "Policy to train (and the reference): Hub id or local folder.")
     data: str = setting("", RUN, "treg-score output folder, or a Hub dataset id of shards.")
     output: str = setting("", RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
-    loss: str = setting("dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg or sft_chosen.")
+    loss: str = setting("dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg or sft_chosen.")
     beta: float | None = setting(None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses).")
     alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
     gamma: float | None = setting(None, OBJECTIVE, "SimPO target margin (default 0.3 x beta).")
@@ -60,11 +62,32 @@ class TrainConfig:
         None, MEMORY, "Attention kernel, as transformers names it (sdpa, eager, flash_attention_2, flex_attention).")
     shuffle_buffer: int = setting(10_000, MEMORY, "Pairs held for shuffling while streaming the shards.")
     logprob_chunk_rows: int = setting(1024, MEMORY, "Positions per chunk of the log-prob kernel (bounds its memory).")
+    # LoRA: the reference log-probs come from the shards, so no second (reference) model is held either way.
+    lora_r: int = setting(0, LORA, "LoRA rank (0: full fine-tuning). The base weights stay frozen; only the "
+                          "adapters, and their optimizer state, are trained and checkpointed.")
+    lora_alpha: float = setting(16.0, LORA, "LoRA alpha: the adapters' update is scaled by alpha / r.")
+    lora_dropout: float = setting(0.0, LORA, "Dropout on the adapters' input.")
+    lora_target_modules: str = setting(
+        "all-linear", LORA, "Layers to adapt: comma-separated module names (q_proj,v_proj) or all-linear (every "
+        "linear layer of the decoder, not the output layer).")
+    export_adapter: bool = setting(
+        False, LORA, "Also write the adapter alone, in peft's format, to final-adapter/ (final/ holds the merged "
+        "model).")
     logging_steps: int = setting(10, BOOKKEEPING, "Log the metrics every this many steps.")
     save_steps: int = setting(
         500, BOOKKEEPING, "Write a checkpoint every this many steps (0: none; the model is exported at the end).")
     resume: bool = setting(False, BOOKKEEPING, "Continue from the newest complete checkpoint in --output.")
     report_to: str = setting("none", BOOKKEEPING, "none, tensorboard or wandb (metrics.jsonl is always written).")
+    # Evaluation: the training objective's quantities on held-out pairs, without a gradient.
+    eval_data: str | None = setting(
+        None, EVALUATION, "Held-out pairs to evaluate on: a treg-score output folder or Hub dataset id, scored "
+        "like --data.")
+    eval_fraction: float = setting(
+        0.0, EVALUATION, "Or hold out this share of --data's pairs (picked by a hash of their place in the shards) "
+        "and evaluate on them instead of training on them.")
+    eval_steps: int = setting(
+        0, EVALUATION, "Evaluate every this many steps (0: only at the end; a run with an evaluation set is always "
+        "evaluated after its last step).")
 
     def loss_settings(self) -> LossSettings:
         simpo = self.loss.startswith("simpo")
@@ -126,6 +149,18 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.micro_batch_tokens >= 2 * config.max_length,
          "--micro-batch-tokens must hold one pair: at least 2 x --max-length"),
         (config.logging_steps >= 1 and config.save_steps >= 0, "--logging-steps must be >= 1 and --save-steps >= 0"),
+        (config.lora_r >= 0, "--lora-r must be >= 0 (0: full fine-tuning)"),
+        (config.lora_alpha > 0, "--lora-alpha must be positive"),
+        (0 <= config.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+        (bool(config.lora_target_modules.replace(",", "").strip()),
+         "--lora-target-modules must name at least one module, or be all-linear"),
+        (config.lora_r > 0 or not config.export_adapter, "--export-adapter needs --lora-r above 0"),
+        (not (config.eval_data and config.eval_fraction),
+         "give --eval-data or --eval-fraction, not both (held-out pairs come from one of them)"),
+        (0 <= config.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
+        (config.eval_steps >= 0, "--eval-steps must be >= 0"),
+        (not config.eval_steps or bool(config.eval_data or config.eval_fraction),
+         "--eval-steps needs pairs to evaluate on: --eval-data or --eval-fraction"),
     ]
     for ok, message in checks:
         if not ok:
@@ -134,17 +169,20 @@ def validate(config: TrainConfig) -> TrainConfig:
 
 
 # What a --resume may change: bookkeeping, and --max-steps to extend a run. Everything else
-# (the objective, the data order, the schedule, the model) would silently mix two runs.
-CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to")
+# (the objective, the data order, the schedule, the model) would silently mix two runs; so would
+# --eval-fraction (it decides which pairs are trained on) and --eval-data (one curve, two sets).
+CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to", "eval_steps")
 
 
 def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:
     """The settings, as flags with their old and new values, that differ from the run's own."""
     def same(name: str, old, new) -> bool:
-        if name in ("model", "data", "ref_model") and old and new and Path(old).exists() and Path(new).exists():
+        if (name in ("model", "data", "ref_model", "eval_data") and old and new and Path(old).exists()
+                and Path(new).exists()):
             return Path(old).resolve() == Path(new).resolve()
         return old == new
 
-    now = current.as_dict()
+    # A setting newer than the run is absent from its saved ones: the run had its default.
+    now, saved = current.as_dict(), {**TrainConfig().as_dict(), **saved}
     return [f"--{name.replace('_', '-')} {saved.get(name)!r} (now {now[name]!r})" for name in now
             if name not in CHANGEABLE_ON_RESUME and not same(name, saved.get(name), now[name])]

@@ -20,7 +20,7 @@ PANELS = [
     ("Reward accuracy", ["rewards/accuracies"]),
     ("Implicit rewards", ["rewards/chosen", "rewards/rejected", "rewards/margins"]),
     ("Token-reward agreement", ["token_reward_agreement"]),
-    ("Pair weight w", ["mean_w"]),
+    ("Pair weights", ["mean_w", "wpo_weight"]),
     ("Log-probabilities", ["logps/chosen", "logps/rejected"]),
     ("Gradient norm", ["grad_norm"]),
     ("Learning rate", ["learning_rate"]),

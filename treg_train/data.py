@@ -5,6 +5,9 @@ permutation of row groups, then a shuffle buffer of row coordinates), and row co
 one row group at a time, only for the rows this rank trains on. The position in the stream is
 a number of global batches, so resuming just regenerates the order and skips ahead.
 
+--eval-fraction holds pairs out by a hash of their coordinates (`held_out_rows`), so the split
+needs no row content either; the training side leaves them out of its order and its count.
+
 Nothing unchecked enters training: the folder must be a finished treg-score output (its manifest
 lists exactly the shards found), and each row group is checked for NaN, Inf and list lengths as
 it is read.
@@ -12,6 +15,7 @@ it is read.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import OrderedDict
@@ -99,10 +103,27 @@ def check_numbers(table: pa.Table, where: str) -> None:
                                 "score the data again or drop that pair")
 
 
+def held_out_rows(file_name: str, row_group: int, rows: int, fraction: float) -> np.ndarray:
+    """Which rows of a row group --eval-fraction holds out: those whose hash of (shard file name, row group, row)
+    falls below `fraction`. Nothing is read, so memory stays flat; the split is the same on every rank, on resume
+    and for every --seed (runs with other seeds are evaluated on the same pairs); a larger fraction holds out a
+    superset."""
+    key = int.from_bytes(hashlib.blake2b(f"{file_name}/{row_group}".encode(), digest_size=8).digest(), "little")
+    x = np.uint64(key) + np.arange(rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's mixer: uniform 64-bit values
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
 class ShardDataset:
+    """A scored folder's pairs, or with `holdout` one side of the --eval-fraction split: the pairs kept for
+    training, or with `held_out` the ones held out for evaluation."""
+
     def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True,
-                 buffer_size: int = 10_000):
+                 buffer_size: int = 10_000, holdout: float = 0.0, held_out: bool = False):
         root, self.files = resolve_shards(data)
+        self.holdout, self.held_out = holdout, held_out
         per_side = ("ids", reward_column) + (("ref_logps",) if with_ref_logps else ())
         self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]
         self.reward_column, self.with_ref_logps = reward_column, with_ref_logps
@@ -124,8 +145,9 @@ class ShardDataset:
             raise UserError("the shards were scored with different tokenizers; train on one scored dataset at a time")
         self.tokenizer_hash = hashes.pop()
         self.provenance = read_shard_metadata(self.files[0])["provenance"]
-        self.num_pairs = sum(rows for *_, rows in self.groups)
-        check_complete(root, self.files, self.num_pairs, self.provenance)
+        total = sum(rows for *_, rows in self.groups)
+        check_complete(root, self.files, total, self.provenance)
+        self.num_pairs = sum(len(self.rows(g)) for g in range(len(self.groups))) if holdout else total
         # Rows wait in the shuffle buffer for a while: keep enough row groups (as compact Arrow
         # tables) for the buffer's span, so each group is read about once per epoch.
         group_rows = max((rows for *_, rows in self.groups), default=1)
@@ -139,7 +161,7 @@ class ShardDataset:
         rng.shuffle(group_order)
         buffer: list[tuple[int, int]] = []
         for group in group_order:
-            for row in range(self.groups[group][2]):
+            for row in self.rows(group):
                 if len(buffer) < buffer_size:
                     buffer.append((group, row))
                     continue
@@ -148,6 +170,20 @@ class ShardDataset:
                 buffer[pick] = (group, row)
         rng.shuffle(buffer)
         yield from buffer
+
+    def rows(self, group: int) -> range | list[int]:
+        """The rows of a row group on this dataset's side of the split (all of them without one)."""
+        file_index, row_group, rows = self.groups[group]
+        if not self.holdout:
+            return range(rows)
+        held = held_out_rows(self.files[file_index].name, row_group, rows, self.holdout)
+        return np.flatnonzero(held == self.held_out).tolist()
+
+    def coordinates(self) -> Iterator[tuple[int, int]]:
+        """Every (row group, row) once in storage order: the evaluation's order, which needs no shuffle."""
+        for group in range(len(self.groups)):
+            for row in self.rows(group):
+                yield group, row
 
     def read(self, group: int, row: int) -> TrainingPair:
         table = self._group(group)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "sft_chosen")
+LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen")
+REGULARIZED = ("dpo_reg", "simpo_reg", "wpo_reg")
+WEIGHTED = ("wpo", "wpo_reg")  # need log Σ_v π(v)² per position from the policy's forward
 
 
 @dataclass
@@ -23,6 +25,7 @@ class SideTokens:
     ref_logps: torch.Tensor  # log π_ref(y_t | x, y_<t)
     rewards: torch.Tensor  # r̂_t (or another per-token column)
     mask: torch.Tensor  # True on response tokens
+    log_sum_sq_probs: torch.Tensor | None = None  # log Σ_v π_θ(v | x, y_<t)², for WPO's weight
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         return (values * self.mask).sum(-1)
@@ -62,14 +65,19 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     if settings.static_weight:
         weight = torch.ones_like(weight)
 
-    if settings.loss_type in ("dpo_reg", "simpo_reg"):
+    if settings.loss_type in WEIGHTED:
+        # WPO: the preference loss of each pair weighted by how likely the policy finds the pair.
+        pair_weight = wpo_weight(chosen) * wpo_weight(rejected)
+        preference = pair_weight * preference
+
+    if settings.loss_type in REGULARIZED:
         # L_REG(y) = − Σ_t scale · r̂_t · log π_θ(y_t): a token-weighted likelihood term.
         reg_w = -token_scale_w * chosen.sum(chosen.rewards * chosen.logps)
         reg_l = -token_scale_l * rejected.sum(rejected.rewards * rejected.logps)
         regularizer = alpha * weight * (reg_w + reg_l)
     elif settings.loss_type == "sft_chosen":
         regularizer = alpha * -chosen.sum(chosen.logps)
-    elif settings.loss_type in ("dpo", "simpo"):
+    elif settings.loss_type in ("dpo", "simpo", "wpo"):
         regularizer = torch.zeros_like(preference)
     else:
         raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
@@ -78,6 +86,7 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         "dpo_loss": preference.detach(),
         "reg_loss": regularizer.detach(),
         "mean_w": weight,
+        **({"wpo_weight": pair_weight} if settings.loss_type in WEIGHTED else {}),
         "rewards/chosen": reward_w.detach(),
         "rewards/rejected": reward_l.detach(),
         "rewards/margins": (reward_w - reward_l).detach(),
@@ -86,6 +95,17 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         "logps/rejected": rejected.sum(rejected.logps).detach(),
     }
     return preference + regularizer, metrics
+
+
+def wpo_weight(side: SideTokens) -> torch.Tensor:
+    """WPO's weight of one response (Zhou et al. 2024, Eq. 2, the length-normalised "sampled alignment"
+    form, as TRL's `use_weighting=True`): exp of the mean over its tokens of log π_θ(y_t) − log Σ_v π_θ(v)²,
+    detached. Σ_v π_θ(v)² is the probability that two samples from π_θ agree, so the weight compares the
+    response with what the policy would itself produce at each position."""
+    if side.log_sum_sq_probs is None:
+        raise ValueError("WPO needs log Σ_v π(v)² per position: run the policy with with_log_sum_sq=True")
+    aligned = side.sum(side.logps.detach() - side.log_sum_sq_probs) / side.length
+    return torch.exp(aligned)
 
 
 def implicit_token_rewards(side: SideTokens, beta: float) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Training metrics: averaged over the logging window and every rank, written to
-metrics.jsonl always, and to TensorBoard or W&B when asked."""
+metrics.jsonl always, and to TensorBoard or W&B when asked. Evaluation metrics (`eval/...`) are
+lines of their own, averaged over the held-out pairs and every rank."""
 
 from __future__ import annotations
 
@@ -64,11 +65,13 @@ class MetricSink:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": step, **values}) + "\n")
+        # Evaluation metrics arrive named eval/...; the rest are training's.
+        tagged = {name if name.startswith("eval/") else f"train/{name}": value for name, value in values.items()}
         if self.tensorboard:
-            for name, value in values.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
+            for name, value in tagged.items():
+                self.tensorboard.add_scalar(name, value, step)
         if self.wandb:
-            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+            self.wandb.log(tagged, step=step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines a killed run logged past its last checkpoint."""

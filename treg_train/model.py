@@ -9,6 +9,7 @@ from torch import nn
 
 from treg_data.errors import UserError
 from treg_data.forward import TokenLogprobs
+from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_adapter_weights
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
@@ -32,15 +33,20 @@ def empty_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Mod
 
 
 def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_implementation: str | None = None,
-                 chunk_rows: int = 1024, gradient_checkpointing: bool = False, trainable: bool = True) -> TokenLogprobs:
+                 chunk_rows: int = 1024, gradient_checkpointing: bool = False, trainable: bool = True,
+                 lora: LoraSettings | None = None) -> TokenLogprobs:
     """Every rank builds the model on the meta device and shards it; rank 0 alone reads the
     checkpoint (fp32 master weights) and scatters the shards. Host memory: one full copy on rank 0,
-    each rank's own shards elsewhere; the result equals loading the checkpoint on every rank."""
+    each rank's own shards elsewhere; the result equals loading the checkpoint on every rank.
+    With `lora`, adapters are injected before sharding (one FSDP unit holds a layer's frozen weights and its
+    adapters); rank 0 draws their first values and scatters them like the checkpoint's."""
     import torch.distributed as dist
 
     lm = empty_causal_lm(path, attn_implementation)
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        lm = add_adapters(lm, lora, path)
     model = shard_model(TokenLogprobs(lm, chunk_rows), mesh, param_dtype, trainable)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=mesh.device_type)
@@ -48,11 +54,13 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_imple
     if dist.get_rank() == 0:
         full = {f"lm.{key}": value
                 for key, value in load_causal_lm(path, torch.float32, attn_implementation).state_dict().items()}
+        if lora is not None:
+            full.update(initial_adapter_weights(model, lora.seed))
     saved_buffers = [[name for name in buffers if name in full]]  # the rest are computed in __init__
     dist.broadcast_object_list(saved_buffers, src=0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            scatter_rows(full.get(name), parameter.to_local(), parameter.shape)
+            scatter_rows(full.get(checkpoint_key(name)), parameter.to_local(), parameter.shape)
         for name, buffer in model.named_buffers():
             buffer.copy_(full[name] if name in full else buffers[name])
             if name in saved_buffers[0]:

@@ -3,6 +3,7 @@ resume), the steps (micro-batches, the update, logging, checkpoints), then the e
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint,
 from treg_train.collate import ModelInputs, collate, scatter_tokens
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
-from treg_train.losses import LossSettings, SideTokens, preference_loss, token_reward_agreement
+from treg_train.lora import LoraSettings
+from treg_train.losses import WEIGHTED, LossSettings, SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
 from treg_train.model import load_sharded, use_padding_free
 
@@ -59,6 +61,8 @@ class Run:
     total_steps: int
     sink: MetricSink
     step: int = 0
+    eval_dataset: ShardDataset | None = None  # the held-out pairs; None: no evaluation
+    postfix: dict = field(default_factory=dict)  # the progress bar's latest values, training's and evaluation's
 
 
 @dataclass
@@ -119,19 +123,21 @@ def _setup(config: TrainConfig, rt: Runtime) -> Run:
                         f"{rt.world_size} processes")
     checkpoint = check_output(output, config)
     tokenizer, dataset = _load_tokenizer_and_data(config)
+    eval_dataset = _load_eval_data(config, tokenizer)
     compute_dtype = _compute_dtype(config, rt.device)
     policy, reference = _build_models(config, rt, dataset, compute_dtype)
     total_steps = _count_steps(config, dataset)
     optimizer, scheduler = _build_optimizer(config, policy, total_steps)
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in {dtype_name(compute_dtype)}; "
-              f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}", file=sys.stderr)
+              f"{dataset.num_pairs} pairs, {total_steps} steps of {config.global_batch_size}"
+              + (f"; {eval_dataset.num_pairs} held-out pairs to evaluate on" if eval_dataset else ""), file=sys.stderr)
         # marked only now that every check passed (and every rank checked it, before loading)
         claim_folder(output, "treg-train")
     sink = MetricSink(output, config.report_to, config.as_dict(), enabled=rt.is_main)
     run = Run(config, rt, output, tokenizer, dataset, settings=config.loss_settings(), policy=policy,
               reference=reference, padding_free=use_padding_free(policy.lm, config.padding_free), optimizer=optimizer,
-              scheduler=scheduler, total_steps=total_steps, sink=sink)
+              scheduler=scheduler, total_steps=total_steps, sink=sink, eval_dataset=eval_dataset)
     if checkpoint is not None:
         _resume(run, checkpoint)
     return run
@@ -155,7 +161,7 @@ def check_output(output: Path, config: TrainConfig) -> Path | None:
     changed = changed_on_resume(saved["config"], config)
     if changed:
         raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
-                        "may change only --max-steps, --logging-steps, --save-steps and --report-to; "
+                        "may change only --max-steps, --logging-steps, --save-steps, --report-to and --eval-steps; "
                         "start a new --output")
     return checkpoint
 
@@ -169,17 +175,41 @@ def _load_tokenizer_and_data(config: TrainConfig) -> tuple[object, ShardDataset]
     except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
         raise UserError(f"cannot load the tokenizer of --model {config.model!r}: {first_line(err)}") from None
     dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                           buffer_size=config.shuffle_buffer)
+                           buffer_size=config.shuffle_buffer, holdout=config.eval_fraction)
+    _check_scored_for_the_model(config, tokenizer, dataset, config.data)
+    return tokenizer, dataset
+
+
+def _check_scored_for_the_model(config: TrainConfig, tokenizer, dataset: ShardDataset, data: str) -> None:
+    """Token ids mean something only under the tokenizer that made them; without --ref-model, the shards'
+    reference log-probs must be the policy's own."""
     if dataset.tokenizer_hash != tokenizer_fingerprint(tokenizer):
         raise UserError(
-            f"the shards in {config.data} were scored with another tokenizer or chat template than {config.model}'s; "
+            f"the shards in {data} were scored with another tokenizer or chat template than {config.model}'s; "
             "score the data with this model (treg-score --model ...) or train the model the data was scored for"
         )
     scorer, scored_for = dataset.provenance.get("scorer_model"), dataset.provenance.get("model")
     if config.ref_model is None and scorer and scored_for and scorer != scored_for:
-        raise UserError(f"the reference log-probs in {config.data} come from the --scorer-model {scorer}, not from "
+        raise UserError(f"the reference log-probs in {data} come from the --scorer-model {scorer}, not from "
                         f"{scored_for}; train with --ref-model {scored_for} to compute them online")
-    return tokenizer, dataset
+
+
+def _load_eval_data(config: TrainConfig, tokenizer) -> ShardDataset | None:
+    """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
+    holds out of --data; None without either. They are read in storage order, so a few cached row groups do."""
+    if config.eval_data:
+        dataset = ShardDataset(config.eval_data, config.reward_column, with_ref_logps=config.ref_model is None,
+                               buffer_size=1)
+        _check_scored_for_the_model(config, tokenizer, dataset, config.eval_data)
+    elif config.eval_fraction:
+        dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
+                               buffer_size=1, holdout=config.eval_fraction, held_out=True)
+        if dataset.num_pairs == 0:
+            raise UserError(f"--eval-fraction {config.eval_fraction} holds out none of the "
+                            f"{sum(rows for *_, rows in dataset.groups)} pairs in {config.data}; raise it")
+    else:
+        return None
+    return dataset
 
 
 def _compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
@@ -192,12 +222,19 @@ def _compute_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 def _build_models(config: TrainConfig, rt: Runtime, dataset: ShardDataset,
                   compute_dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The FSDP2 policy and, with --ref-model, the frozen online reference; without one the shards' reference
-    log-probs stand in, so they should come from the precision this run computes in."""
+    log-probs stand in, so they should come from the precision this run computes in. With --lora-r the policy
+    is the frozen checkpoint plus adapters: no second copy of the model either way."""
     if rt.is_main and config.ref_model is None:
         warn_on_precision_mismatch(dataset.provenance.get("dtype"), dtype_name(compute_dtype), config.data)
     mixed = compute_dtype if compute_dtype != torch.float32 else None
     load = dict(attn_implementation=config.attn_implementation, chunk_rows=config.logprob_chunk_rows)
-    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing, **load)
+    lora = LoraSettings.of(config)
+    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing,
+                          lora=lora, **load)
+    if rt.is_main and lora is not None:
+        trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+        print(f"treg-train: LoRA r={lora.r}, alpha {lora.alpha:g} on {lora.target_modules}: {trained / 1e6:.2f} M "
+              f"trainable parameters of {sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M", file=sys.stderr)
     reference = load_sharded(config.ref_model, rt.mesh, mixed, trainable=False, **load) if config.ref_model else None
     return policy, reference
 
@@ -224,7 +261,8 @@ def _count_steps(config: TrainConfig, dataset: ShardDataset) -> int:
 
 def _build_optimizer(config: TrainConfig, policy: torch.nn.Module,
                      total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
     return optimizer, scheduler
@@ -270,6 +308,11 @@ def _train_steps(run: Run) -> dict:
         bar.update(1)
         if run.step % config.logging_steps == 0 or run.step == run.total_steps:
             last = _log_window(run, window, bar, grad_norm, epoch)
+        due = run.step == run.total_steps or config.eval_steps and run.step % config.eval_steps == 0
+        if run.eval_dataset is not None and due:
+            began = time.perf_counter()
+            _evaluate(run, bar)  # after the last step too: on the weights the export writes
+            window.start += time.perf_counter() - began  # the throughput logged is training's alone
         if config.save_steps and run.step % config.save_steps == 0 and run.step < run.total_steps:
             _save_checkpoint(run)  # not at the last step: the export follows
     bar.close()
@@ -280,7 +323,8 @@ def _train_global_batch(run: Run, coordinates: list, window: LogWindow) -> torch
     """One update from one global batch, of which this rank trains its share. Returns the gradient norm."""
     micro = _micro_batches_of_this_rank(run, coordinates, window.metrics)
     not_finite = _accumulate_gradients(run, micro, window)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.policy.parameters(), run.config.max_grad_norm)
+    trainable = [p for p in run.policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, run.config.max_grad_norm)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     _stop_if_not_finite(run, not_finite, grad_norm)
     run.optimizer.step()
@@ -293,17 +337,25 @@ def _train_global_batch(run: Run, coordinates: list, window: LogWindow) -> torch
 def _micro_batches_of_this_rank(run: Run, coordinates: list, window: MetricWindow) -> list[tuple[list, bool]]:
     """This rank's pairs within --max-length (the others are counted as skipped), in micro-batches of at most
     --micro-batch-tokens, as many as on every other rank; each with whether it is real."""
-    config, rt = run.config, run.rt
-    mine = [run.dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
-    pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
-    window.add("skipped_too_long", len(mine) - len(pairs), 1)
-    batches = micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
-    micro = _pad_to_same_number_of_micro_batches(batches, mine[:1], rt.device)
+    config = run.config
+    mine, batches = _micro_batches_within_max_length(run, run.dataset, coordinates, window)
+    micro = _pad_to_same_number_of_micro_batches(batches, mine[:1], run.rt.device)
     if not micro:
         raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length {config.max_length} "
                         f"(prompt + response); raise it (the data was scored with max_length "
                         f"{run.dataset.provenance.get('max_length')})")
     return micro
+
+
+def _micro_batches_within_max_length(run: Run, dataset: ShardDataset, coordinates: list,
+                                     window: MetricWindow) -> tuple[list, list[list]]:
+    """This rank's share of `coordinates` read from `dataset`, and those of its pairs within --max-length in
+    micro-batches of at most --micro-batch-tokens; the others are counted as skipped."""
+    config, rt = run.config, run.rt
+    mine = [dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
+    pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
+    window.add("skipped_too_long", len(mine) - len(pairs), 1)
+    return mine, micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
 
 
 def _pad_to_same_number_of_micro_batches(micro: list[list], filler: list,
@@ -339,14 +391,20 @@ def _accumulate_gradients(run: Run, micro: list[tuple[list, bool]], window: LogW
 
 def _forward(policy, reference, inputs: ModelInputs, settings):
     args = (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.predict_index, inputs.targets)
-    logps = scatter_tokens(policy(*args), inputs.token_mask)
+    log_sum_sq = None
+    if settings.loss_type in WEIGHTED:
+        flat_logps, flat_log_sum_sq = policy(*args, with_log_sum_sq=True)
+        logps, log_sum_sq = (scatter_tokens(t, inputs.token_mask) for t in (flat_logps, flat_log_sum_sq))
+    else:
+        logps = scatter_tokens(policy(*args), inputs.token_mask)
     if reference is not None:
         with torch.no_grad():
             ref_logps = scatter_tokens(reference(*args), inputs.token_mask)
     else:
         ref_logps = inputs.ref_logps
     n = inputs.num_pairs
-    sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows])
+    sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows],
+                        None if log_sum_sq is None else log_sum_sq[rows])
              for rows in (slice(0, n), slice(n, 2 * n))]
     losses, metrics = preference_loss(*sides, settings)
     metrics["token_reward_agreement"] = token_reward_agreement(*sides, settings.beta) * n
@@ -371,8 +429,9 @@ def _log_window(run: Run, window: LogWindow, bar: tqdm, grad_norm: torch.Tensor,
     window.metrics.add("peak_memory_gb", peak_memory_gb(run.rt.device), 1)
     last = {**window.metrics.reduce(run.rt.device), "learning_rate": run.scheduler.get_last_lr()[0], "epoch": epoch}
     run.sink.log(run.step, last)
-    bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
-                    tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
+    run.postfix.update(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
+                       tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
+    bar.set_postfix(run.postfix)  # the latest evaluation's values stay beside them
     window.tokens, window.start = 0, time.perf_counter()
     return last
 
@@ -383,12 +442,58 @@ def _save_checkpoint(run: Run) -> None:
                     {"step": run.step, "scheduler": run.scheduler.state_dict(), "config": run.config.as_dict()})
 
 
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def _evaluate(run: Run, bar: tqdm) -> dict:
+    """The objective's metrics over every held-out pair, as `eval/...` lines of metrics.jsonl and in the progress
+    bar. The pairs go by chunks of a global batch, each rank forwarding its share as in training; the sums are
+    reduced over ranks, so the means are over all pairs. The training goes on as if nothing happened: no
+    gradient, no random number drawn (dropout off), the data stream untouched, the modules' modes restored."""
+    window = MetricWindow()
+    modes = {module: module.training for module in run.policy.modules()}
+    run.policy.eval()
+    try:
+        with torch.no_grad():
+            coordinates = run.eval_dataset.coordinates()
+            while chunk := list(itertools.islice(coordinates, run.config.global_batch_size)):
+                for pairs, real in _eval_micro_batches(run, chunk, window):
+                    inputs = collate(pairs, run.padding_free).to(run.rt.device)
+                    losses, metrics = _forward(run.policy, run.reference, inputs, run.settings)
+                    # A dummy adds nothing but its names: every rank must reduce the same ones.
+                    count = inputs.num_pairs if real else 0
+                    window.add("loss", losses.sum() if real else 0.0, count)
+                    for name, values in metrics.items():
+                        window.add(name, values.sum() if real else 0.0, count)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    run.policy.reshard()  # the root keeps its gathered weights after a forward without backward: free them
+    values = {f"eval/{name}": value for name, value in window.reduce(run.rt.device).items()}
+    run.sink.log(run.step, values)
+    if "eval/loss" in values:
+        run.postfix.update(eval_loss=f"{values['eval/loss']:.4f}", eval_acc=f"{values['eval/rewards/accuracies']:.2f}")
+        bar.set_postfix(run.postfix)
+    return values
+
+
+def _eval_micro_batches(run: Run, chunk: list, window: MetricWindow) -> list[tuple[list, bool]]:
+    """This rank's share of a chunk of held-out pairs within --max-length (the others are counted as skipped), in
+    micro-batches as many as on every other rank; a rank with no pair left repeats the chunk's first as a dummy."""
+    mine, batches = _micro_batches_within_max_length(run, run.eval_dataset, chunk, window)
+    filler = mine[:1] or [run.eval_dataset.read(*chunk[0])]
+    return _pad_to_same_number_of_micro_batches(batches, filler, run.rt.device)
+
+
 # ---- the end --------------------------------------------------------------------------------
 
 
 def _export_final_model(run: Run) -> None:
-    """A Hugging Face model in output/final, in the dtype of the checkpoint the run started from."""
+    """A Hugging Face model in output/final, in the dtype of the checkpoint the run started from (LoRA merged into
+    it); with --export-adapter the adapter alone in output/final-adapter too."""
     from transformers import AutoConfig
 
     lm_config = AutoConfig.from_pretrained(run.config.model)
-    export_hf(run.policy, lm_config, run.tokenizer, run.output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)])
+    adapter = run.output / "final-adapter" if run.config.export_adapter else None
+    export_hf(run.policy, lm_config, run.tokenizer, run.output / "final", dtype=DTYPES[checkpoint_dtype(lm_config)],
+              adapter_target=adapter)
