@@ -64,6 +64,14 @@ def test_curves_page_draws_every_metric_at_every_logged_step(run, tmp_path):
     assert re.search(r"<th>alpha</th><td>0.25</td>", text)
 
 
+def test_the_summary_is_the_last_training_line_even_after_an_evaluation(run):
+    from treg_train.curves import render_page
+
+    folder, rows = run
+    page = render_page(folder, rows + [{"step": rows[-1]["step"], "eval/loss": 0.5}], {})
+    assert f"{len(rows)} logged step(s), last at step {rows[-1]['step']}: loss {rows[-1]['loss']:.4g}" in page
+
+
 def test_a_folder_without_metrics_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(tmp_path)],
                             capture_output=True, text=True)

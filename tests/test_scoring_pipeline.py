@@ -147,6 +147,13 @@ def test_scorer_with_another_vocabulary_is_refused_before_any_work(tiny_model, t
         pipeline.run(hf_score_config(tiny_model, "unused", tmp_path / "out", scorer_model=str(other)))
 
 
+def test_dpo_rewards_against_another_scorer_are_refused(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "open_source", lambda *a: pytest.fail("no data may be read"))
+    with pytest.raises(UserError, match="--dpo-model needs the reference log-probs of --model"):
+        pipeline.run(hf_score_config(tiny_model, "unused", tmp_path / "out", scorer_model=str(tmp_path / "other"),
+                                     dpo_model=tiny_model))
+
+
 def test_missing_model_folder_is_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         pipeline.run(hf_score_config(str(tmp_path / "nope"), "unused", tmp_path / "out"))

@@ -113,6 +113,25 @@ def test_reference_log_probs_of_another_scorer_are_refused(tiny_model, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+def test_a_rank_whose_pairs_are_all_too_long_still_logs_with_the_others(tiny_model, tmp_path):
+    """With one pair per rank and step, the step that holds the one long pair leaves its rank with dummy forwards
+    only: every rank must still reduce the same metric names, or the log line would break the collective."""
+    rows = make_learnable_pairs(16)
+    rows[5]["chosen"] = " ".join(["The sum is what it is."] * 12)
+    pipeline.run(hf_score_config(tiny_model, write_jsonl(tmp_path / "pairs.jsonl", rows), tmp_path / "scored"))
+    scored = pq.read_table(tmp_path / "scored" / "data").to_pylist()
+    lengths = sorted(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in scored)
+    assert lengths[-1] > lengths[-2]
+    result = run(train_command("--model", tiny_model, "--data", tmp_path / "scored", "--output", tmp_path / "run",
+                               "--global-batch-size", "2", "--max-steps", "8", "--logging-steps", "1",
+                               "--max-length", str(lengths[-2]), "--micro-batch-tokens", "1024", "--save-steps", "0",
+                               processes=2), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_too_long"] for m in metrics].count(0.5) == 1  # one pair of one rank, averaged over 2 ranks
+    assert all("loss" in m for m in metrics)
+
+
 def test_max_length_below_every_pair_is_one_clear_line(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "3", "--max-length", "16")
     assert_one_line_error(result, "longer than --max-length 16")

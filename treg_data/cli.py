@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Optional
 
 from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
@@ -69,8 +70,7 @@ def score(
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     from treg_data import pipeline
 
-    settings = dict(locals())  # every option by name; all but the few below are ScoreConfig fields
-    del settings["pipeline"]
+    settings = dict(locals())  # every option by name: ScoreConfig takes its fields from them
 
     if dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
@@ -81,10 +81,9 @@ def score(
                         ("data-parallel-size", data_parallel_size), ("tensor-parallel-size", tensor_parallel_size)):
         if value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
-    for name in ("data_parallel_size", "push_to_hub", "hub_private"):
-        del settings[name]
-    columns = Columns(**{name: settings.pop(f"{name}_column") for name in ("prompt", "chosen", "rejected", "id")})
-    config = pipeline.ScoreConfig(columns=columns, **settings)
+    columns = Columns(**{name: settings[f"{name}_column"] for name in ("prompt", "chosen", "rejected", "id")})
+    names = [field.name for field in fields(pipeline.ScoreConfig) if field.name != "columns"]
+    config = pipeline.ScoreConfig(columns=columns, **{name: settings[name] for name in names})
     if data_parallel_size > 1:
         from treg_data.data_parallel import run_data_parallel
 

@@ -108,6 +108,9 @@ class Summary:
 
 def run(config: ScoreConfig) -> Summary:
     started = time.perf_counter()
+    if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
+        raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
+                        "them; score the DPO rewards in a run without --scorer-model")
     tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template)
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)

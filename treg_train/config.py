@@ -17,10 +17,8 @@ def setting(default, group: str, help: str):
     return field(default=default, metadata={"group": group, "help": help})
 
 
-RUN, OBJECTIVE, OPTIMISATION, MEMORY, BOOKKEEPING = (
-    "Run", "Objective", "Optimisation", "Memory and speed", "Bookkeeping")
-LORA = "LoRA"
-EVALUATION = "Evaluation"
+RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
+    "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
 
 
 @dataclass(frozen=True)
@@ -119,7 +117,8 @@ def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
 
 
 def _typed(name: str, value):
-    """YAML reads 5e-7 as a string (it wants 5.0e-7): numbers are converted by the field's type."""
+    """A value as the field's type, or one clear line: YAML reads 5e-7 as a string (it wants 5.0e-7), so numbers
+    are converted; a list of names becomes the comma-separated string the flag takes."""
     hint = typing.get_type_hints(TrainConfig)[name]
     kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
     if kind in (int, float) and isinstance(value, str):
@@ -129,6 +128,10 @@ def _typed(name: str, value):
             raise UserError(f"--config: {name} must be a number, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is str and isinstance(value, list):  # lora_target_modules: [q_proj, v_proj], as peft's configs write it
+        value = ",".join(map(str, value))
+    if (value is not None and not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool)):
+        raise UserError(f"--config: {name} must be {kind.__name__}, got {value!r}")
     return value
 
 

@@ -100,8 +100,9 @@ def chart_svg(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
 
 def render_page(run: str | Path, rows: list[dict], settings: dict) -> str:
     title = f"treg-train curves: {Path(run).resolve().name}"
-    last = rows[-1]
-    summary = (f"{len(rows)} logged step(s), last at step {last['step']}: loss {_fmt(last.get('loss', math.nan))}, "
+    training = [row for row in rows if "loss" in row] or rows  # evaluation writes lines of its own
+    last = training[-1]
+    summary = (f"{len(training)} logged step(s), last at step {last['step']}: loss {_fmt(last.get('loss', math.nan))}, "
                f"reward accuracy {_fmt(last.get('rewards/accuracies', math.nan))}")
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                     for k, v in settings.items())

@@ -50,6 +50,12 @@ class TrainingPair:
         """Tokens of [prompt + chosen; prompt + rejected]."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
+    def cut_to_one_token(self) -> TrainingPair:
+        """One token of prompt and of each response: the cheapest forward, for a dummy micro-batch."""
+        return TrainingPair(self.id, *(None if values is None else values[:1] for values in (
+            self.prompt_ids, self.chosen_ids, self.rejected_ids, self.chosen_ref_logps, self.rejected_ref_logps,
+            self.chosen_rewards, self.rejected_rewards)))
+
 
 def resolve_shards(data: str) -> tuple[Path, list[Path]]:
     """The treg-score output folder and its Parquet files, for that folder, its data/ folder, or a

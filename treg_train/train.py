@@ -24,7 +24,7 @@ from treg_data.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from treg_train.collate import ModelInputs, collate, scatter_tokens
 from treg_train.config import TrainConfig, changed_on_resume
-from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
+from treg_train.data import ShardDataset, TrainingPair, global_batches, micro_batches, rank_slice
 from treg_train.lora import LoraSettings
 from treg_train.losses import WEIGHTED, LossSettings, SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricSink, MetricWindow, peak_memory_gb
@@ -339,7 +339,7 @@ def _micro_batches_of_this_rank(run: Run, coordinates: list, window: MetricWindo
     --micro-batch-tokens, as many as on every other rank; each with whether it is real."""
     config = run.config
     mine, batches = _micro_batches_within_max_length(run, run.dataset, coordinates, window)
-    micro = _pad_to_same_number_of_micro_batches(batches, mine[:1], run.rt.device)
+    micro = _pad_to_same_number_of_micro_batches(batches, mine[0], run.rt.device)
     if not micro:
         raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length {config.max_length} "
                         f"(prompt + response); raise it (the data was scored with max_length "
@@ -358,14 +358,14 @@ def _micro_batches_within_max_length(run: Run, dataset: ShardDataset, coordinate
     return mine, micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
 
 
-def _pad_to_same_number_of_micro_batches(micro: list[list], filler: list,
+def _pad_to_same_number_of_micro_batches(micro: list[list], filler: TrainingPair,
                                          device: torch.device) -> list[tuple[list, bool]]:
     """Each micro-batch as (pairs, real), padded up to the most any rank has with dummies weighted zero in the
-    loss: its first micro-batch again, or `filler` where it has none."""
+    loss: `filler` cut to one token."""
     # Every rank must run as many forwards and backwards, or FSDP's collectives would not line up.
     count = torch.tensor([len(micro)], device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    dummy = (micro or [filler])[0]
+    dummy = [filler.cut_to_one_token()]  # the cheapest forward, and never beyond --max-length
     return [(pairs, True) for pairs in micro] + [(dummy, False)] * (int(count) - len(micro))
 
 
@@ -383,10 +383,16 @@ def _accumulate_gradients(run: Run, micro: list[tuple[list, bool]], window: LogW
         if real:
             not_finite += (~torch.isfinite(losses.detach())).sum()
             window.tokens += inputs.num_tokens
-            window.metrics.add("loss", losses.detach().sum(), inputs.num_pairs)
-            for name, values in metrics.items():
-                window.metrics.add(name, values.sum(), inputs.num_pairs)
+        _add_pair_metrics(window.metrics, losses.detach(), metrics, inputs.num_pairs, real)
     return not_finite
+
+
+def _add_pair_metrics(window: MetricWindow, losses: torch.Tensor, metrics: dict, num_pairs: int, real: bool) -> None:
+    """The loss and the objective's metrics summed over the pairs; a dummy micro-batch adds only their names, with
+    nothing to count, because every rank must reduce the same names even where all its forwards were dummies."""
+    window.add("loss", losses.sum() if real else 0.0, num_pairs if real else 0)
+    for name, values in metrics.items():
+        window.add(name, values.sum() if real else 0.0, num_pairs if real else 0)
 
 
 def _forward(policy, reference, inputs: ModelInputs, settings):
@@ -460,11 +466,7 @@ def _evaluate(run: Run, bar: tqdm) -> dict:
                 for pairs, real in _eval_micro_batches(run, chunk, window):
                     inputs = collate(pairs, run.padding_free).to(run.rt.device)
                     losses, metrics = _forward(run.policy, run.reference, inputs, run.settings)
-                    # A dummy adds nothing but its names: every rank must reduce the same ones.
-                    count = inputs.num_pairs if real else 0
-                    window.add("loss", losses.sum() if real else 0.0, count)
-                    for name, values in metrics.items():
-                        window.add(name, values.sum() if real else 0.0, count)
+                    _add_pair_metrics(window, losses, metrics, inputs.num_pairs, real)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -481,7 +483,7 @@ def _eval_micro_batches(run: Run, chunk: list, window: MetricWindow) -> list[tup
     """This rank's share of a chunk of held-out pairs within --max-length (the others are counted as skipped), in
     micro-batches as many as on every other rank; a rank with no pair left repeats the chunk's first as a dummy."""
     mine, batches = _micro_batches_within_max_length(run, run.eval_dataset, chunk, window)
-    filler = mine[:1] or [run.eval_dataset.read(*chunk[0])]
+    filler = mine[0] if mine else run.eval_dataset.read(*chunk[0])
     return _pad_to_same_number_of_micro_batches(batches, filler, run.rt.device)
 
 
