@@ -72,6 +72,18 @@ def test_the_summary_is_the_last_training_line_even_after_an_evaluation(run):
     assert f"{len(rows)} logged step(s), last at step {rows[-1]['step']}: loss {rows[-1]['loss']:.4g}" in page
 
 
+def test_a_line_cut_off_by_a_kill_is_left_out_by_the_page_and_by_resume(run):
+    from treg_train.curves import read_metrics
+    from treg_train.metrics import MetricSink
+
+    folder, rows = run
+    with open(folder / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 8, "loss": 0.4')  # a kill in the middle of a write
+    assert read_metrics(folder) == rows
+    MetricSink(folder, "none", {}, enabled=True).truncate_after(4)
+    assert read_metrics(folder) == [row for row in rows if row["step"] <= 4]
+
+
 def test_a_folder_without_metrics_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(tmp_path)],
                             capture_output=True, text=True)

@@ -6,13 +6,13 @@ opens offline and reads the same in any browser."""
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 
 import yaml
 
 from treg_data.errors import UserError
+from treg_train.metrics import read_metrics_file
 
 # Charts in reading order; a metric not named here gets a chart of its own, so none is left out.
 PANELS = [
@@ -36,7 +36,7 @@ def read_metrics(run: str | Path) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"no metrics.jsonl in {run}; give a treg-train output folder")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_metrics_file(path)
     if not rows:
         raise UserError(f"{path} is empty: the run has not logged a step yet")
     return rows
@@ -120,8 +120,12 @@ def run_settings(run: str | Path) -> dict:
 
 def write_curves(run: str | Path, output: str | Path | None = None) -> Path:
     target = Path(output) if output else Path(run) / "curves.html"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_page(run, read_metrics(run), run_settings(run)), encoding="utf-8")
+    page = render_page(run, read_metrics(run), run_settings(run))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(page, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write {target}: {err.strerror or err}") from None
     return target
 
 

@@ -41,6 +41,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def read_metrics_file(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl; a last line without its newline is one a kill cut off, and is left out."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 class MetricSink:
     def __init__(self, output: Path, report_to: str, config: dict, enabled: bool):
         self.enabled = enabled
@@ -74,10 +83,10 @@ class MetricSink:
             self.wandb.log(tagged, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines a killed run logged past its last checkpoint."""
+        """On resume, drop lines a killed run logged past its last checkpoint (and a line it was cut off in)."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = [json.dumps(row) for row in read_metrics_file(self.path) if row["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in lines))
 
     def close(self) -> None:
