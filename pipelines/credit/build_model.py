@@ -5,7 +5,7 @@ task it answers like a mediocre student (the SFT starting policy, misconceptions
 asked to revise a draft with this world's revision prompts it writes the right answer
 ("better") or a bad one ("worse"). Built once and cached:
 
-    python pipelines/credit/build_model.py [--output ~/.cache/treg/credit-model-v1] [--steps 1500]
+    python pipelines/credit/build_model.py [--output ~/.cache/treg/credit-model-v2] [--steps 2400]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import world  # noqa: E402
 
 MODEL_SHAPE = dict(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)  # about 2 M parameters
 KINDS = ("policy", "better", "worse")
-DEFAULT_FOLDER = Path(os.path.expanduser("~/.cache/treg")) / "credit-model-v1"
+DEFAULT_FOLDER = Path(os.path.expanduser("~/.cache/treg")) / "credit-model-v2"
 DRAFT_SLIP = 0.2  # drafts quoted in revision examples carry more slips than the policy makes
 
 
@@ -47,8 +47,10 @@ def example(task: world.Task, kind: str, rng: random.Random) -> tuple[list[dict]
 
 def batch_tensors(tokenizer, rng: random.Random, size: int,
                   kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One padded batch of examples of one kind (kinds differ in length; this keeps padding low)."""
-    rows = [policy.encode(tokenizer, *example(world.random_task(rng), kind, rng)) for _ in range(size)]
+    """One padded batch of examples of one kind and one length set, short or long (they differ in
+    length; this keeps padding low)."""
+    lengths = rng.choice((world.SHORT, world.LONG))
+    rows = [policy.encode(tokenizer, *example(world.random_task(rng, lengths), kind, rng)) for _ in range(size)]
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((size, width), tokenizer.pad_token_id)
     labels = torch.full((size, width), -100)
@@ -60,7 +62,7 @@ def batch_tensors(tokenizer, rng: random.Random, size: int,
     return input_ids, labels, attention
 
 
-def build(folder: Path = DEFAULT_FOLDER, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> Path:
+def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> Path:
     """Train and save the model into `folder` (written aside, then renamed: never half there)."""
     from tiny_model import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +103,7 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 1500, batch: int = 32, lr:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_FOLDER)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=2400)
     args = parser.parse_args()
     print(f"model in {build(args.output, steps=args.steps)}")
 

@@ -27,8 +27,9 @@ def rendered_prompt(tokenizer, task: world.Task) -> str:
 
 @torch.inference_mode()
 def answers(model, tokenizer, tasks: list[world.Task], samples: int = 1, seed: int = 0,
-            batch_prompts: int = 128, max_new_tokens: int = 16) -> list[list[str]]:
-    """`samples` answers per task at temperature 1, or the greedy answer when samples is 0."""
+            batch_prompts: int = 128) -> list[list[str]]:
+    """`samples` answers per task at temperature 1, or the greedy answer when samples is 0; room
+    for two digits more than the longest task's answer."""
     torch.manual_seed(seed)
     sampling = (dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples) if samples
                 else dict(do_sample=False))
@@ -37,6 +38,7 @@ def answers(model, tokenizer, tasks: list[world.Task], samples: int = 1, seed: i
         chunk = tasks[start:start + batch_prompts]
         inputs = tokenizer([rendered_prompt(tokenizer, t) for t in chunk], add_special_tokens=False,
                            padding=True, return_tensors="pt")
+        max_new_tokens = 2 * (max(t.n for t in chunk) + 2)  # a digit and a comma per number
         generated = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, **sampling)
         texts = tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

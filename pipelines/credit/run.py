@@ -1,17 +1,21 @@
 """The credit-assignment benchmark, end to end, in one command:
 
-    .venv/bin/python pipelines/credit/run.py [--seeds 0,1,2] [--output runs/credit]
+    .venv/bin/python pipelines/credit/run.py [--seeds 0,1,2,3,4] [--output runs/credit]
+    .venv/bin/python pipelines/credit/run.py --alpha-grid        # then: α swept where T-REG moves most
 
 1. builds (once, cached) the small model of `build_model.py`: the SFT starting policy, which
    also understands this world's revision prompts;
-2. per seed: samples the policy's answers to training tasks and keeps the best and the worst of
+2. per seed and pool (short answers, the same pairs with a share swapped by a noisy judge, long
+   answers): samples the policy's answers to training tasks and keeps the best and the worst of
    each task by a judge of the whole answer (sequence-level preference pairs);
-3. scores the pairs with treg-score (real vLLM) and measures how well r̂ separates the
-   ground-truth bad tokens from the good ones (AUROC);
-4. trains one model per method with treg-train, and measures on held-out tasks the AUROC of
-   its implicit token rewards β·log π_θ/π_ref against the ground truth, and the success rate of
-   its greedy answers;
-5. prints the table (mean ± standard deviation over seeds) and writes results.json.
+3. scores each pool with treg-score (real vLLM) and measures how well r̂ separates the
+   ground-truth bad tokens from the good ones (AUROC), on all tokens and on the hard ones;
+4. per regime (a pool and a number of pairs, one epoch) trains one model per method with
+   treg-train, and measures on held-out prompts the AUROC of its implicit token rewards
+   β·log π_θ/π_ref against the ground truth, and the success rate of its greedy and sampled
+   answers; DPO-reward regularization scores the pool again with the regime's own DPO model;
+5. prints the tables (means and paired differences with 95% intervals over seeds), writes
+   results.json, table.md and the learning-curve plot curves.png.
 
 A rerun picks up where it stopped: each finished measurement is kept in its seed's folder.
 """
@@ -25,8 +29,10 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +41,73 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_model  # noqa: E402
 import policy  # noqa: E402
+import report  # noqa: E402
 import world  # noqa: E402
 
 # treg-train flags of each method; everything else is shared (see Settings).
 METHODS = {
     "dpo": ["--loss", "dpo"],
     "dpo_reg": ["--loss", "dpo_reg"],
-    "dpo_reg_static": ["--loss", "dpo_reg", "--static-weight"],
-    "sft_chosen": ["--loss", "sft_chosen"],
     "simpo": ["--loss", "simpo"],
     "simpo_reg": ["--loss", "simpo_reg"],
+    "wpo": ["--loss", "wpo"],
+    "wpo_reg": ["--loss", "wpo_reg"],
+    "dporeward_reg": ["--loss", "dpo_reg", "--reward-column", "dpo_rewards"],
+    "dpo_reg_static": ["--loss", "dpo_reg", "--static-weight"],
+    "sft_chosen": ["--loss", "sft_chosen"],
 }
-LABELS = {
-    "dpo": "DPO",
-    "dpo_reg": "DPO + T-REG",
-    "dpo_reg_static": "DPO + T-REG, static weight (w = 1)",
-    "sft_chosen": "DPO + SFT on chosen",
-    "simpo": "SimPO",
-    "simpo_reg": "SimPO + T-REG",
-}
+DEFAULT_METHODS = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "dporeward_reg")
+# The α grid: with 0 (plain DPO) and 0.25 (the default, dpo_reg) these make the paper's grid.
+ALPHAS = (0.1, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The scored pairs of one seed that regimes train on."""
+
+    lengths: tuple[int, ...]  # the world's answer lengths (world.SHORT or world.LONG)
+    pairs: int
+    noise: float = 0.0  # share of pairs whose chosen and rejected are swapped (a noisy judge)
+    max_length: int = 64  # treg-score / treg-train --max-length
+    max_prompt_length: int = 48  # room for a revision prompt quoting the draft
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Training on the first `pairs` pairs of the seed's shuffled pool, each seen once."""
+
+    pool: str
+    pairs: int
 
 
 @dataclass(frozen=True)
 class Settings:
-    train_tasks: int = 1500
-    heldout_tasks: int = 30  # of the world's 100 prompts
+    pools: dict
+    regimes: dict
+    heldout_tasks: int = 30  # of the world's 100 prompts of each length set
     samples: int = 4  # policy samples per training task; best and worst make the pair
-    heldout_samples: int = 20  # labelled policy samples per held-out task, for the AUROC
-    build_steps: int = 1500
-    epochs: int = 2
+    heldout_samples: int = 20  # labelled policy samples per held-out prompt, for the AUROC
+    success_samples: int = 8  # sampled answers per held-out prompt, for the sampled success rate
+    build_steps: int = 2400
     learning_rate: float = 2e-4
-    global_batch_size: int = 32
+    global_batch_size: int = 8
     dpo_beta: float = 0.1
 
 
-SMOKE = Settings(train_tasks=48, heldout_tasks=10, heldout_samples=4, build_steps=20, epochs=1)
+CURVE = (50, 100, 200, 400)
+SETTINGS = Settings(
+    pools={"short": Pool(world.SHORT, max(CURVE)), "noisy": Pool(world.SHORT, max(CURVE), noise=0.25),
+           "long": Pool(world.LONG, 200, max_length=128, max_prompt_length=96)},
+    regimes={**{f"pairs-{n}": Regime("short", n) for n in CURVE},
+             "noisy-400": Regime("noisy", 400), "long-200": Regime("long", 200)},
+)
+SMOKE = replace(
+    SETTINGS, heldout_tasks=10, heldout_samples=4, success_samples=2, build_steps=20,
+    pools={"short": Pool(world.SHORT, 16), "noisy": Pool(world.SHORT, 16, noise=0.25),
+           "long": Pool(world.LONG, 8, max_length=128, max_prompt_length=96)},
+    regimes={"pairs-8": Regime("short", 8), "pairs-16": Regime("short", 16), "noisy-16": Regime("noisy", 16),
+             "long-8": Regime("long", 8)},
+)
 
 
 def write_json(path: Path, data) -> None:
@@ -79,75 +117,106 @@ def write_json(path: Path, data) -> None:
     partial.replace(path)
 
 
-def run(command: list[str], log: Path) -> None:
+def run(command: list[str], log: Path, env: dict | None = None) -> None:
     print("$ " + " ".join(command), flush=True)
     with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     if result.returncode:
-        sys.exit(f"credit benchmark: a step failed (exit {result.returncode}); see {log}")
+        raise RuntimeError(f"credit benchmark: a step failed (exit {result.returncode}); see {log}")
 
 
-def split_tasks(seed: int, train_count: int, heldout_count: int) -> tuple[list[world.Task], list[world.Task]]:
+def split_tasks(seed: int, lengths: tuple[int, ...], heldout_count: int) -> tuple[list[world.Task], list[world.Task]]:
     """Held-out prompts are a seeded share of the world that no preference pair is drawn from;
-    training tasks are drawn, with repeats, from the rest."""
-    rng, tasks = random.Random(seed), world.all_tasks()
-    rng.shuffle(tasks)
-    heldout, pool = tasks[:heldout_count], tasks[heldout_count:]
-    return [rng.choice(pool) for _ in range(train_count)], heldout
+    training prompts are the rest."""
+    tasks = world.all_tasks(lengths)
+    random.Random(seed).shuffle(tasks)
+    return tasks[heldout_count:], tasks[:heldout_count]
 
 
-# ---- the stages ----------------------------------------------------------------------------------
+# ---- stage one: pairs and their token rewards ----------------------------------------------------
 
 
-def make_pairs(model, tokenizer, tasks: list[world.Task], settings: Settings, seed: int, folder: Path) -> dict:
-    """Best and worst of the policy's samples per task by the judge; ties make no pair."""
-    samples = policy.answers(model, tokenizer, tasks, samples=settings.samples, seed=seed)
-    rows, judged = [], {"chosen": [], "rejected": []}
-    for n, (task, answers) in enumerate(zip(tasks, samples)):
-        scores = [world.judge(task, a) for a in answers]
-        best, worst = int(np.argmax(scores)), int(np.argmin(scores))
-        if scores[best] == scores[worst]:
-            continue
-        rows.append({"id": f"s{seed}-{n}", "prompt": task.prompt, "chosen": answers[best], "rejected": answers[worst],
-                     "task": asdict(task)})
-        judged["chosen"].append(scores[best])
-        judged["rejected"].append(scores[worst])
-    with open(folder / "pairs.jsonl", "w") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
-    return {"pairs": len(rows), "tasks": len(tasks), "judge_chosen": float(np.mean(judged["chosen"])),
-            "judge_rejected": float(np.mean(judged["rejected"]))}
+def make_pairs(model, tokenizer, prompts: list[world.Task], pool: Pool, settings: Settings, seed: int) -> list[dict]:
+    """Best and worst of the policy's samples per task by the judge, until the pool is full;
+    tasks whose samples tie make no pair."""
+    rng, rows, round_ = random.Random(seed), [], 0
+    while len(rows) < pool.pairs:
+        tasks = [rng.choice(prompts) for _ in range(pool.pairs)]
+        samples = policy.answers(model, tokenizer, tasks, samples=settings.samples, seed=seed * 1000 + round_)
+        for task, answers in zip(tasks, samples):
+            scores = [world.judge(task, a) for a in answers]
+            best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+            if scores[best] > scores[worst] and len(rows) < pool.pairs:
+                rows.append({"id": f"s{seed}-{len(rows)}", "prompt": task.prompt, "chosen": answers[best],
+                             "rejected": answers[worst], "task": asdict(task),
+                             "judge": [scores[best], scores[worst]]})
+        round_ += 1
+    return rows
 
 
-def score_pairs(model_dir: Path, folder: Path, enforce_eager: bool) -> Path:
-    template = folder / "revision-prompts.yaml"
+def noisy_copy(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """The same pairs, in the same order, with a seeded share of them swapped."""
+    rng, out = random.Random(seed + 7919), []
+    for row in rows:
+        if rng.random() < share:
+            row = {**row, "chosen": row["rejected"], "rejected": row["chosen"], "swapped": True}
+        out.append(row)
+    return out
+
+
+def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, enforce_eager: bool,
+          dpo_model: Path | None = None) -> Path:
+    template = pairs.parent / "revision-prompts.yaml"
     template.write_text(yaml.safe_dump(world.REVISION_PROMPTS))
-    scored = folder / "scored"
-    command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir),
-               "--dataset", str(folder / "pairs.jsonl"),
-               "--output", str(scored), "--revision-prompts", str(template), "--dtype", "float32", "--max-length", "64",
-               "--max-prompt-length", "48", "--batch-size", "128", "--overwrite"]
-    run(command + (["--enforce-eager"] if enforce_eager else []), folder / "score.log")
+    command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir), "--dataset", str(pairs),
+               "--output", str(scored), "--revision-prompts", str(template), "--dtype", "float32",
+               "--max-length", str(pool.max_length), "--max-prompt-length", str(pool.max_prompt_length),
+               "--batch-size", "256", "--overwrite"]
+    command += ["--enforce-eager"] if enforce_eager else []
+    command += ["--dpo-model", str(dpo_model)] if dpo_model else []
+    run(command, scored.with_suffix(".log"))
     return scored
 
 
-def rhat_auroc(tokenizer, folder: Path, scored: Path) -> dict:
-    """AUROC of the stored r̂ against the ground truth, over every token of every scored response;
-    the reference log-prob (the policy's own confidence) as the baseline to beat."""
+def token_truth(tokenizer, task: world.Task, response: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth label and hard-step flag of each response token."""
+    from treg_data.report import token_texts
+
+    texts = token_texts(tokenizer, [], ids)
+    return policy.labels_of(tokenizer, task, response, ids), world.token_flags(texts, world.hard_chars(task, response))
+
+
+def aurocs(scores: np.ndarray, labels: np.ndarray, hard: np.ndarray, prefix: str) -> dict:
+    return {f"{prefix}_auroc": world.auroc(scores, labels),
+            f"{prefix}_hard_auroc": world.auroc(scores[hard], labels[hard])}
+
+
+def stage_one(tokenizer, rows: list[dict], scored: Path) -> dict:
+    """AUROC of the stored r̂ against the ground truth, over every token of every scored response and
+    over the hard ones; the reference log-prob (the policy's own confidence) as the baseline."""
     import pyarrow.parquet as pq
 
-    tasks = {row["id"]: world.Task(**row["task"]) for row in map(json.loads, open(folder / "pairs.jsonl"))}
-    labels, rewards, ref_logps = [], [], []
+    tasks = {row["id"]: world.Task(**row["task"]) for row in rows}
+    labels, hard, rewards, ref_logps = [], [], [], []
     for file in sorted((scored / "data").glob("*.parquet")):
         for row in pq.read_table(file).to_pylist():
             for side in ("chosen", "rejected"):
-                labels.append(policy.labels_of(tokenizer, tasks[row["id"]], row[side][0]["content"],
-                                               row[f"{side}_ids"]))
+                truth = token_truth(tokenizer, tasks[row["id"]], row[side][0]["content"], row[f"{side}_ids"])
+                labels.append(truth[0])
+                hard.append(truth[1])
                 rewards.append(row[f"{side}_rewards"])
                 ref_logps.append(row[f"{side}_ref_logps"])
-    labels = np.concatenate(labels)
-    return {"rhat_auroc": world.auroc(np.concatenate(rewards), labels),
-            "ref_logp_auroc": world.auroc(np.concatenate(ref_logps), labels),
-            "tokens_good": int((labels == world.GOOD).sum()), "tokens_bad": int((labels == world.BAD).sum())}
+    labels, hard = np.concatenate(labels), np.concatenate(hard)
+    return {**aurocs(np.concatenate(rewards), labels, hard, "rhat"),
+            **aurocs(np.concatenate(ref_logps), labels, hard, "ref_logp"),
+            "pairs": len(rows), "swapped": sum(bool(r.get("swapped")) for r in rows),
+            "judge_chosen": float(np.mean([r["judge"][0] for r in rows])),
+            "judge_rejected": float(np.mean([r["judge"][1] for r in rows])),
+            "tokens_good": int((labels == world.GOOD).sum()), "tokens_bad": int((labels == world.BAD).sum()),
+            "tokens_hard": int((hard & (labels != world.NEUTRAL)).sum())}
+
+
+# ---- stage two: training and held-out measurements -----------------------------------------------
 
 
 @dataclass
@@ -155,120 +224,173 @@ class HeldOut:
     tasks: list[world.Task]
     requests: list[tuple[list[int], list[int]]]  # labelled policy samples: (prompt ids, response ids)
     labels: np.ndarray  # every response token's label, concatenated
+    hard: np.ndarray  # whether the token is a hard step
     ref_logps: np.ndarray  # the starting policy's log-probs of the same tokens
 
 
 def held_out(model, tokenizer, model_dir: Path, tasks: list[world.Task], settings: Settings, seed: int) -> HeldOut:
     samples = policy.answers(model, tokenizer, tasks, samples=settings.heldout_samples, seed=seed + 1)
-    requests, labels = [], []
+    requests, labels, hard = [], [], []
     for task, answers in zip(tasks, samples):
         for answer in answers:
             prompt_ids, ids = policy.response_ids(tokenizer, task, answer)
             requests.append((prompt_ids, ids))
-            labels.append(policy.labels_of(tokenizer, task, answer, ids))
+            truth = token_truth(tokenizer, task, answer, ids)
+            labels.append(truth[0])
+            hard.append(truth[1])
     ref = np.concatenate(policy.token_logps(model_dir, requests))
-    return HeldOut(tasks, requests, np.concatenate(labels), ref)
+    return HeldOut(tasks, requests, np.concatenate(labels), np.concatenate(hard), ref)
 
 
-def success_rate(model, tokenizer, tasks: list[world.Task]) -> float:
-    greedy = policy.answers(model, tokenizer, tasks, samples=0)
-    return float(np.mean([world.is_solved(t, a[0]) for t, a in zip(tasks, greedy)]))
+def success(model, tokenizer, heldout: HeldOut, settings: Settings, seed: int) -> dict:
+    """Exact right answers on the held-out prompts: greedy, and among sampled answers."""
+    greedy = policy.answers(model, tokenizer, heldout.tasks, samples=0)
+    sampled = policy.answers(model, tokenizer, heldout.tasks, samples=settings.success_samples, seed=seed + 2)
+    return {"greedy_success": float(np.mean([world.is_solved(t, a[0]) for t, a in zip(heldout.tasks, greedy)])),
+            "sampled_success": float(np.mean([world.is_solved(t, a) for t, s in zip(heldout.tasks, sampled)
+                                              for a in s]))}
 
 
-def train_and_measure(method: str, model_dir: Path, scored: Path, heldout: HeldOut, settings: Settings, seed: int,
-                      folder: Path) -> dict:
-    out = folder / f"train-{method}"
+def train(method: str, model_dir: Path, scored: Path, pool: Pool, regime: Regime, settings: Settings, seed: int,
+          out: Path, alpha: float | None = None) -> Path:
+    """treg-train on the regime's pairs, on one thread; returns the final model's folder."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, "-m", "treg_train", "--model", str(model_dir), "--data", str(scored),
                "--output", str(out), *METHODS[method], "--learning-rate", str(settings.learning_rate),
-               "--global-batch-size", str(settings.global_batch_size), "--num-train-epochs", str(settings.epochs),
-               "--max-length", "64", "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0",
-               "--seed", str(seed)]
-    if not method.startswith("simpo"):
-        command += ["--beta", str(settings.dpo_beta)]
-    started = time.perf_counter()
-    run(command, folder / f"train-{method}.log")
-    trained, tokenizer = policy.load(out / "final")
-    logps = np.concatenate(policy.token_logps(out / "final", heldout.requests))
-    return {"implicit_auroc": world.auroc(logps - heldout.ref_logps, heldout.labels),
-            "success": success_rate(trained, tokenizer, heldout.tasks),
-            "train_seconds": time.perf_counter() - started}
+               "--global-batch-size", str(settings.global_batch_size), "--num-train-epochs", "1",
+               "--max-steps", str(regime.pairs // settings.global_batch_size), "--max-length", str(pool.max_length),
+               "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0", "--seed", str(seed)]
+    command += [] if method.startswith("simpo") else ["--beta", str(settings.dpo_beta)]
+    command += [] if alpha is None else ["--alpha", str(alpha)]
+    run(command, out.with_suffix(".log"), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out / "final"
 
 
-def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str], output: Path,
-             enforce_eager: bool) -> dict:
-    folder = output / f"seed-{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    done = folder / "results.json"
-    results = json.loads(done.read_text()) if done.exists() else {}
-    model, tokenizer = policy.load(model_dir)
-    train_tasks, heldout_tasks = split_tasks(seed, settings.train_tasks, settings.heldout_tasks)
-    if "stage_one" not in results:
-        print(f"\n=== seed {seed}: pairs from the policy's samples, then treg-score ===", flush=True)
-        pairs = make_pairs(model, tokenizer, train_tasks, settings, seed, folder)
-        scored = score_pairs(model_dir, folder, enforce_eager)
-        results["stage_one"] = {**pairs, **rhat_auroc(tokenizer, folder, scored)}
-        results["reference"] = {"success": success_rate(model, tokenizer, heldout_tasks)}
-        write_json(done, results)
-    print(f"seed {seed}: {json.dumps(results['stage_one'])}", flush=True)
-    heldout = None
-    for method in methods:
-        if method in results:
-            continue
-        heldout = heldout or held_out(model, tokenizer, model_dir, heldout_tasks, settings, seed)
-        results[method] = train_and_measure(method, model_dir, folder / "scored", heldout, settings, seed, folder)
-        print(f"seed {seed} {method}: {json.dumps(results[method])}", flush=True)
-        write_json(done, results)
-    return results
+def measure(final: Path, heldout: HeldOut, settings: Settings, seed: int) -> dict:
+    trained, tokenizer = policy.load(final)
+    logps = np.concatenate(policy.token_logps(final, heldout.requests))
+    return {**aurocs(logps - heldout.ref_logps, heldout.labels, heldout.hard, "implicit"),
+            **success(trained, tokenizer, heldout, settings, seed)}
 
 
-# ---- the table -----------------------------------------------------------------------------------
+class Seed:
+    """One seed's pools, held-out sets and results (results.json in its folder, kept as it grows)."""
+
+    def __init__(self, seed: int, model_dir: Path, settings: Settings, output: Path, enforce_eager: bool):
+        self.seed, self.model_dir, self.settings, self.enforce_eager = seed, model_dir, settings, enforce_eager
+        self.folder = output / f"seed-{seed}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.results_file = self.folder / "results.json"
+        self.results = json.loads(self.results_file.read_text()) if self.results_file.exists() else {}
+        self.model, self.tokenizer = policy.load(model_dir)
+        self.heldouts: dict[tuple, HeldOut] = {}
+        self.lock, self.scoring, self.measuring = threading.Lock(), threading.Lock(), threading.Lock()
+
+    def record(self, key: str, value: dict) -> None:
+        with self.lock:
+            self.results[key] = value
+            write_json(self.results_file, self.results)
+        print(f"seed {self.seed} {key}: {json.dumps(value)}", flush=True)
+
+    def prepare_pools(self) -> None:
+        """Pairs, scoring and stage-one measurements of every pool (the noisy pool is the short one's
+        pairs with a share swapped, so the two differ only in the swaps)."""
+        drawn: dict[tuple, list[dict]] = {}
+        for name, pool in self.settings.pools.items():
+            folder, key = self.folder / f"pool-{name}", f"stage_one/{name}"
+            if key in self.results and (folder / "scored").exists():
+                continue
+            folder.mkdir(exist_ok=True)
+            prompts, _ = split_tasks(self.seed, pool.lengths, self.settings.heldout_tasks)
+            if (pool.lengths, pool.pairs) not in drawn:
+                drawn[pool.lengths, pool.pairs] = make_pairs(self.model, self.tokenizer, prompts, pool, self.settings,
+                                                             self.seed)
+            rows = noisy_copy(drawn[pool.lengths, pool.pairs], pool.noise, self.seed)
+            (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            scored = score(self.model_dir, folder / "pairs.jsonl", folder / "scored", pool, self.enforce_eager)
+            self.record(key, stage_one(self.tokenizer, rows, scored))
+
+    def heldout(self, lengths: tuple[int, ...]) -> HeldOut:
+        if lengths not in self.heldouts:
+            _, tasks = split_tasks(self.seed, lengths, self.settings.heldout_tasks)
+            self.heldouts[lengths] = held_out(self.model, self.tokenizer, self.model_dir, tasks, self.settings,
+                                              self.seed)
+            key = report.reference_key(lengths)
+            if key not in self.results:
+                self.record(key, success(self.model, self.tokenizer, self.heldouts[lengths], self.settings, self.seed))
+        return self.heldouts[lengths]
+
+    def train(self, regime_name: str, method: str, alpha: float | None = None) -> None:
+        """Train one method in one regime and measure it (the DPO model is kept: DPO-reward
+        regularization scores the pool with it)."""
+        key = f"{regime_name}/{method}" + ("" if alpha is None else f"@{alpha}")
+        if key in self.results:
+            return
+        regime = self.settings.regimes[regime_name]
+        pool = self.settings.pools[regime.pool]
+        scored = self.folder / f"pool-{regime.pool}" / "scored"
+        dpo_model = self.folder / f"{regime_name}-dpo-model"
+        if method == "dporeward_reg":
+            if not (dpo_model / "config.json").exists():
+                self._keep(train("dpo", self.model_dir, scored, pool, regime, self.settings, self.seed,
+                                 self.folder / f"train-{regime_name}-dpo-again"), dpo_model)
+            with self.scoring:  # one engine at a time
+                scored = score(self.model_dir, scored.parent / "pairs.jsonl", self.folder / f"{regime_name}-dporeward",
+                               pool, self.enforce_eager, dpo_model=dpo_model)
+        started = time.perf_counter()
+        out = self.folder / f"train-{key.replace('/', '-').replace('@', '-alpha-')}"
+        final = train(method, self.model_dir, scored, pool, regime, self.settings, self.seed, out, alpha)
+        with self.measuring:  # in turn: sampling seeds torch's one generator
+            result = {**measure(final, self.heldout(pool.lengths), self.settings, self.seed),
+                      "seconds": time.perf_counter() - started}
+        self._keep(final, dpo_model) if (method, alpha) == ("dpo", None) else shutil.rmtree(final)
+        self.record(key, result)
+
+    @staticmethod
+    def _keep(final: Path, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        final.rename(folder)
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+def run_jobs(state: Seed, jobs: list[tuple], workers: int) -> None:
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(state.train, *job) for job in jobs]:
+            done.result()
 
 
-def table(per_seed: dict[int, dict], methods: list[str]) -> str:
-    seeds = sorted(per_seed)
-    stage_one = [per_seed[s]["stage_one"] for s in seeds]
-    lines = [
-        f"seeds {', '.join(map(str, seeds))}; mean ± standard deviation over seeds",
-        "",
-        "stage one: how well a per-token score separates bad tokens from good ones (AUROC, 0.5 = chance)",
-        "",
-        "| token score | AUROC |",
-        "|---|---|",
-        f"| r̂ (treg-score, contrastive revision prompts) | {mean_std([s['rhat_auroc'] for s in stage_one])} |",
-        f"| log π_ref (the policy's own confidence) | {mean_std([s['ref_logp_auroc'] for s in stage_one])} |",
-        "",
-        f"pairs per seed: {np.mean([s['pairs'] for s in stage_one]):.0f} from {stage_one[0]['tasks']} sampled tasks; "
-        f"judge score chosen {np.mean([s['judge_chosen'] for s in stage_one]):.2f}, "
-        f"rejected {np.mean([s['judge_rejected'] for s in stage_one]):.2f}",
-        "",
-        "after training, on held-out tasks",
-        "",
-        "| method | implicit token reward AUROC | greedy success rate |",
-        "|---|---|---|",
-        f"| starting policy (SFT) | — | {mean_std([per_seed[s]['reference']['success'] for s in seeds])} |",
-    ]
-    for method in methods:
-        auc = mean_std([per_seed[s][method]["implicit_auroc"] for s in seeds])
-        lines.append(f"| {LABELS[method]} | {auc} | {mean_std([per_seed[s][method]['success'] for s in seeds])} |")
-    return "\n".join(lines)
+def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str], output: Path, enforce_eager: bool,
+             workers: int, alpha_regime: str | None = None) -> dict:
+    """Every training of a seed; `workers` at a time, each on one thread (the models are small)."""
+    state = Seed(seed, model_dir, settings, output, enforce_eager)
+    print(f"\n=== seed {seed}: pairs from the policy's samples, then treg-score ===", flush=True)
+    state.prepare_pools()
+    if alpha_regime:
+        run_jobs(state, [(alpha_regime, "dpo_reg", alpha) for alpha in ALPHAS], workers)
+        return state.results
+    run_jobs(state, [(regime, method) for method in methods if method != "dporeward_reg"
+                     for regime in settings.regimes], workers)
+    if "dporeward_reg" in methods:  # after the DPO models it scores with
+        run_jobs(state, [(regime, "dporeward_reg") for regime in settings.regimes], workers)
+    return state.results
+
+
+# ---- main ----------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--output", type=Path, default=Path("runs/credit"))
     parser.add_argument("--model-dir", type=Path, default=build_model.DEFAULT_FOLDER,
                         help="where the built model is cached")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--alpha-grid", action="store_true",
+                        help=f"train DPO + T-REG with α in {ALPHAS} in the regime where DPO + T-REG − DPO is largest")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="trainings at a time")
     parser.add_argument("--smoke", action="store_true", help="a minute-scale run on a barely trained model (for tests)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation")
     args = parser.parse_args()
-    settings = SMOKE if args.smoke else Settings()
+    settings = SMOKE if args.smoke else SETTINGS
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -278,12 +400,19 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     print("=== the model (built once, then cached) ===", flush=True)
     model_dir = build_model.build(args.model_dir, steps=settings.build_steps)
-    per_seed = {int(s): run_seed(int(s), model_dir, settings, methods, args.output, args.enforce_eager)
-                for s in args.seeds.split(",")}
-    report = table(per_seed, methods)
-    write_json(args.output / "results.json", {"settings": asdict(settings), "model": str(model_dir), "seeds": per_seed})
-    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===\n{report}\n\n"
-          f"results in {args.output / 'results.json'}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers)
+                for s in seeds}
+    if args.alpha_grid:
+        alpha_regime = report.largest_difference_regime(per_seed, settings.regimes)
+        per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers,
+                                alpha_regime) for s in seeds}
+    tables = report.tables(per_seed, settings, methods)
+    write_json(args.output / "results.json", {"settings": repr(settings), "model": str(model_dir), "seeds": per_seed})
+    (args.output / "table.md").write_text(tables + "\n")
+    report.plot(per_seed, settings, methods, args.output / "curves.png")
+    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===\n{tables}\n\n"
+          f"results in {args.output / 'results.json'}, plot in {args.output / 'curves.png'}")
 
 
 if __name__ == "__main__":

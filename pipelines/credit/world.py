@@ -1,7 +1,8 @@
 """A task world where every response token's quality is known.
 
 A prompt asks to count up or down from a digit, mod 10, for n numbers ("count up from [8], five
-numbers" -> "8,9,0,1,2"). Each step is checked on its own: a digit is right when it is the
+numbers" -> "8,9,0,1,2"): four to eight numbers (SHORT), or twelve to sixteen (LONG), where one
+wrong step hides among many right ones. Each step is checked on its own: a digit is right when it is the
 previous digit of the same response plus (or minus) one, so one wrong step does not condemn the
 steps after it. Every token is labelled good (a right step), bad (a wrong
 step, a digit too many, or an end-of-turn that comes too early) or neutral (commas, the
@@ -32,7 +33,9 @@ REVISION_PROMPTS = {
 SLIP = 0.06  # chance of a random wrong step, anywhere
 MISCONCEPTION = 0.6  # chance of the misconceived step where it applies
 WORSE_SLIP = 0.5  # chance of a wrong step in a "worse" revision
-NUMBER_WORDS = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+NUMBER_WORDS = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
+                12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen"}
+SHORT, LONG = (4, 5, 6, 7, 8), (12, 13, 14, 15, 16)
 
 
 @dataclass(frozen=True)
@@ -65,13 +68,13 @@ class Task:
         return digits
 
 
-def all_tasks() -> list[Task]:
-    """The whole world: 100 prompts."""
-    return [Task(d, start, n) for d in ("up", "down") for start in range(10) for n in NUMBER_WORDS]
+def all_tasks(lengths: tuple[int, ...] = SHORT) -> list[Task]:
+    """The world of one length set: 100 prompts."""
+    return [Task(d, start, n) for d in ("up", "down") for start in range(10) for n in lengths]
 
 
-def random_task(rng: random.Random) -> Task:
-    return Task(rng.choice(("up", "down")), rng.randrange(10), rng.choice(list(NUMBER_WORDS)))
+def random_task(rng: random.Random, lengths: tuple[int, ...] = SHORT) -> Task:
+    return Task(rng.choice(("up", "down")), rng.randrange(10), rng.choice(lengths))
 
 
 def answer_text(digits: list[int]) -> str:
@@ -119,6 +122,19 @@ def char_labels(task: Task, response: str) -> tuple[list[int], int]:
     return labels, (BAD if len(items) < task.n else NEUTRAL)
 
 
+def hard_chars(task: Task, response: str) -> list[bool]:
+    """Per character of the response: whether it belongs to a step that crosses zero, where the
+    starting policy prefers its misconception (the hard steps, where log π_ref points the wrong way)."""
+    flags, items = [], response.split(",")
+    for position, item in enumerate(items):
+        if position:
+            flags.append(False)
+        previous = items[position - 1] if position else ""
+        crossing = len(previous) == 1 and previous.isdigit() and task.misconceived(int(previous)) is not None
+        flags.extend([crossing and position < task.n] * len(item))
+    return flags
+
+
 def judge(task: Task, response: str) -> float:
     """A score for the whole response (sequence level only, like a reward model): the share of
     right steps, less the share of missing or extra ones."""
@@ -146,6 +162,15 @@ def token_labels(token_texts: list[str], chars: list[int], end_label: int) -> np
             labels.append(GOOD if GOOD in covered else NEUTRAL)
         start += len(text)
     return np.asarray(labels, dtype=np.int8)
+
+
+def token_flags(token_texts: list[str], chars: list[bool]) -> np.ndarray:
+    """Per token: whether it covers a flagged character."""
+    flags, start = [], 0
+    for text in token_texts:
+        flags.append(any(chars[start:start + len(text)]))
+        start += len(text)
+    return np.asarray(flags, dtype=bool)
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
