@@ -1,5 +1,5 @@
-"""The credit-assignment benchmark: its ground truth, its AUROC, and a smoke run of the whole
-thing (real vLLM scoring, real treg-train) on a barely trained model."""
+"""The credit-assignment benchmark: its ground truth, its AUROC, its statistics, and a smoke run
+of the whole thing (real vLLM scoring, real treg-train) on a barely trained model."""
 
 import itertools
 import json
@@ -88,28 +88,81 @@ def test_auroc_matches_the_pairwise_definition():
     assert world.auroc(np.array([1.0, 2.0]), np.array([GOOD, BAD])) == 0.0
 
 
+def test_hard_steps_are_the_zero_crossings_wherever_the_response_goes():
+    task = world.Task("up", 8, 4)  # 8,9,0,1
+    assert world.hard_chars(task, "8,9,0,1") == [False] * 4 + [True] + [False] * 2
+    assert world.hard_chars(task, "8,9,1,2") == [False] * 4 + [True] + [False] * 2  # the misconception: hard, bad
+    assert world.hard_chars(task, "8,7,8,9") == [False] * 7  # a slip: no crossing follows from its own digits
+    assert world.hard_chars(world.Task("down", 1, 3), "1,0,8") == [False] * 4 + [True]
+    assert world.token_flags(["8", ",9", ",", "1"], world.hard_chars(task, "8,9,1")).tolist() == [False, False, False,
+                                                                                                  True]
+
+
+def test_long_tasks_are_a_world_of_their_own():
+    long = world.all_tasks(world.LONG)
+    assert len(long) == len(set(long)) == 100 and {t.n for t in long} == set(world.LONG)
+    assert world.Task("up", 3, 12).prompt == "count up from [3], twelve numbers"
+    assert not set(long) & set(world.all_tasks(world.SHORT))
+
+
 def test_held_out_prompts_are_never_trained_on():
     import run
 
-    train, heldout = run.split_tasks(seed=0, train_count=500, heldout_count=30)
-    assert len(world.all_tasks()) == len(set(world.all_tasks())) == 100
-    assert len(set(heldout)) == 30 and not set(train) & set(heldout) and len(set(train)) == 70
-    assert run.split_tasks(seed=1, train_count=5, heldout_count=30)[1] != heldout  # each seed its own split
+    for lengths in (world.SHORT, world.LONG):
+        train, heldout = run.split_tasks(seed=0, lengths=lengths, heldout_count=30)
+        assert len(set(heldout)) == 30 and len(set(train)) == 70 and not set(train) & set(heldout)
+        assert run.split_tasks(seed=1, lengths=lengths, heldout_count=30)[1] != heldout  # each seed its own split
+
+
+def test_the_noisy_judge_swaps_a_seeded_share_and_keeps_the_order():
+    import run
+
+    rows = [{"id": str(i), "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(2000)]
+    noisy = run.noisy_copy(rows, 0.25, seed=3)
+    assert [r["id"] for r in noisy] == [r["id"] for r in rows]
+    swapped = [r for r in noisy if r.get("swapped")]
+    assert 0.22 < len(swapped) / len(rows) < 0.28
+    assert all(r["chosen"] == f"r{r['id']}" and r["rejected"] == f"c{r['id']}" for r in swapped)
+    assert noisy == run.noisy_copy(rows, 0.25, seed=3) and run.noisy_copy(rows, 0.0, seed=3) == rows
+
+
+def test_intervals_and_paired_differences():
+    import report
+
+    mean, half = report.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / np.sqrt(5))
+    per_seed = {s: {"r/dpo": {"m": 0.5 + s}, "r/dpo_reg": {"m": 0.6 + s}, "q/dpo": {"m": 0.5}, "q/dpo_reg": {"m": 0.3}}
+                for s in range(3)}
+    assert report.paired(per_seed, "r", "dpo_reg", "dpo", "m") == pytest.approx([0.1] * 3)
+    assert report.difference([0.1, 0.1, 0.1]) == "+0.100 [+0.100, +0.100]"
+    per_seed = {s: {**per_seed[s], "r/dpo": {report.PRIMARY: 0.5}, "r/dpo_reg": {report.PRIMARY: 0.6},
+                    "q/dpo": {report.PRIMARY: 0.5}, "q/dpo_reg": {report.PRIMARY: 0.3}} for s in per_seed}
+    assert report.largest_difference_regime(per_seed, {"r": None, "q": None}) == "q"  # |−0.2| > |+0.1|
 
 
 @pytest.mark.engine
 def test_smoke_run_of_the_whole_benchmark(tmp_path):
+    import run
+
+    methods = ["dpo", "dpo_reg", "dporeward_reg"]
     command = [sys.executable, str(CREDIT / "run.py"), "--smoke", "--seeds", "0", "--output", str(tmp_path / "out"),
-               "--model-dir", str(tmp_path / "model"), "--enforce-eager"]
+               "--model-dir", str(tmp_path / "model"), "--enforce-eager", "--methods", ",".join(methods)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())["seeds"]["0"]
-    stage_one = results["stage_one"]
-    assert stage_one["pairs"] > 0 and stage_one["tokens_good"] > 0 and stage_one["tokens_bad"] > 0
-    import run
-
-    for method in run.METHODS:
-        assert 0.0 <= results[method]["implicit_auroc"] <= 1.0 and 0.0 <= results[method]["success"] <= 1.0
-        assert f"| {run.LABELS[method]} |" in result.stdout
-        assert (tmp_path / "out" / "seed-0" / f"train-{method}" / "final" / "config.json").exists()
-    assert "r̂ (treg-score" in result.stdout
+    for pool in run.SMOKE.pools:
+        stage_one = results[f"stage_one/{pool}"]
+        assert stage_one["pairs"] == run.SMOKE.pools[pool].pairs and stage_one["tokens_good"] > 0
+    short, noisy = ([json.loads(line) for line in open(tmp_path / "out" / "seed-0" / f"pool-{pool}" / "pairs.jsonl")]
+                    for pool in ("short", "noisy"))
+    assert [r["id"] for r in noisy] == [r["id"] for r in short]  # the same pairs, some swapped
+    assert results["stage_one/noisy"]["swapped"] == sum(a["chosen"] != b["chosen"] for a, b in zip(short, noisy))
+    for regime in run.SMOKE.regimes:
+        for method in methods:
+            measured = results[f"{regime}/{method}"]
+            assert 0.0 <= measured["implicit_auroc"] <= 1.0 and 0.0 <= measured["sampled_success"] <= 1.0
+            assert f"| {regime} | {run.report.LABELS[method]} |" in result.stdout
+        assert (tmp_path / "out" / "seed-0" / f"{regime}-dporeward" / "manifest.json").exists()
+    assert "| pairs-16 | DPO + T-REG − DPO |" in result.stdout
+    assert "| pairs-16 | DPO + DPO-reward reg. − DPO |" in result.stdout
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,7 +72,7 @@ def tables(per_seed: dict, settings, methods: list[str]) -> str:
     lines = [f"seeds {', '.join(map(str, seeds))}; mean ± half-width of the 95% t-interval over seeds", "",
              "stage one: how well a per-token score separates bad tokens from good ones (AUROC, 0.5 = chance; "
              "hard = the steps that cross zero, where the starting policy prefers its misconception)", "",
-             "| pool | pairs | swapped | judge chosen / rejected | r̂ AUROC | r̂ hard AUROC | log π_ref AUROC "
+             "| pool | pairs | swapped | judge, best / worst answer | r̂ AUROC | r̂ hard AUROC | log π_ref AUROC "
              "| log π_ref hard AUROC |", "|---|---|---|---|---|---|---|---|"]
     for name, pool in settings.pools.items():
         key = f"stage_one/{name}"
