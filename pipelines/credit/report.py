@@ -59,7 +59,8 @@ def paired(per_seed: dict, regime: str, better: str, base: str, name: str) -> li
 
 
 def largest_difference_regime(per_seed: dict, regimes: dict) -> str:
-    """The regime where |DPO + T-REG − DPO| on the primary metric is largest, on average over seeds."""
+    """The regime where |DPO + T-REG − DPO| on the primary metric is largest, on average over seeds
+    (the first in order among equals)."""
     return max(regimes, key=lambda r: abs(np.mean(paired(per_seed, r, "dpo_reg", "dpo", PRIMARY) or [0.0])))
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python pipelines/credit/run.py [--seeds 0,1,2,3,4] [--output runs/credit]
     .venv/bin/python pipelines/credit/run.py --alpha-grid        # then: α swept where T-REG moves most
+    .venv/bin/python pipelines/credit/run.py --alpha-regime noisy-400   # or in a regime you name
 
 1. builds (once, cached) the small model of `build_model.py`: the SFT starting policy, which
    also understands this world's revision prompts;
@@ -385,6 +386,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
     parser.add_argument("--alpha-grid", action="store_true",
                         help=f"train DPO + T-REG with α in {ALPHAS} in the regime where DPO + T-REG − DPO is largest")
+    parser.add_argument("--alpha-regime", choices=sorted(set(SETTINGS.regimes) | set(SMOKE.regimes)),
+                        help="the α grid in this regime instead")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="trainings at a time")
     parser.add_argument("--smoke", action="store_true", help="a minute-scale run on a barely trained model (for tests)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation")
@@ -402,8 +405,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers)
                 for s in seeds}
-    if args.alpha_grid:
-        alpha_regime = report.largest_difference_regime(per_seed, settings.regimes)
+    if args.alpha_grid or args.alpha_regime:
+        alpha_regime = args.alpha_regime or report.largest_difference_regime(per_seed, settings.regimes)
         per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers,
                                 alpha_regime) for s in seeds}
     tables = report.tables(per_seed, settings, methods)
