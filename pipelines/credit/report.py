@@ -106,19 +106,22 @@ def tables(per_seed: dict, settings, methods: list[str]) -> str:
 
 
 def alpha_table(per_seed: dict, settings) -> list[str]:
-    grid = sorted({key.split("@")[0].split("/")[0] for s in per_seed for key in per_seed[s] if "@" in key})
+    graded = {key.split("/")[0] for s in per_seed for key in per_seed[s] if "@" in key}
     lines = []
-    for regime in grid:
+    for regime in [name for name in settings.regimes if name in graded]:
         alphas = sorted({float(k.split("@")[1]) for s in per_seed for k in per_seed[s] if k.startswith(f"{regime}/")
                          and "@" in k})
         rows = [(0.0, "dpo"), (0.25, "dpo_reg")] + [(a, f"dpo_reg@{a}") for a in alphas]
+        shifts = ("implicit_auroc", "sampled_success")
         lines += ["", f"α grid, DPO + T-REG in {regime} (α = 0 is DPO; 0.25 is the default)", "",
-                  "| α | " + " | ".join(label for _, label in METRICS) + f" | Δ {METRICS[0][1]} vs DPO |",
-                  "|---|" + "---|" * (len(METRICS) + 1)]
+                  "| α | " + " | ".join(label for _, label in METRICS)
+                  + "".join(f" | Δ {dict(METRICS)[m]} vs DPO" for m in shifts) + " |",
+                  "|---|" + "---|" * (len(METRICS) + len(shifts))]
         for alpha, method in sorted(rows):
             key = f"{regime}/{method}"
             lines.append(f"| {alpha:g} | " + " | ".join(mean_pm(metric(per_seed, key, m)) for m, _ in METRICS)
-                         + f" | {difference(paired(per_seed, regime, method, 'dpo', PRIMARY))} |")
+                         + "".join(f" | {difference(paired(per_seed, regime, method, 'dpo', m))}" for m in shifts)
+                         + " |")
     return lines
 
 
@@ -143,6 +146,7 @@ def plot(per_seed: dict, settings, methods: list[str], path) -> None:
             reference = np.mean(metric(per_seed, reference_key(settings.pools["short"].lengths), name))
             ax.axhline(reference, color="grey", linestyle=":", label="starting policy")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("preference pairs (one epoch)")
         ax.set_title(label)
