@@ -153,10 +153,6 @@ def test_smoke_run_of_the_whole_benchmark(tmp_path):
     for pool in run.SMOKE.pools:
         stage_one = results[f"stage_one/{pool}"]
         assert stage_one["pairs"] == run.SMOKE.pools[pool].pairs and stage_one["tokens_good"] > 0
-    short, noisy = ([json.loads(line) for line in open(tmp_path / "out" / "seed-0" / f"pool-{pool}" / "pairs.jsonl")]
-                    for pool in ("short", "noisy"))
-    assert [r["id"] for r in noisy] == [r["id"] for r in short]  # the same pairs, some swapped
-    assert results["stage_one/noisy"]["swapped"] == sum(a["chosen"] != b["chosen"] for a, b in zip(short, noisy))
     for regime in run.SMOKE.regimes:
         for method in methods:
             measured = results[f"{regime}/{method}"]

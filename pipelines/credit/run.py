@@ -104,9 +104,8 @@ SETTINGS = Settings(
 )
 SMOKE = replace(
     SETTINGS, heldout_tasks=10, heldout_samples=4, success_samples=2, build_steps=20,
-    pools={"short": Pool(world.SHORT, 16), "noisy": Pool(world.SHORT, 16, noise=0.25),
-           "long": Pool(world.LONG, 8, max_length=128, max_prompt_length=96)},
-    regimes={"pairs-16": Regime("short", 16), "noisy-16": Regime("noisy", 16), "long-8": Regime("long", 8)},
+    pools={"short": Pool(world.SHORT, 16), "long": Pool(world.LONG, 8, max_length=128, max_prompt_length=96)},
+    regimes={"pairs-16": Regime("short", 16), "long-8": Regime("long", 8)},
 )
 
 
