@@ -24,18 +24,19 @@ def test_scaling_benchmark(tmp_path):
 
 def test_training_benchmark_against_trl(tmp_path):
     out = _run("train_vs_trl.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
-               "--max-length", "256", "--work", str(tmp_path))
-    for label in ("TRL DPOTrainer (dpo)", "treg-train dpo ", "treg-train dpo_reg"):
-        assert label in out
-    assert "speed vs TRL" in out
+               "--max-length", "256", "--processes", "1,2", "--work", str(tmp_path))
+    rows = [line.split() for line in out.splitlines() if line.startswith(("1 ", "2 "))]
+    assert [(r[0], " ".join(r[1:3])) for r in rows].count(("2", "treg-train dpo_reg")) == 1
+    assert len(rows) == 10 and sum("(best)" in " ".join(r) for r in rows) == 2  # 3 TRL + 2 treg rows per count
+    assert "speed vs TRL best" in out
 
 
 @pytest.mark.engine
 def test_scoring_benchmark(tmp_path):
     out = _run("scoring.py", "--size", "tiny", "--pairs", "20", "--sizes", "10,20", "--work", str(tmp_path),
                "--enforce-eager")
-    assert "treg vLLM scorer (prompt log-probs)" in out and "transformers reference" in out
-    assert "log-prob scoring overhead over plain prefill" in out
+    assert "treg vLLM scorer (cached_prefix_rows)" in out and "transformers reference" in out
+    assert "treg scorer over plain prefill" in out and "the prefix cache served" in out
 
 
 def test_loading_benchmark(tmp_path):

@@ -53,12 +53,12 @@ def test_vllm_matches_the_reference_scorer_on_every_token(scored):
 
 def test_command_line_reports_path_skips_and_summary(scored):
     out, err = scored["vllm"].stdout, scored["vllm"].stderr
-    assert "scoring path: vllm:flat_prompt_logprobs" in err
+    assert "scoring path: vllm:cached_prefix_rows" in err
     assert "skipped bad-missing: missing_field" in err
     assert "Traceback" not in err
     assert "pairs scored   120" in out and "pairs skipped  7" in out and "tokens/s" in out
     manifest = json.loads((scored["root"] / "vllm" / "manifest.json").read_text())
-    assert manifest["scoring_path"] == ["vllm:flat_prompt_logprobs"]
+    assert manifest["scoring_path"] == ["vllm:cached_prefix_rows"]
     assert manifest["counts"]["skipped_by_reason"]["too_long"] == 1
 
 

@@ -1,5 +1,6 @@
 """Streaming, batching and collation of scored shards for training."""
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -28,16 +29,64 @@ def test_order_covers_every_pair_once_and_depends_only_on_seed_and_epoch(learnab
     assert list(dataset.order(seed=1, epoch=1, buffer_size=16)) != first
 
 
+def _ids(batches):
+    return [(epoch, index, [pair.id for pair in pairs]) for epoch, index, pairs in batches]
+
+
 def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shards):
     dataset = ShardDataset(learnable_shards)
     stream = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32)
-    batches = [next(stream) for _ in range(9)]  # crosses into the second epoch (6 per epoch)
+    batches = _ids(next(stream) for _ in range(9))  # crosses into the second epoch (6 per epoch)
     assert [(e, i) for e, i, _ in batches][5:7] == [(0, 5), (1, 0)]
     resumed = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32, start_batch=4)
-    assert [next(resumed) for _ in range(5)] == batches[4:9]
+    assert _ids(next(resumed) for _ in range(5)) == batches[4:9]
     _, _, batch = batches[0]
-    shares = [rank_slice(batch, r, 4) for r in range(4)]
+    shares = [_ids([next(global_batches(dataset, 0, 16, 32, rank=r, world_size=4))])[0][2] for r in range(4)]
     assert sorted(x for share in shares for x in share) == sorted(batch) and all(len(s) == 4 for s in shares)
+    assert rank_slice(batch, 1, 4) == shares[1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_the_shares_of_the_ranks_make_up_the_global_batches_of_one_process(learnable_shards, world_size):
+    dataset = ShardDataset(learnable_shards)
+    expected = [[dataset.read(*c).id for c in order[i:i + 12]]  # 8 batches of 12 an epoch
+                for order in (list(dataset.order(seed=0, epoch=e, buffer_size=16)) for e in (0, 1))
+                for i in range(0, 96, 12)]
+    streams = [global_batches(dataset, 0, 12, 16, rank=r, world_size=world_size) for r in range(world_size)]
+    for batch in expected[:10]:  # into the second epoch
+        shares = [[pair.id for pair in next(stream)[2]] for stream in streams]
+        assert [shares[i % world_size][i // world_size] for i in range(12)] == batch  # rank_slice inverted
+
+
+def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, monkeypatch):
+    dataset = ShardDataset(learnable_shards)
+    read = []
+
+    class CountingFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            self.name = Path(source).name
+
+        def read_row_group(self, index, *args, **kwargs):
+            read.append((self.name, index))
+            return super().read_row_group(index, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", CountingFile)
+    # A buffer of one keeps the order within row groups (of 40, 40 and 16 rows): with 48 ranks, each trains on
+    # two pairs an epoch, from at most two of the three groups; resumed at the second batch, on one.
+    order = list(dataset.order(seed=0, epoch=0, buffer_size=1))
+    for rank in range(0, 48, 5):
+        for start in (0, 1):
+            stream = global_batches(dataset, seed=0, global_batch_size=48, buffer_size=1, start_batch=start,
+                                    rank=rank, world_size=48)
+            read.clear()
+            mine = [pair.id for _, _, pairs in itertools.islice(stream, 2 - start) for pair in pairs]
+            coordinates = [order[48 * batch + rank] for batch in range(start, 2)]
+            groups = {dataset.groups[group][:2] for group, _ in coordinates}
+            assert sorted(read) == sorted((dataset.files[file].name, row_group) for file, row_group in groups)
+            assert len(groups) < 3
+            read.clear()
+            assert mine == [dataset.read(*c).id for c in coordinates]
 
 
 def _pair(prompt, chosen, rejected):

@@ -155,7 +155,7 @@ def test_exported_model_scores_in_vllm(single, tmp_path):
                                "--dtype", "float32", "--max-length", "256", "--max-prompt-length", "128",
                                "--enforce-eager"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "pairs scored   4" in result.stdout and "vllm:flat_prompt_logprobs" in result.stdout
+    assert "pairs scored   4" in result.stdout and "vllm:cached_prefix_rows" in result.stdout
 
 
 @pytest.mark.parametrize(

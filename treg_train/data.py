@@ -1,9 +1,12 @@
 """Stream scored shards: a deterministic global order, global batches, each rank's slice.
 
-Memory stays flat in dataset size: the order is built from row-group sizes alone (a seeded
-permutation of row groups, then a shuffle buffer of row coordinates), and row content is read
-one row group at a time, only for the rows this rank trains on. The position in the stream is
-a number of global batches, so resuming just regenerates the order and skips ahead.
+Memory stays flat in dataset size. The order is built from row-group sizes alone (a seeded permutation of
+row groups, then a shuffle buffer), and each epoch runs it twice: over row coordinates, to mark the rows
+this rank trains on (a byte per row), then over row content. That pass reads a row group only if it holds
+a marked row, once, when the order reaches it; the marked rows go into the shuffle buffer as copies, the
+others as None (so the order is the same on every rank), and the group's table is dropped. The position
+in the stream is a number of global batches, so resuming just regenerates the order and skips ahead,
+reading nothing for the batches skipped.
 
 --eval-fraction holds pairs out by a hash of their coordinates (`held_out_rows`), so the split
 needs no row content either; the training side leaves them out of its order and its count.
@@ -18,8 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from treg_data.errors import UserError, first_line
 
 @dataclass
 class TrainingPair:
-    """One pair's token data as NumPy arrays (views into the cached Arrow row group)."""
+    """One pair's token data as NumPy arrays (copies: they outlive the row group they were read from)."""
 
     id: str
     prompt_ids: np.ndarray
@@ -127,7 +129,7 @@ class ShardDataset:
     training, or with `held_out` the ones held out for evaluation."""
 
     def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True,
-                 buffer_size: int = 10_000, holdout: float = 0.0, held_out: bool = False):
+                 holdout: float = 0.0, held_out: bool = False):
         root, self.files = resolve_shards(data)
         self.holdout, self.held_out = holdout, held_out
         per_side = ("ids", reward_column) + (("ref_logps",) if with_ref_logps else ())
@@ -151,29 +153,40 @@ class ShardDataset:
             raise UserError("the shards were scored with different tokenizers; train on one scored dataset at a time")
         self.tokenizer_hash = hashes.pop()
         self.provenance = read_shard_metadata(self.files[0])["provenance"]
-        total = sum(rows for *_, rows in self.groups)
+        # Row r of group g is row first_row[g] + r of the whole dataset; the last entry is the total.
+        self.first_row = np.cumsum([0] + [rows for *_, rows in self.groups])
+        total = int(self.first_row[-1])
         check_complete(root, self.files, total, self.provenance)
         self.num_pairs = sum(len(self.rows(g)) for g in range(len(self.groups))) if holdout else total
-        # Rows wait in the shuffle buffer for a while: keep enough row groups (as compact Arrow
-        # tables) for the buffer's span, so each group is read about once per epoch.
-        group_rows = max((rows for *_, rows in self.groups), default=1)
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
-        self._cached_groups = 8 * -(-buffer_size // group_rows) + 2  # ~no re-reads, measured
+        self.groups_read = 0  # row groups read so far
+        self._last: tuple[int, pa.Table] | None = None  # the row group `read` read last
 
     def order(self, seed: int, epoch: int, buffer_size: int) -> Iterator[tuple[int, int]]:
         """Every (row group, row) once, in a shuffled order fixed by (seed, epoch)."""
+        return self._shuffled(seed, epoch, buffer_size, lambda group: [(group, row) for row in self.rows(group)])
+
+    def pairs(self, seed: int, epoch: int, buffer_size: int, marked: np.ndarray) -> Iterator[TrainingPair | None]:
+        """The rows of `order`, in that order: a TrainingPair for each row marked in `marked` (one bool per row
+        of the dataset, see `first_row`), None for the others. A row group is read only if it holds a marked
+        row, once, when the order reaches it."""
+        return self._shuffled(seed, epoch, buffer_size, lambda group: self._marked_pairs(group, marked))
+
+    def _shuffled(self, seed: int, epoch: int, buffer_size: int, items: Callable[[int], list]) -> Iterator:
+        """A row group's items (one per row on this side of the split) in the shuffled order. The random draws
+        depend on the row counts alone, so every kind of item comes in the same order; a group's items are
+        made when the order reaches it and only the shuffle buffer keeps them."""
         rng = random.Random(f"{seed}-{epoch}")
         group_order = list(range(len(self.groups)))
         rng.shuffle(group_order)
-        buffer: list[tuple[int, int]] = []
+        buffer: list = []
         for group in group_order:
-            for row in self.rows(group):
+            for item in items(group):
                 if len(buffer) < buffer_size:
-                    buffer.append((group, row))
+                    buffer.append(item)
                     continue
                 pick = rng.randrange(buffer_size)
                 yield buffer[pick]
-                buffer[pick] = (group, row)
+                buffer[pick] = item
         rng.shuffle(buffer)
         yield from buffer
 
@@ -192,51 +205,81 @@ class ShardDataset:
                 yield group, row
 
     def read(self, group: int, row: int) -> TrainingPair:
-        table = self._group(group)
+        """One pair. The last row group read is kept, so reading in storage order reads each group once."""
+        if self._last is None or self._last[0] != group:
+            self._last = None  # drop the old table before reading the new one
+            self._last = group, self._table(group)
+        return self._pairs(self._last[1], [row])[0]
 
-        def value(name: str):
+    def _marked_pairs(self, group: int, marked: np.ndarray) -> list[TrainingPair | None]:
+        """A row group's rows on this side of the split: a TrainingPair if marked, None if not."""
+        rows = np.asarray(self.rows(group), dtype=np.int64)
+        mine = marked[self.first_row[group] + rows]
+        if not mine.any():
+            return [None] * len(rows)
+        pairs = iter(self._pairs(self._table(group), rows[mine]))
+        return [next(pairs) if m else None for m in mine]
+
+    def _pairs(self, table: pa.Table, rows) -> list[TrainingPair]:
+        """Rows of a row group's table, their arrays copied so that the table can be dropped."""
+
+        def lists(name: str) -> list:
             if name not in table.column_names:
-                return None
-            cell = table.column(name)[row]
-            return cell.as_py() if name == "id" else cell.values.to_numpy(zero_copy_only=False)
+                return [None] * len(rows)
+            array = table.column(name).combine_chunks()
+            offsets, values = array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
+            return [values[offsets[row]:offsets[row + 1]].copy() for row in rows]
 
-        return TrainingPair(
-            id=value("id"), prompt_ids=value("prompt_ids"),
-            chosen_ids=value(column("chosen", "ids")), rejected_ids=value(column("rejected", "ids")),
-            chosen_ref_logps=value(column("chosen", "ref_logps")),
-            rejected_ref_logps=value(column("rejected", "ref_logps")),
-            chosen_rewards=value(column("chosen", self.reward_column)),
-            rejected_rewards=value(column("rejected", self.reward_column)),
-        )
+        names = ["prompt_ids", column("chosen", "ids"), column("rejected", "ids"), column("chosen", "ref_logps"),
+                 column("rejected", "ref_logps"), column("chosen", self.reward_column),
+                 column("rejected", self.reward_column)]
+        ids = table.column("id").take(rows).to_pylist()
+        return [TrainingPair(id, *arrays) for id, *arrays in zip(ids, *map(lists, names))]
 
-    def _group(self, group: int) -> pa.Table:
-        if group in self._cache:
-            self._cache.move_to_end(group)
-            return self._cache[group]
+    def _table(self, group: int) -> pa.Table:
         file_index, row_group, _ = self.groups[group]
         table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns).combine_chunks()
         check_numbers(table, f"{self.files[file_index]} (row group {row_group})")
-        self._cache[group] = table
-        if len(self._cache) > self._cached_groups:
-            self._cache.popitem(last=False)
-        return self._cache[group]
+        self.groups_read += 1
+        return table
 
 
 def global_batches(dataset: ShardDataset, seed: int, global_batch_size: int, buffer_size: int,
-                   start_batch: int = 0) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-    """(epoch, batch index within the epoch, coordinates) forever; incomplete last batches are
-    dropped, so every global batch has exactly global_batch_size pairs."""
+                   start_batch: int = 0, rank: int = 0,
+                   world_size: int = 1) -> Iterator[tuple[int, int, list[TrainingPair]]]:
+    """(epoch, batch index within the epoch, this rank's pairs of that global batch) forever; incomplete last
+    batches are dropped, so every global batch has exactly global_batch_size pairs. The batches are the same
+    for every world size: only the share each rank reads differs."""
     per_epoch = dataset.num_pairs // global_batch_size
     if per_epoch == 0:
         raise UserError(f"{dataset.num_pairs} pairs are fewer than --global-batch-size {global_batch_size}")
     epoch, skip = divmod(start_batch, per_epoch)
     while True:
-        order = dataset.order(seed, epoch, buffer_size)
-        for index in range(per_epoch):
-            batch = [next(order) for _ in range(global_batch_size)]
+        marked = rows_of_rank(dataset, seed, epoch, buffer_size, global_batch_size, skip, rank, world_size)
+        pairs = dataset.pairs(seed, epoch, buffer_size, marked)
+        for index, batch in enumerate(_cut(pairs, global_batch_size, per_epoch)):
             if index >= skip:
-                yield epoch, index, batch
+                yield epoch, index, rank_slice(batch, rank, world_size)
         epoch, skip = epoch + 1, 0
+
+
+def rows_of_rank(dataset: ShardDataset, seed: int, epoch: int, buffer_size: int, global_batch_size: int,
+                 skip: int, rank: int, world_size: int) -> np.ndarray:
+    """Which rows of the dataset (see `first_row`) this rank trains on in an epoch's global batches from
+    `skip` on, one bool per row: a pass over the order's coordinates, which reads no row content."""
+    marked = np.zeros(int(dataset.first_row[-1]), dtype=bool)
+    batches = _cut(dataset.order(seed, epoch, buffer_size), global_batch_size, dataset.num_pairs // global_batch_size)
+    for index, batch in enumerate(batches):
+        if index >= skip:
+            for group, row in rank_slice(batch, rank, world_size):
+                marked[dataset.first_row[group] + row] = True
+    return marked
+
+
+def _cut(order: Iterator, size: int, count: int) -> Iterator[list]:
+    """The first `count` batches of `size` items of `order`; the rest of it is dropped."""
+    for _ in range(count):
+        yield [next(order) for _ in range(size)]
 
 
 def rank_slice(batch: list, rank: int, world_size: int) -> list:

@@ -175,7 +175,7 @@ def _load_tokenizer_and_data(config: TrainConfig) -> tuple[object, ShardDataset]
     except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
         raise UserError(f"cannot load the tokenizer of --model {config.model!r}: {first_line(err)}") from None
     dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                           buffer_size=config.shuffle_buffer, holdout=config.eval_fraction)
+                           holdout=config.eval_fraction)
     _check_scored_for_the_model(config, tokenizer, dataset, config.data)
     return tokenizer, dataset
 
@@ -196,14 +196,13 @@ def _check_scored_for_the_model(config: TrainConfig, tokenizer, dataset: ShardDa
 
 def _load_eval_data(config: TrainConfig, tokenizer) -> ShardDataset | None:
     """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
-    holds out of --data; None without either. They are read in storage order, so a few cached row groups do."""
+    holds out of --data; None without either. They are read in storage order, one row group at a time."""
     if config.eval_data:
-        dataset = ShardDataset(config.eval_data, config.reward_column, with_ref_logps=config.ref_model is None,
-                               buffer_size=1)
+        dataset = ShardDataset(config.eval_data, config.reward_column, with_ref_logps=config.ref_model is None)
         _check_scored_for_the_model(config, tokenizer, dataset, config.eval_data)
     elif config.eval_fraction:
         dataset = ShardDataset(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                               buffer_size=1, holdout=config.eval_fraction, held_out=True)
+                               holdout=config.eval_fraction, held_out=True)
         if dataset.num_pairs == 0:
             raise UserError(f"--eval-fraction {config.eval_fraction} holds out none of the "
                             f"{sum(rows for *_, rows in dataset.groups)} pairs in {config.data}; raise it")
@@ -297,14 +296,14 @@ def _train_steps(run: Run) -> dict:
     """Global batches until the last step, from where the run stands. Returns the last metrics logged."""
     config = run.config
     batches = global_batches(run.dataset, config.seed, config.global_batch_size, config.shuffle_buffer,
-                             start_batch=run.step)
+                             start_batch=run.step, rank=run.rt.rank, world_size=run.rt.world_size)
     window = LogWindow()
     bar = tqdm(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not run.rt.is_main,
                file=sys.stderr)
     last = {}
     while run.step < run.total_steps:
-        epoch, _, coordinates = next(batches)
-        grad_norm = _train_global_batch(run, coordinates, window)
+        epoch, _, mine = next(batches)
+        grad_norm = _train_global_batch(run, mine, window)
         bar.update(1)
         if run.step % config.logging_steps == 0 or run.step == run.total_steps:
             last = _log_window(run, window, bar, grad_norm, epoch)
@@ -319,9 +318,9 @@ def _train_steps(run: Run) -> dict:
     return last
 
 
-def _train_global_batch(run: Run, coordinates: list, window: LogWindow) -> torch.Tensor:
-    """One update from one global batch, of which this rank trains its share. Returns the gradient norm."""
-    micro = _micro_batches_of_this_rank(run, coordinates, window.metrics)
+def _train_global_batch(run: Run, mine: list[TrainingPair], window: LogWindow) -> torch.Tensor:
+    """One update from one global batch, of which this rank trains its share `mine`. Returns the gradient norm."""
+    micro = _micro_batches_of_this_rank(run, mine, window.metrics)
     not_finite = _accumulate_gradients(run, micro, window)
     trainable = [p for p in run.policy.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, run.config.max_grad_norm)
@@ -334,11 +333,11 @@ def _train_global_batch(run: Run, coordinates: list, window: LogWindow) -> torch
     return grad_norm
 
 
-def _micro_batches_of_this_rank(run: Run, coordinates: list, window: MetricWindow) -> list[tuple[list, bool]]:
+def _micro_batches_of_this_rank(run: Run, mine: list[TrainingPair], window: MetricWindow) -> list[tuple[list, bool]]:
     """This rank's pairs within --max-length (the others are counted as skipped), in micro-batches of at most
     --micro-batch-tokens, as many as on every other rank; each with whether it is real."""
     config = run.config
-    mine, batches = _micro_batches_within_max_length(run, run.dataset, coordinates, window)
+    batches = _micro_batches_within_max_length(run, mine, window)
     micro = _pad_to_same_number_of_micro_batches(batches, mine[0], run.rt.device)
     if not micro:
         raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length {config.max_length} "
@@ -347,15 +346,13 @@ def _micro_batches_of_this_rank(run: Run, coordinates: list, window: MetricWindo
     return micro
 
 
-def _micro_batches_within_max_length(run: Run, dataset: ShardDataset, coordinates: list,
-                                     window: MetricWindow) -> tuple[list, list[list]]:
-    """This rank's share of `coordinates` read from `dataset`, and those of its pairs within --max-length in
-    micro-batches of at most --micro-batch-tokens; the others are counted as skipped."""
-    config, rt = run.config, run.rt
-    mine = [dataset.read(*c) for c in rank_slice(coordinates, rt.rank, rt.world_size)]
+def _micro_batches_within_max_length(run: Run, mine: list[TrainingPair], window: MetricWindow) -> list[list]:
+    """Those of this rank's pairs within --max-length in micro-batches of at most --micro-batch-tokens; the others
+    are counted as skipped."""
+    config = run.config
     pairs = [p for p in mine if len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= config.max_length]
     window.add("skipped_too_long", len(mine) - len(pairs), 1)
-    return mine, micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
+    return micro_batches(pairs, config.micro_batch_tokens, run.padding_free)
 
 
 def _pad_to_same_number_of_micro_batches(micro: list[list], filler: TrainingPair,
@@ -482,7 +479,8 @@ def _evaluate(run: Run, bar: tqdm) -> dict:
 def _eval_micro_batches(run: Run, chunk: list, window: MetricWindow) -> list[tuple[list, bool]]:
     """This rank's share of a chunk of held-out pairs within --max-length (the others are counted as skipped), in
     micro-batches as many as on every other rank; a rank with no pair left repeats the chunk's first as a dummy."""
-    mine, batches = _micro_batches_within_max_length(run, run.eval_dataset, chunk, window)
+    mine = [run.eval_dataset.read(*c) for c in rank_slice(chunk, run.rt.rank, run.rt.world_size)]
+    batches = _micro_batches_within_max_length(run, mine, window)
     filler = mine[0] if mine else run.eval_dataset.read(*chunk[0])
     return _pad_to_same_number_of_micro_batches(batches, filler, run.rt.device)
 

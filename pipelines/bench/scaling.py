@@ -1,11 +1,12 @@
 """Memory of the training data path against dataset size: it should stay flat.
 
 Writes synthetic shards (the real schema and metadata, random tokens) of each size, then, in a
-fresh process per size, streams one epoch through (a) the shard reader alone and (b) the whole
-data path of a training step (global batches, rank slice, token-budget micro-batches,
-collation), and reports peak RSS.
+fresh process per size and stage, streams one epoch through (a) the shard reader alone: every pair
+read and kept through the shuffle buffer, as a single process does, and (b) the whole data path
+of a training step for rank 0 of 8 (global batches, the rank's share, token-budget micro-batches,
+collation), and reports peak RSS and how many row groups were read.
 
-    python pipelines/bench/scaling.py --sizes 1000,10000,100000
+    python pipelines/bench/scaling.py --sizes 10000,100000,1000000
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_gb  # noqa: E402
 
 SHARD_ROWS = 10_000
+STAGES = ("reader", "data path")
 
 
 def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
+    """Shards of `pairs` pairs. Token values are slices of one pool of random numbers at random offsets:
+    as incompressible as fresh ones, and fast enough for a million pairs."""
     from treg_data.contract import METADATA_KEY, SCHEMA, SIDES, side_columns
     from treg_data.shards import ROW_GROUP_SIZE
 
@@ -35,24 +39,24 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
         return
     (folder / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pool = {"ids": rng.integers(0, 500, 4 * 2**20, dtype=np.int32),
+            "floats": rng.normal(-2, 1, 4 * 2**20).astype(np.float32)}
+    messages = pa.array([[{"role": "user", "content": "synthetic"}]] * SHARD_ROWS, type=SCHEMA.field("prompt").type)
+
+    def lists(lengths, kind):
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        start = rng.integers(0, len(pool[kind]) - offsets[-1])
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(pool[kind][start:start + offsets[-1]]))
+
     for shard, start in enumerate(range(0, pairs, SHARD_ROWS)):
         n = min(SHARD_ROWS, pairs - start)
-
-        def lists(lengths, values):
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-        messages = pa.array([[{"role": "user", "content": "synthetic"}]] * n, type=SCHEMA.field("prompt").type)
-        columns = {"id": pa.array([f"s{start + i}" for i in range(n)]), "prompt": messages, "chosen": messages,
-                   "rejected": messages}
-        prompt_len = rng.integers(20, 200, n)
-        columns["prompt_ids"] = lists(prompt_len, rng.integers(0, 500, prompt_len.sum()).astype(np.int32))
+        columns = {"id": pa.array([f"s{start + i}" for i in range(n)]), "prompt": messages[:n],
+                   "chosen": messages[:n], "rejected": messages[:n]}
+        columns["prompt_ids"] = lists(rng.integers(20, 200, n), "ids")
         for side in SIDES:
             length = rng.integers(20, 300, n)
             for name in side_columns(side):
-                values = rng.integers(0, 500, length.sum()).astype(np.int32) if name.endswith("_ids") else \
-                    rng.normal(-2, 1, length.sum()).astype(np.float32)
-                columns[name] = lists(length, values)
+                columns[name] = lists(length, "ids" if name.endswith("_ids") else "floats")
         meta = {"provenance": {"tokenizer_hash": "synthetic"}, "shard": {"rows": n}}
         table = pa.table(columns, schema=SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         pq.write_table(table, folder / "data" / f"train-00000-of-00001-{shard:05d}.parquet",
@@ -63,52 +67,65 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
     (folder / "done").write_text("")
 
 
-def measure(folder: str, what: str) -> dict:
+def measure(folder: str, stage: str) -> dict:
     from treg_train.collate import collate
-    from treg_train.data import ShardDataset, global_batches, micro_batches, rank_slice
+    from treg_train.data import ShardDataset, global_batches, micro_batches
 
     start = time.perf_counter()
     dataset = ShardDataset(folder)
     pairs = 0
-    if what == "reader":
-        for coordinate in dataset.order(seed=0, epoch=0, buffer_size=10_000):
-            dataset.read(*coordinate)
-            pairs += 1
+    if stage == "reader":
+        every_row = np.ones(int(dataset.first_row[-1]), dtype=bool)
+        pairs = sum(1 for _ in dataset.pairs(seed=0, epoch=0, buffer_size=10_000, marked=every_row))
     else:
-        batches = global_batches(dataset, seed=0, global_batch_size=128, buffer_size=10_000)
+        batches = global_batches(dataset, seed=0, global_batch_size=128, buffer_size=10_000, rank=0,
+                                 world_size=8)
         for _ in range(dataset.num_pairs // 128):
-            _, _, coordinates = next(batches)
-            mine = [dataset.read(*c) for c in rank_slice(coordinates, 0, 8)]  # one rank of eight
+            _, _, mine = next(batches)
             for micro in micro_batches(mine, 16384, padding_free=True):
                 collate(micro, padding_free=True)
             pairs += len(mine)
-    return {"pairs": pairs, "seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+    return {"pairs": pairs, "groups_read": dataset.groups_read, "groups": len(dataset.groups),
+            "seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+
+
+def short(size: int) -> str:
+    return f"{size // 10**6}M" if size % 10**6 == 0 else f"{size // 1000}k" if size % 1000 == 0 else str(size)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--work", default="/tmp/treg-bench-scaling")
-    parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "WHAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "STAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         print("RESULT " + json.dumps(measure(*args.measure)))
         return
-    rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = {}
+    for size in sizes:
         folder = Path(args.work) / f"pairs-{size}"
         write_synthetic(folder, size)
         disk = sum(f.stat().st_size for f in (folder / "data").glob("*.parquet")) / 2**20
-        for what in ("reader", "data path"):
-            done = subprocess.run([sys.executable, __file__, "--measure", str(folder), what.replace(" ", "_")],
+        for stage in STAGES:
+            done = subprocess.run([sys.executable, __file__, "--measure", str(folder), stage],
                                   capture_output=True, text=True, check=True)
             result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-            rows.append((size, disk, what, result))
+            results[size, stage] = disk, result
     print("\nsynthetic shards: prompts 20-200 tokens, responses 20-300 tokens, 10k-row shards, 1k-row groups; "
-          "shuffle buffer 10k; data path = global batch 128, one rank of 8, 16k-token packed micro-batches")
-    print(f"{'pairs':>8}{'shards MB':>11}  {'stage':<10}{'pairs read':>11}{'seconds':>9}{'peak RSS GB':>13}")
-    for size, disk, what, r in rows:
-        print(f"{size:>8}{disk:>11.1f}  {what:<10}{r['pairs']:>11}{r['seconds']:>9.1f}{r['peak_rss_gb']:>13.3f}")
+          "shuffle buffer 10k; reader = every pair read and kept (rank 0 of 1); data path = global batch 128, "
+          "rank 0 of 8, 16k-token packed micro-batches")
+    print(f"{'pairs':>8}{'shards MB':>11}  {'stage':<10}{'pairs read':>11}{'row groups read':>17}"
+          f"{'seconds':>9}{'peak RSS GB':>13}")
+    for (size, stage), (disk, r) in results.items():
+        groups = f"{r['groups_read']} of {r['groups']}"
+        print(f"{size:>8}{disk:>11.1f}  {stage:<10}{r['pairs']:>11}{groups:>17}{r['seconds']:>9.1f}"
+              f"{r['peak_rss_gb']:>13.3f}")
+    if len(sizes) > 1:
+        for stage in STAGES:
+            ratio = results[sizes[-1], stage][1]["peak_rss_gb"] / results[sizes[0], stage][1]["peak_rss_gb"]
+            print(f"{stage}: peak RSS {short(sizes[-1])} vs {short(sizes[0])}: {ratio:.2f}×")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
 """Prompt log-prob scoring with the vLLM engine (docs/DESIGN.md, stage one).
 
-Two paths, the fastest available is used:
+Two paths, the fastest available is used; both compute logits for the response rows, not for
+the prefix, which is most of each sequence (the revision prompts quote the whole conversation):
 - `token_id_rows` (GPU, V2 model runner): `prompt_logprob_start` + `prompt_logprob_token_ids`
-  computes logits only for the response rows and returns one NumPy array per request;
-- `flat_prompt_logprobs` (elsewhere): `prompt_logprobs=0` with `flat_logprobs=True`; the actual
-  token's log-prob is always included, one entry per position.
+  asks for exactly those rows and returns one NumPy array per request;
+- `cached_prefix_rows` (elsewhere, e.g. the CPU build): the V1 runner computes prompt log-probs
+  for every position it runs, and a prefix read from the prefix cache is not run. So a chunk of
+  sequences is scored in two passes: a plain prefill of each prefix (without its last token, whose
+  row predicts the first response token) puts the prefix into the cache, then each sequence, with
+  `skip_reading_prefix_cache=False`, runs only its remaining tokens. The cached positions' entries
+  are left unset by vLLM and never read; a prefix evicted from the cache is simply run again, and
+  the response's token ids are checked against what vLLM returns, so the cache changes the time
+  only, never the values.
 """
 
 from __future__ import annotations
@@ -14,31 +21,40 @@ import os
 import numpy as np
 
 from treg_data.scorers import EngineOptions, ScoreRequest
+from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
 class VLLMScorer:
     def __init__(self, options: EngineOptions):
         from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
 
         self._sampling_params = SamplingParams
-        self.llm = LLM(
-            model=options.model,
-            revision=options.revision,
-            dtype=options.dtype,
-            max_model_len=options.max_model_len,
-            tensor_parallel_size=options.tensor_parallel_size,
-            gpu_memory_utilization=options.gpu_memory_utilization,
-            enforce_eager=options.enforce_eager,
-            seed=options.seed,
-            enable_prefix_caching=False,  # prompt-logprob requests never read it
-        )
+        with cpu_engine_environment() as self.engine_environment:
+            self.llm = LLM(
+                model=options.model,
+                revision=options.revision,
+                dtype=options.dtype,
+                max_model_len=options.max_model_len,
+                tensor_parallel_size=options.tensor_parallel_size,
+                gpu_memory_utilization=options.gpu_memory_utilization,
+                enforce_eager=options.enforce_eager,
+                seed=options.seed,
+                enable_prefix_caching=True,  # read only by the cached_prefix_rows path
+                block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
+            )
         config = self.llm.llm_engine.vllm_config
         has_rows = hasattr(SamplingParams, "prompt_logprob_token_ids")  # vLLM >= 0.32
         uses_v2 = getattr(config, "use_v2_model_runner", False)
-        self.scoring_path = "token_id_rows" if has_rows and uses_v2 else "flat_prompt_logprobs"
+        self.scoring_path = "token_id_rows" if has_rows and uses_v2 else "cached_prefix_rows"
+        # Prefix tokens per chunk: half the KV cache, so the prefixes of a chunk stay cached while the
+        # sequences that read them take the other half.
+        cache = config.cache_config
+        self.chunk_tokens = max(cache.block_size, (cache.num_gpu_blocks or 0) * cache.block_size // 2)
+        self.cached_tokens = 0  # prompt tokens the prefix cache served, over all score() calls
+        self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         from vllm.inputs import TokensPrompt
@@ -48,14 +64,33 @@ class VLLMScorer:
             params = [self._row_params(prefix, response) for prefix, response in requests]
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
             return [out.prompt_token_id_logprobs[:, 0].astype(np.float32) for out in outputs]
-        params = self._sampling_params(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [flat_response_logprobs(out.prompt_logprobs, prefix, response)
-                for (prefix, response), out in zip(requests, outputs)]
+        fill = self._sampling_params(max_tokens=1, detokenize=False)
+        scored: list[np.ndarray] = []
+        for start, stop in prefix_chunks(requests, self.chunk_tokens):
+            chunk = requests[start:stop]
+            prefixes = {tuple(prefix[:-1]) for prefix, _ in chunk if len(prefix) > 1}
+            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prefixes], fill, use_tqdm=False)
+            outputs = self.llm.generate(prompts[start:stop], self._flat_params(read_cache=True), use_tqdm=False)
+            # A cache hit that reaches into the response (a repeated sequence, or two responses with a
+            # common start) leaves response rows unset: run those sequences again without the cache.
+            again = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) > len(chunk[i][0]) - 1]
+            rerun = self.llm.generate([prompts[start + i] for i in again], self._flat_params(read_cache=False),
+                                      use_tqdm=False) if again else []
+            for i, out in zip(again, rerun):
+                outputs[i] = out
+            self.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs)
+            self.rerun_sequences += len(again)
+            scored += [flat_response_logprobs(out.prompt_logprobs, prefix, response)
+                       for (prefix, response), out in zip(chunk, outputs)]
+        return scored
 
     def close(self) -> None:
         """Stop the engine processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
+
+    def _flat_params(self, read_cache: bool):
+        return self._sampling_params(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False,
+                                     skip_reading_prefix_cache=not read_cache)
 
     def _row_params(self, prefix: list[int], response: list[int]):
         # Row i scores prompt token start + i + 1: start at the last prefix position.
@@ -65,6 +100,19 @@ class VLLMScorer:
             prompt_logprob_start=len(prefix) - 1,
             prompt_logprob_token_ids=np.asarray(response, dtype=np.int32)[:, None],
         )
+
+
+def prefix_chunks(requests: list[ScoreRequest], max_prefix_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) ranges whose prefixes add up to at most max_prefix_tokens (one request at least)."""
+    chunks, start, tokens = [], 0, 0
+    for index, (prefix, _) in enumerate(requests):
+        if index > start and tokens + len(prefix) > max_prefix_tokens:
+            chunks.append((start, index))
+            start, tokens = index, 0
+        tokens += len(prefix)
+    if start < len(requests):
+        chunks.append((start, len(requests)))
+    return chunks
 
 
 def flat_response_logprobs(flat, prefix: list[int], response: list[int]) -> np.ndarray:
