@@ -172,14 +172,14 @@ def main() -> None:
     trl_sides = [name for name in args.trl.split(",") if name]
     print(f"\nmodel {args.model} | data {args.data} | global batch {args.batch} pairs | max length {args.max_length} | "
           f"{args.steps} steps | fp32 on CPU unless a GPU is present | {os.cpu_count()} CPU cores")
-    print(f"{'processes':<10}{"trainer":<50}{'tokens/s':>10}{'peak GB':>9}{'speed vs TRL best':>19}"
+    print(f"{'processes':<10}{'trainer':<50}{'tokens/s':>10}{'peak GB':>9}{'speed vs TRL best':>19}"
           f"{'memory vs TRL best':>20}")
     for processes in [int(p) for p in args.processes.split(",")]:
         results = {side: launch(args, side, processes) for side in [*trl_sides, *TREG_SIDES]}
         best = max(trl_sides, key=lambda side: results[side]["tokens_per_s"])
         for side, r in results.items():
             label = TRL_CONFIGS[side][0] if side in TRL_CONFIGS else TREG_SIDES[side]
-            print(f"{processes:<10}{label + (" (best)" if side == best else ""):<50}{r['tokens_per_s']:>10,.0f}"
+            print(f"{processes:<10}{label + (' (best)' if side == best else ''):<50}{r['tokens_per_s']:>10,.0f}"
                   f"{r['peak_memory_gb']:>9.2f}{r['tokens_per_s'] / results[best]['tokens_per_s']:>18.2f}x"
                   f"{r['peak_memory_gb'] / results[best]['peak_memory_gb']:>19.2f}x", flush=True)
     print("TRL best = its fastest configuration here. TRL: padded batches and full [batch, seq, vocab] logits; the "
