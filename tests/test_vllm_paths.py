@@ -34,3 +34,24 @@ def test_token_id_rows_ask_for_one_row_per_response_token():
     assert [sequence[p] for p in predicted] == response
     assert params.prompt_logprob_token_ids[:, 0].tolist() == response
     assert params.detokenize is False and params.max_tokens == 1
+
+
+def test_engine_environment_binds_every_cpu_and_keeps_what_the_user_set(monkeypatch):
+    from treg_data.scorers import cpu_engine
+
+    for name in ("LD_PRELOAD", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu_engine, "preload_libraries", lambda: ["/lib/libtcmalloc_minimal.so.4", "/lib/libiomp5.so"])
+    settings = cpu_engine.engine_environment(tensor_parallel_size=2)
+    assert settings["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.4:/lib/libiomp5.so"
+    assert settings["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3" and settings["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert 1 <= int(settings["VLLM_CPU_KVCACHE_SPACE"]) <= 16
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert cpu_engine.engine_environment() == {}
+    # Servers keep vLLM's own binding, which leaves a core to its scheduler process.
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    monkeypatch.setattr(cpu_engine.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in cpu_engine.engine_environment()

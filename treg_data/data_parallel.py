@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import replace
 
 from treg_data.errors import UserError
+from treg_data.scorers.cpu_engine import split_evenly
 
 
 def run_data_parallel(config, size: int):
@@ -73,21 +74,15 @@ def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, 
         if len(devices) < size * tensor_parallel_size:
             raise UserError(f"--data-parallel-size {size} x --tensor-parallel-size {tensor_parallel_size} needs "
                             f"{size * tensor_parallel_size} GPUs; {len(devices)} are visible")
-        groups = _split(devices, size * tensor_parallel_size)
+        groups = split_evenly(devices, size * tensor_parallel_size)
         per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
         return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(worker_groups, []))} for worker_groups in per_worker]
     cores = sorted(os.sched_getaffinity(0))
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
         return [{} for _ in range(size)]
-    groups = _split([str(c) for c in cores], size * tensor_parallel_size)
+    groups = split_evenly([str(c) for c in cores], size * tensor_parallel_size)
     per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
     return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)} for worker_groups in per_worker]
-
-
-def _split(items: list[str], parts: int) -> list[list[str]]:
-    """`parts` contiguous groups of equal size (the remainder is left unused)."""
-    each = len(items) // parts
-    return [items[i * each:(i + 1) * each] for i in range(parts)]
 
 
 def _worker(config, environment: dict[str, str], results) -> None:

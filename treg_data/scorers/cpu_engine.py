@@ -48,15 +48,22 @@ def kv_cache_gib() -> int:
     return max(1, min(16, available_kib // 2**20 // 4))
 
 
-def engine_environment() -> dict[str, str]:
-    """The variables to add for the engine processes; empty for those the user has set."""
+def split_evenly(items: list[str], parts: int) -> list[list[str]]:
+    """`parts` contiguous groups of equal size (the remainder is left unused)."""
+    each = len(items) // parts
+    return [items[i * each:(i + 1) * each] for i in range(parts)]
+
+
+def engine_environment(tensor_parallel_size: int = 1) -> dict[str, str]:
+    """The variables to add for the engine processes; none that the user has set."""
     settings = {}
     libraries = preload_libraries()
     if libraries and "LD_PRELOAD" not in os.environ:
         settings["LD_PRELOAD"] = ":".join(libraries)
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < SMALL_MACHINE_CPUS and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-        settings["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+    cpus = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
+    if (tensor_parallel_size <= len(cpus) < SMALL_MACHINE_CPUS) and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # one group of CPUs per tensor-parallel worker
+        settings["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(map(",".join, split_evenly(cpus, tensor_parallel_size)))
         settings["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
         settings["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib())
@@ -64,12 +71,12 @@ def engine_environment() -> dict[str, str]:
 
 
 @contextmanager
-def cpu_engine_environment():
+def cpu_engine_environment(tensor_parallel_size: int = 1):
     """Set the engine's variables while it starts; afterwards this process's environment is as before,
     so nothing else treg starts inherits the preloaded libraries."""
     from vllm.platforms import current_platform
 
-    settings = engine_environment() if current_platform.is_cpu() else {}
+    settings = engine_environment(tensor_parallel_size) if current_platform.is_cpu() else {}
     os.environ.update(settings)
     try:
         yield settings

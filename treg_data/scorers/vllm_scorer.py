@@ -32,7 +32,7 @@ class VLLMScorer:
         from vllm.platforms import current_platform
 
         self._sampling_params = SamplingParams
-        with cpu_engine_environment() as self.engine_environment:
+        with cpu_engine_environment(options.tensor_parallel_size) as self.engine_environment:
             self.llm = LLM(
                 model=options.model,
                 revision=options.revision,
