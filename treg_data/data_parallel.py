@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import replace
 
 from treg_data.errors import UserError
-from treg_data.scorers.cpu_engine import split_evenly
+from treg_data.scorers.cpu_engine import kv_cache_gib, split_evenly
 
 
 def run_data_parallel(config, size: int):
@@ -77,12 +77,17 @@ def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, 
         groups = split_evenly(devices, size * tensor_parallel_size)
         per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
         return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(worker_groups, []))} for worker_groups in per_worker]
+    # The engines share the machine's memory: each gets its share of the KV cache treg would give one.
+    shared = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, kv_cache_gib() // size))}
+    if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+        shared = {}
     cores = sorted(os.sched_getaffinity(0))
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
-        return [{} for _ in range(size)]
+        return [dict(shared) for _ in range(size)]
     groups = split_evenly([str(c) for c in cores], size * tensor_parallel_size)
     per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
-    return [{"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)} for worker_groups in per_worker]
+    return [{**shared, "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)}
+            for worker_groups in per_worker]
 
 
 def _worker(config, environment: dict[str, str], results) -> None:
