@@ -27,7 +27,7 @@ def test_training_benchmark_against_trl(tmp_path):
                "--max-length", "256", "--processes", "1,2", "--work", str(tmp_path))
     rows = [line.split() for line in out.splitlines() if line.startswith(("1 ", "2 "))]
     assert [(r[0], " ".join(r[1:3])) for r in rows].count(("2", "treg-train dpo_reg")) == 1
-    assert len(rows) == 10 and sum("(best)" in " ".join(r) for r in rows) == 2  # 3 TRL + 2 treg rows per count
+    assert len(rows) == 12 and sum("(best)" in " ".join(r) for r in rows) == 2  # 3 TRL + 3 treg rows per count
     assert "speed vs TRL best" in out
 
 

@@ -1,6 +1,7 @@
 """Training throughput and peak memory: treg-train (dpo, dpo_reg) vs TRL's DPOTrainer on the same
 model, data, batch, sequence length and precision, each run in its own process(es). TRL runs with
-its defaults and with the options it offers to save memory and time on this platform.
+its defaults and with the options it offers to save memory and time on this platform; treg also
+with its own memory option, --gradient-checkpointing.
 
     python pipelines/bench/train_vs_trl.py --size medium --pairs 128 --steps 8 --batch 8 --processes 1,2
 
@@ -35,7 +36,8 @@ TRL_CONFIGS = {
     "trl_precompute_gc": ("TRL, precompute + gradient_checkpointing",
                           {"precompute_ref_log_probs": True, "gradient_checkpointing": True}),
 }
-TREG_SIDES = {"dpo": "treg-train dpo", "dpo_reg": "treg-train dpo_reg"}
+TREG_SIDES = {"dpo": "treg-train dpo", "dpo_reg": "treg-train dpo_reg",
+              "dpo_reg_gc": "treg-train dpo_reg, --gradient-checkpointing"}
 
 
 def peak_memory_gb() -> float:
@@ -50,7 +52,8 @@ def run_treg(args, loss: str) -> dict:
 
     output = Path(args.work) / f"treg-{loss}-{args.processes}"
     config = build_config(None, dict(
-        model=args.model, data=args.data, output=str(output), loss=loss, beta=0.1, learning_rate=1e-5,
+        model=args.model, data=args.data, output=str(output), loss=loss.removesuffix("_gc"), beta=0.1,
+        gradient_checkpointing=loss.endswith("_gc"), learning_rate=1e-5,
         global_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
         micro_batch_tokens=args.batch * 2 * args.max_length, logging_steps=1, save_steps=0, warmup_ratio=0.0,
     ))
