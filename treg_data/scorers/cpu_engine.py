@@ -43,6 +43,7 @@ def preload_libraries() -> list[str]:
 
 
 def kv_cache_gib() -> int:
+    """A quarter of the memory available now, in GiB, between 1 and 16."""
     available_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                           if line.startswith("MemAvailable:")), 4 * 2**22)
     return max(1, min(16, available_kib // 2**20 // 4))
