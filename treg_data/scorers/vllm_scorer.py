@@ -50,9 +50,9 @@ class VLLMScorer:
         uses_v2 = getattr(config, "use_v2_model_runner", False)
         self.scoring_path = "token_id_rows" if has_rows and uses_v2 else "cached_prefix_rows"
         # Prefix tokens per chunk: half the KV cache, so the prefixes of a chunk stay cached while the
-        # sequences that read them take the other half.
+        # sequences that read them take the other half (an evicted prefix costs time, never values).
         cache = config.cache_config
-        self.chunk_tokens = max(cache.block_size, (cache.num_gpu_blocks or 0) * cache.block_size // 2)
+        self.chunk_tokens = max(cache.block_size, (cache.num_gpu_blocks or 2**14) * cache.block_size // 2)
         self.cached_tokens = 0  # prompt tokens the prefix cache served, over all score() calls
         self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
