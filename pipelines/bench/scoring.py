@@ -73,7 +73,7 @@ def main() -> None:
 
     def every_row_logprobs() -> float:  # the path before cached_prefix_rows: every position gets logits
         llm.reset_prefix_cache()
-        return timed(lambda: llm.generate(prompts, vllm_scorer._flat_params(read_cache=False), use_tqdm=False))
+        return timed(lambda: llm.generate(prompts, vllm_scorer.flat_params(read_cache=False), use_tqdm=False))
 
     llm.generate(prompts[:60], SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
     t_prefill_cached, t_prefill, t_every_row = plain_prefill(True), plain_prefill(False), every_row_logprobs()

@@ -70,11 +70,11 @@ class VLLMScorer:
             chunk = requests[start:stop]
             prefixes = {tuple(prefix[:-1]) for prefix, _ in chunk if len(prefix) > 1}
             self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prefixes], fill, use_tqdm=False)
-            outputs = self.llm.generate(prompts[start:stop], self._flat_params(read_cache=True), use_tqdm=False)
+            outputs = self.llm.generate(prompts[start:stop], self.flat_params(read_cache=True), use_tqdm=False)
             # A cache hit that reaches into the response (a repeated sequence, or two responses with a
             # common start) leaves response rows unset: run those sequences again without the cache.
             again = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) > len(chunk[i][0]) - 1]
-            rerun = self.llm.generate([prompts[start + i] for i in again], self._flat_params(read_cache=False),
+            rerun = self.llm.generate([prompts[start + i] for i in again], self.flat_params(read_cache=False),
                                       use_tqdm=False) if again else []
             for i, out in zip(again, rerun):
                 outputs[i] = out
@@ -88,7 +88,8 @@ class VLLMScorer:
         """Stop the engine processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
 
-    def _flat_params(self, read_cache: bool):
+    def flat_params(self, read_cache: bool):
+        """Prompt log-probs of the actual token at every position run; with read_cache, prefixes come from the cache."""
         return self._sampling_params(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False,
                                      skip_reading_prefix_cache=not read_cache)
 
