@@ -6,20 +6,19 @@ import subprocess
 import sys
 
 import pytest
-import typer.main
 
-from treg_data.cli import app as score_app
-from treg_data.inspect_cli import app as inspect_app
-from treg_data.push_cli import app as push_app
+from treg_data.cli import command as score_command
+from treg_data.inspect_cli import command as inspect_command
+from treg_data.push_cli import command as push_command
 from treg_train.cli import command as train_command
-from treg_train.curves_cli import app as curves_app
+from treg_train.curves_cli import command as curves_command
 
 COMMANDS = {
-    "treg_data.cli": typer.main.get_command(score_app),
+    "treg_data.cli": score_command,
     "treg_train": train_command,
-    "treg_data.inspect_cli": typer.main.get_command(inspect_app),
-    "treg_data.push_cli": typer.main.get_command(push_app),
-    "treg_train.curves_cli": typer.main.get_command(curves_app),
+    "treg_data.inspect_cli": inspect_command,
+    "treg_data.push_cli": push_command,
+    "treg_train.curves_cli": curves_command,
 }
 
 

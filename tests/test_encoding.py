@@ -1,9 +1,9 @@
 import pytest
-from conftest import make_pairs
+from helpers import make_pairs
 
-from treg_data.contract import tokenizer_fingerprint
+from treg_core.contract import tokenizer_fingerprint
+from treg_core.errors import BadRow, UserError
 from treg_data.encoding import CONTEXTS, PairEncoder
-from treg_data.errors import BadRow, UserError
 from treg_data.lengths import LengthLimits
 from treg_data.pairs import Columns, parse_pair
 from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS, fill, load_revision_prompts, transcript

@@ -9,8 +9,18 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
-from helpers import perturbed_copy, read_metrics, read_shard_rows, run, score_command, train_command
+from helpers import (
+    BAD_REASONS,
+    bad_rows,
+    make_pairs,
+    perturbed_copy,
+    read_metrics,
+    read_shard_rows,
+    run,
+    score_command,
+    train_command,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.engine
 

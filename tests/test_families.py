@@ -8,9 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_learnable_pairs, make_pairs, write_jsonl
 from families import FAMILIES, build_family_model
-from helpers import read_shard_rows, run, score_command, train_command
+from helpers import make_learnable_pairs, make_pairs, read_shard_rows, run, score_command, train_command, write_jsonl
 
 from treg_data import pipeline
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from huggingface_hub import DatasetCard
 
-from treg_data.contract import SCHEMA
+from treg_core.contract import SCHEMA
 from treg_data.hub import write_card
 
 TOKEN = "hf_treg_test_secret_token"
@@ -43,11 +43,10 @@ def test_card_parses_and_the_folder_loads_with_datasets(folder):
 
 
 def test_card_of_a_folder_with_dpo_rewards_lists_them_and_loads(tiny_model, tmp_path):
-    from conftest import make_pairs, write_jsonl
-    from helpers import hf_score_config
+    from helpers import hf_score_config, make_pairs, write_jsonl
 
+    from treg_core.contract import shard_schema
     from treg_data import pipeline
-    from treg_data.contract import shard_schema
 
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6))
     folder = tmp_path / "scored"

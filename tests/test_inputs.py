@@ -3,9 +3,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_pairs, write_jsonl
+from helpers import make_pairs, write_jsonl
 
-from treg_data.errors import UserError
+from treg_core.errors import UserError
 from treg_data.inputs import HubSource, InvalidRow, open_source, worker_range
 
 

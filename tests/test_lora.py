@@ -108,7 +108,7 @@ def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, lor
 
 @pytest.mark.engine
 def test_the_merged_export_scores_in_vllm(lora_run, tmp_path):
-    from conftest import make_learnable_pairs, write_jsonl
+    from helpers import make_learnable_pairs, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", make_learnable_pairs(4))
     result = run(score_command("--model", lora_run / "final", "--dataset", data, "--output", tmp_path / "scored",

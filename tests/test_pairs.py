@@ -1,7 +1,7 @@
 import pytest
-from conftest import BAD_REASONS, bad_rows, make_pairs
+from helpers import BAD_REASONS, bad_rows, make_pairs
 
-from treg_data.errors import BadRow
+from treg_core.errors import BadRow
 from treg_data.pairs import Columns, parse_pair, row_id
 
 

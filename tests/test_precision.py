@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, LlamaConfig
 
-from treg_data.precision import checkpoint_dtype, resolve_dtype
-from treg_train.train import warn_on_precision_mismatch
+from treg_core.precision import checkpoint_dtype, resolve_dtype
+from treg_train.preflight import warn_on_precision_mismatch
 
 
 @pytest.mark.parametrize("saved, expected", [(torch.bfloat16, "bfloat16"), (torch.float32, "float32"),
@@ -33,10 +33,10 @@ def test_training_warns_once_when_precisions_differ(capsys):
 
 
 def test_unknown_dtype_is_one_line(tiny_model, tmp_path):
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
-    from treg_data.cli import app
+    from treg_data.cli import command
 
-    result = CliRunner().invoke(app, ["--model", tiny_model, "--dataset", "x.jsonl", "--output", str(tmp_path),
+    result = CliRunner().invoke(command, ["--model", tiny_model, "--dataset", "x.jsonl", "--output", str(tmp_path),
                                       "--dtype", "fp8"])
     assert result.exit_code != 0 and "--dtype must be one of auto, float32, bfloat16, float16" in str(result.exception)

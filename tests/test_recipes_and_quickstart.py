@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from treg_data.cli import app as score_app
+from treg_data.cli import command as score_command
 from treg_train.config import build_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,23 @@ def test_recipes_cover_the_paper_grid():
 
 
 def test_score_recipes_use_real_treg_score_flags():
-    import typer.main
-
-    known = {opt for param in typer.main.get_command(score_app).params for opt in param.opts}
+    known = {opt for param in score_command.params for opt in param.opts}
     for path in SCORE_RECIPES:
         for key in yaml.safe_load(path.read_text()):
             assert f"--{key}" in known, (path, key)
+
+
+@pytest.mark.parametrize("path", SCORE_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_score_recipes_are_treg_score_configs(path):
+    from treg_core.command_line import load_settings
+    from treg_data.config import ScoreConfig, validate
+
+    recipe = yaml.safe_load(path.read_text())
+    config = validate(load_settings(ScoreConfig, str(path), {"worker_index": 3, "num_workers": 16}))
+    assert (config.model, config.dataset, config.output) == (recipe["model"], recipe["dataset"], recipe["output"])
+    assert config.max_length == recipe["max-length"] and (config.worker_index, config.num_workers) == (3, 16)
+    flagged = load_settings(ScoreConfig, str(path), {"max_length": 512})
+    assert flagged.max_length == 512  # a flag overrides the recipe
 
 
 def _fake(bin_dir: Path, name: str) -> None:
@@ -61,7 +72,7 @@ def test_launch_scripts_build_the_right_commands(tmp_path):
     recipe = ROOT / "pipelines/recipes/llama3-8b-instruct/score.yaml"
     out = subprocess.run(["bash", ROOT / "pipelines/launch/score_slurm_array.sh", recipe, "--overwrite"],
                          capture_output=True, text=True, env=env, check=True).stdout.splitlines()
-    assert out[1:3] == ["--model", "meta-llama/Meta-Llama-3-8B-Instruct"]
+    assert out[1:3] == ["--config", str(recipe)]  # treg-score reads the recipe itself
     assert out[-5:] == ["--num-workers", "16", "--worker-index", "3", "--overwrite"]
     train = ROOT / "pipelines/recipes/llama3-8b-instruct/dpo_reg.yaml"
     out = subprocess.run(["bash", ROOT / "pipelines/launch/train_1node.sh", train, str(tmp_path / "run")],

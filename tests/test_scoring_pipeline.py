@@ -7,12 +7,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import BAD_REASONS, bad_rows, make_pairs, write_jsonl
-from helpers import hf_score_config, perturbed_copy, read_shard_rows, token_logprobs
+from helpers import (
+    BAD_REASONS,
+    bad_rows,
+    hf_score_config,
+    make_pairs,
+    perturbed_copy,
+    read_shard_rows,
+    token_logprobs,
+    write_jsonl,
+)
 
+from treg_core.contract import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS, read_shard_metadata, shard_schema
+from treg_core.errors import UserError
 from treg_data import pipeline
-from treg_data.contract import SCHEMA, SIDES, TOKEN_FLOAT_COLUMNS, read_shard_metadata, shard_schema
-from treg_data.errors import UserError
 from treg_data.rewards import contrastive_rewards
 
 
@@ -56,7 +64,7 @@ def test_shards_follow_the_contract(tiny_model, tokenizer, dataset, tmp_path):
     assert len(manifest["provenance"]["tokenizer_hash"]) == 64
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert {s["id"]: s["reason"] for s in skipped} == BAD_REASONS
-    assert read_shard_metadata(shards[0])["provenance"] == manifest["provenance"]
+    assert read_shard_metadata(shards[0]).provenance.to_dict() == manifest["provenance"]
 
 
 class _Crash(Exception):
@@ -191,7 +199,7 @@ def test_dpo_rewards_are_the_sigmoid_of_the_dpo_models_log_ratio(tiny_model, dpo
     rows = read_shard_rows(tmp_path / "out")
     shard = sorted((tmp_path / "out" / "data").glob("*.parquet"))[0]
     assert pq.read_schema(shard).remove_metadata() == shard_schema(dpo_rewards=True)
-    assert read_shard_metadata(shard)["provenance"]["dpo_model"] == dpo_model
+    assert read_shard_metadata(shard).provenance.dpo_model == dpo_model
     largest = 0.0
     for side in SIDES:
         for row, logps in zip(rows, token_logprobs(dpo_model, rows, side)):

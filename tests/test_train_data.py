@@ -11,22 +11,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from treg_data.contract import METADATA_KEY
-from treg_data.errors import UserError
-from treg_data.forward import TokenLogprobs
-from treg_train.collate import collate, scatter_tokens
-from treg_train.data import ShardDataset, TrainingPair, global_batches, micro_batches, rank_slice
+from treg_core.contract import METADATA_KEY
+from treg_core.errors import UserError
+from treg_core.forward import TokenLogprobs
+from treg_train.collate import collate, micro_batches, scatter_tokens
+from treg_train.index import ShardIndex, TrainingPair
 from treg_train.model import load_causal_lm
+from treg_train.readers import EvalReader, TrainingStream, rank_slice
 
 
 def test_order_covers_every_pair_once_and_depends_only_on_seed_and_epoch(learnable_shards):
-    dataset = ShardDataset(learnable_shards)
+    dataset = ShardIndex(learnable_shards)
     assert dataset.num_pairs == 96 and len(dataset.groups) == 3
-    first = list(dataset.order(seed=1, epoch=0, buffer_size=16))
+    first = list(TrainingStream(dataset, 1, 16).order(0))
     assert Counter(first) == Counter((g, r) for g, (_, _, n) in enumerate(dataset.groups) for r in range(n))
-    assert list(dataset.order(seed=1, epoch=0, buffer_size=16)) == first
-    assert list(dataset.order(seed=2, epoch=0, buffer_size=16)) != first
-    assert list(dataset.order(seed=1, epoch=1, buffer_size=16)) != first
+    assert list(TrainingStream(dataset, 1, 16).order(0)) == first
+    assert list(TrainingStream(dataset, 2, 16).order(0)) != first
+    assert list(TrainingStream(dataset, 1, 16).order(1)) != first
 
 
 def _ids(batches):
@@ -34,32 +35,35 @@ def _ids(batches):
 
 
 def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shards):
-    dataset = ShardDataset(learnable_shards)
-    stream = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32)
+    dataset = ShardIndex(learnable_shards)
+    stream = TrainingStream(dataset, 0, 32).global_batches(16)
     batches = _ids(next(stream) for _ in range(9))  # crosses into the second epoch (6 per epoch)
     assert [(e, i) for e, i, _ in batches][5:7] == [(0, 5), (1, 0)]
-    resumed = global_batches(dataset, seed=0, global_batch_size=16, buffer_size=32, start_batch=4)
+    resumed = TrainingStream(dataset, 0, 32).global_batches(16, start_batch=4)
     assert _ids(next(resumed) for _ in range(5)) == batches[4:9]
     _, _, batch = batches[0]
-    shares = [_ids([next(global_batches(dataset, 0, 16, 32, rank=r, world_size=4))])[0][2] for r in range(4)]
+    shares = [_ids([next(TrainingStream(dataset, 0, 32).global_batches(16, rank=r, world_size=4))])[0][2]
+              for r in range(4)]
     assert sorted(x for share in shares for x in share) == sorted(batch) and all(len(s) == 4 for s in shares)
     assert rank_slice(batch, 1, 4) == shares[1]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_the_shares_of_the_ranks_make_up_the_global_batches_of_one_process(learnable_shards, world_size):
-    dataset = ShardDataset(learnable_shards)
-    expected = [[dataset.read(*c).id for c in order[i:i + 12]]  # 8 batches of 12 an epoch
-                for order in (list(dataset.order(seed=0, epoch=e, buffer_size=16)) for e in (0, 1))
+    dataset = ShardIndex(learnable_shards)
+    reader = EvalReader(dataset)
+    expected = [[reader.read(*c).id for c in order[i:i + 12]]  # 8 batches of 12 an epoch
+                for order in (list(TrainingStream(dataset, 0, 16).order(e)) for e in (0, 1))
                 for i in range(0, 96, 12)]
-    streams = [global_batches(dataset, 0, 12, 16, rank=r, world_size=world_size) for r in range(world_size)]
+    streams = [TrainingStream(dataset, 0, 16).global_batches(12, rank=r, world_size=world_size)
+               for r in range(world_size)]
     for batch in expected[:10]:  # into the second epoch
         shares = [[pair.id for pair in next(stream)[2]] for stream in streams]
         assert [shares[i % world_size][i // world_size] for i in range(12)] == batch  # rank_slice inverted
 
 
 def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, monkeypatch):
-    dataset = ShardDataset(learnable_shards)
+    dataset = ShardIndex(learnable_shards)
     read = []
 
     class CountingFile(pq.ParquetFile):
@@ -74,11 +78,11 @@ def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, mo
     monkeypatch.setattr(pq, "ParquetFile", CountingFile)
     # A buffer of one keeps the order within row groups (of 40, 40 and 16 rows): with 48 ranks, each trains on
     # two pairs an epoch, from at most two of the three groups; resumed at the second batch, on one.
-    order = list(dataset.order(seed=0, epoch=0, buffer_size=1))
+    order = list(TrainingStream(dataset, 0, 1).order(0))
     for rank in range(0, 48, 5):
         for start in (0, 1):
-            stream = global_batches(dataset, seed=0, global_batch_size=48, buffer_size=1, start_batch=start,
-                                    rank=rank, world_size=48)
+            stream = TrainingStream(dataset, seed=0, buffer_size=1).global_batches(48, start_batch=start, rank=rank,
+                                                                                  world_size=48)
             read.clear()
             mine = [pair.id for _, _, pairs in itertools.islice(stream, 2 - start) for pair in pairs]
             coordinates = [order[48 * batch + rank] for batch in range(start, 2)]
@@ -86,7 +90,8 @@ def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, mo
             assert sorted(read) == sorted((dataset.files[file].name, row_group) for file, row_group in groups)
             assert len(groups) < 3
             read.clear()
-            assert mine == [dataset.read(*c).id for c in coordinates]
+            reader = EvalReader(dataset)
+            assert mine == [reader.read(*c).id for c in coordinates]
 
 
 def _pair(prompt, chosen, rejected):
@@ -105,8 +110,9 @@ def test_micro_batches_respect_the_token_budget(packed):
 
 
 def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable_shards):
-    dataset = ShardDataset(learnable_shards)
-    pairs = [dataset.read(0, row) for row in range(5)]
+    dataset = ShardIndex(learnable_shards)
+    reader = EvalReader(dataset)
+    pairs = [reader.read(0, row) for row in range(5)]
     model = TokenLogprobs(load_causal_lm(tiny_model, torch.float32)).eval()
     results = {}
     with torch.no_grad():
@@ -114,7 +120,7 @@ def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable
             inputs = collate(pairs, packed)
             assert (inputs.attention_mask is None) == packed
             results[packed] = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                                   inputs.predict_index, inputs.targets), inputs.token_mask)
+                                                   inputs.predict_index, inputs.targets).logps, inputs.token_mask)
         torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=0)
         # ...and both equal the stored reference log-probs of the scorer (same untrained model).
         stored = collate(pairs, True).ref_logps
@@ -125,8 +131,8 @@ def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable
 
 def test_reward_column_and_missing_columns(learnable_shards):
     with pytest.raises(UserError, match="chosen_dpo_rewards"):
-        ShardDataset(learnable_shards, reward_column="dpo_rewards")
-    pair = ShardDataset(learnable_shards, reward_column="better_logps").read(0, 0)
+        ShardIndex(learnable_shards, reward_column="dpo_rewards")
+    pair = EvalReader(ShardIndex(learnable_shards, reward_column="better_logps")).read(0, 0)
     assert pair.chosen_rewards[0] < 0 and len(pair.chosen_rewards) == len(pair.chosen_ids)
 
 
@@ -135,7 +141,7 @@ def test_foreign_and_mixed_shards_are_refused(learnable_shards, tmp_path):
     foreign.mkdir()
     pq.write_table(pa.table({"id": ["a"]}), foreign / "plain.parquet")
     with pytest.raises(UserError, match="not a treg shard"):
-        ShardDataset(str(foreign))
+        ShardIndex(str(foreign))
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for i, file in enumerate(sorted((Path(learnable_shards) / "data").glob("*.parquet"))[:2]):
@@ -144,9 +150,9 @@ def test_foreign_and_mixed_shards_are_refused(learnable_shards, tmp_path):
         meta["provenance"]["tokenizer_hash"] = f"hash-{i}"
         pq.write_table(table.replace_schema_metadata({METADATA_KEY: json.dumps(meta)}), mixed / file.name)
     with pytest.raises(UserError, match="different tokenizers"):
-        ShardDataset(str(mixed))
+        ShardIndex(str(mixed))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no .parquet shards"):
-        ShardDataset(str(tmp_path / "empty"))
+        ShardIndex(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="neither a folder nor a Hub dataset id"):
-        ShardDataset(str(tmp_path / "missing"))
+        ShardIndex(str(tmp_path / "missing"))

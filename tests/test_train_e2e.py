@@ -148,7 +148,7 @@ def test_exported_model_loads_in_transformers_and_differs_from_the_start(tiny_mo
 
 @pytest.mark.engine
 def test_exported_model_scores_in_vllm(single, tmp_path):
-    from conftest import make_learnable_pairs, write_jsonl
+    from helpers import make_learnable_pairs, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", make_learnable_pairs(4))
     result = run(score_command("--model", single[0] / "final", "--dataset", data, "--output", tmp_path / "scored",

@@ -6,12 +6,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_learnable_pairs, write_jsonl
-from helpers import assert_one_line_error, hf_score_config, read_metrics, run, train_command
+from helpers import (
+    assert_one_line_error,
+    hf_score_config,
+    make_learnable_pairs,
+    read_metrics,
+    run,
+    train_command,
+    write_jsonl,
+)
 
 from treg_data import pipeline
 from treg_train.config import TrainConfig, changed_on_resume
-from treg_train.data import ShardDataset
+from treg_train.index import ShardIndex
+from treg_train.readers import EvalReader, TrainingStream
 
 ARGS = ["--global-batch-size", "8", "--max-steps", "12", "--learning-rate", "2e-4", "--beta", "0.1",
         "--logging-steps", "1", "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]
@@ -50,7 +58,7 @@ def evaluated(tiny_model, learnable_shards, eval_shards, tmp_path_factory):
 def test_eval_metrics_equal_one_process_on_the_exported_model(evaluated, eval_shards):
     from transformers import AutoModelForCausalLM
 
-    from treg_data.forward import TokenLogprobs
+    from treg_core.forward import TokenLogprobs
     from treg_train.collate import collate, scatter_tokens
     from treg_train.losses import SideTokens, preference_loss
 
@@ -64,14 +72,14 @@ def test_eval_metrics_equal_one_process_on_the_exported_model(evaluated, eval_sh
         assert key in evals[-1]
 
     # One process, one forward of every held-out pair, on the weights the run exported after its last step.
-    dataset = ShardDataset(eval_shards)
+    dataset = EvalReader(ShardIndex(eval_shards))
     pairs = [dataset.read(*c) for c in dataset.coordinates()]
     assert len(pairs) == 17
     model = TokenLogprobs(AutoModelForCausalLM.from_pretrained(output / "final", dtype=torch.float32)).eval()
     inputs = collate(pairs, padding_free=False)
     with torch.no_grad():
         logps = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                     inputs.predict_index, inputs.targets), inputs.token_mask)
+                                     inputs.predict_index, inputs.targets).logps, inputs.token_mask)
     n = inputs.num_pairs
     sides = [SideTokens(logps[rows], inputs.ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows])
              for rows in (slice(0, n), slice(n, 2 * n))]
@@ -94,24 +102,28 @@ def test_evaluation_leaves_the_training_unchanged(tiny_model, learnable_shards, 
         assert {key: a[key] for key in TRAINING} == {key: b[key] for key in TRAINING}, a["step"]
 
 
+def ids(index: ShardIndex) -> list[str]:
+    reader = EvalReader(index)
+    return [reader.read(*c).id for c in reader.coordinates()]
+
+
 def test_eval_fraction_holds_out_a_fixed_disjoint_share_of_the_pairs(learnable_shards):
-    everything, kept = ShardDataset(learnable_shards), ShardDataset(learnable_shards, holdout=0.25)
-    held = ShardDataset(learnable_shards, holdout=0.25, held_out=True)
-    ids = lambda dataset: [dataset.read(*c).id for c in dataset.coordinates()]  # noqa: E731
+    everything, kept = ShardIndex(learnable_shards), ShardIndex(learnable_shards, holdout=0.25)
+    held = ShardIndex(learnable_shards, holdout=0.25, held_out=True)
     assert set(ids(kept)).isdisjoint(ids(held))
     assert sorted(ids(kept) + ids(held)) == sorted(ids(everything))
     assert kept.num_pairs + held.num_pairs == everything.num_pairs == 96 and 12 <= held.num_pairs <= 36
     # Training streams exactly the pairs kept, in an order that still depends on seed and epoch only.
-    order = list(kept.order(seed=1, epoch=0, buffer_size=16))
-    assert sorted(order) == sorted(kept.coordinates()) and len(order) == kept.num_pairs
-    assert list(kept.order(seed=1, epoch=0, buffer_size=16)) == order
+    order = list(TrainingStream(kept, seed=1, buffer_size=16).order(epoch=0))
+    assert sorted(order) == sorted(EvalReader(kept).coordinates()) and len(order) == kept.num_pairs
+    assert list(TrainingStream(kept, seed=1, buffer_size=16).order(epoch=0)) == order
     # The same split on a fresh load (every rank, a resume), and a larger share holds out a superset.
-    assert ids(ShardDataset(learnable_shards, holdout=0.25, held_out=True)) == ids(held)
-    assert set(ids(held)) < set(ids(ShardDataset(learnable_shards, holdout=0.5, held_out=True)))
+    assert ids(ShardIndex(learnable_shards, holdout=0.25, held_out=True)) == ids(held)
+    assert set(ids(held)) < set(ids(ShardIndex(learnable_shards, holdout=0.5, held_out=True)))
 
 
 def test_eval_fraction_trains_on_the_rest_and_evaluates_at_the_end(tiny_model, learnable_shards, tmp_path):
-    kept = ShardDataset(learnable_shards, holdout=0.25).num_pairs
+    kept = ShardIndex(learnable_shards, holdout=0.25).num_pairs
     command = train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",
                             *[a for a in ARGS if a not in ("--max-steps", "12")], "--eval-fraction", "0.25",
                             "--save-steps", "0")

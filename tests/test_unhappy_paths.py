@@ -7,11 +7,18 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_learnable_pairs, make_pairs, write_jsonl
-from helpers import assert_one_line_error, hf_score_config, run, train_command
+from helpers import (
+    assert_one_line_error,
+    hf_score_config,
+    make_learnable_pairs,
+    make_pairs,
+    run,
+    train_command,
+    write_jsonl,
+)
 
+from treg_core.errors import UserError
 from treg_data import pipeline
-from treg_data.errors import UserError
 
 TRAIN = ["--global-batch-size", "8", "--learning-rate", "2e-4", "--beta", "0.1", "--logging-steps", "1",
          "--max-length", "256", "--micro-batch-tokens", "1024", "--seed", "3"]

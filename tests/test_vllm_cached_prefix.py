@@ -28,7 +28,7 @@ def test_cached_prefixes_give_the_reference_log_probs(tiny_model):
     # again without the cache.
     common = rng.integers(3, 500, 100).tolist()
     requests += [(prefixes[1], common + [7]), (prefixes[1], common + [7]), (prefixes[1], common + [8, 9])]
-    options = EngineOptions(model=tiny_model, dtype="float32", max_model_len=512, enforce_eager=True)
+    options = EngineOptions(model=tiny_model, dtype="float32", max_model_len=512, engine={"enforce_eager": True})
     scorer = VLLMScorer(options)
     try:
         assert scorer.scoring_path == "cached_prefix_rows"

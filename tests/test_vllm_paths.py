@@ -59,11 +59,12 @@ def test_engine_environment_binds_every_cpu_and_keeps_what_the_user_set(monkeypa
 
 def test_data_parallel_engines_split_the_cores_and_the_kv_cache(monkeypatch):
     from treg_data import data_parallel
+    from treg_data.scorers import cpu_engine
 
     for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(data_parallel.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(data_parallel, "kv_cache_gib", lambda: 8)
+    monkeypatch.setattr(cpu_engine.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu_engine, "kv_cache_gib", lambda: 8)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert data_parallel.worker_environments(2, 1) == [
         {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0,1"},

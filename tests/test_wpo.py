@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import read_metrics, run, train_command
 
-from treg_data.forward import TokenLogprobs
+from treg_core.forward import TokenLogprobs
 from treg_train.collate import collate, scatter_tokens
-from treg_train.data import TrainingPair
+from treg_train.index import TrainingPair
 from treg_train.losses import LossSettings, SideTokens, preference_loss
 
 
@@ -103,7 +103,7 @@ def _perturbed_policy(tiny_model):
 
 
 def test_wpo_matches_trl_use_weighting(tiny_model, tmp_path):
-    from conftest import make_learnable_pairs
+    from helpers import make_learnable_pairs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -126,7 +126,7 @@ def test_wpo_matches_trl_use_weighting(tiny_model, tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
         logps, log_sum_sq = TokenLogprobs(_perturbed_policy(tiny_model)).eval()(*args, with_log_sum_sq=True)
-        ref_logps = TokenLogprobs(reference).eval()(*args)
+        ref_logps = TokenLogprobs(reference).eval()(*args).logps
     logps, log_sum_sq, ref_logps = (scatter_tokens(t, inputs.token_mask) for t in (logps, log_sum_sq, ref_logps))
     n = len(pairs)
     sides = [SideTokens(logps[r], ref_logps[r], inputs.rewards[r], inputs.token_mask[r], log_sum_sq[r])

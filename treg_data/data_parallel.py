@@ -16,8 +16,8 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from treg_data.errors import UserError
-from treg_data.scorers.cpu_engine import kv_cache_gib, split_evenly
+from treg_core.errors import UserError
+from treg_data.scorers.cpu_engine import data_parallel_cpu_environments, split_evenly
 
 
 def run_data_parallel(config, size: int):
@@ -66,28 +66,19 @@ def run_data_parallel(config, size: int):
 
 
 def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, str]]:
+    """What each worker's environment adds: its own GPUs, or on a CPU its own cores and share of memory."""
     import torch
 
-    if torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-        if len(devices) < size * tensor_parallel_size:
-            raise UserError(f"--data-parallel-size {size} x --tensor-parallel-size {tensor_parallel_size} needs "
-                            f"{size * tensor_parallel_size} GPUs; {len(devices)} are visible")
-        groups = split_evenly(devices, size * tensor_parallel_size)
-        per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
-        return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(worker_groups, []))} for worker_groups in per_worker]
-    # The engines share the machine's memory: each gets its share of the KV cache treg would give one.
-    shared = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, kv_cache_gib() // size))}
-    if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
-        shared = {}
-    cores = sorted(os.sched_getaffinity(0))
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
-        return [dict(shared) for _ in range(size)]
-    groups = split_evenly([str(c) for c in cores], size * tensor_parallel_size)
-    per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
-    return [{**shared, "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)}
-            for worker_groups in per_worker]
+    if not torch.cuda.is_available():
+        return data_parallel_cpu_environments(size, tensor_parallel_size)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(devices) < size * tensor_parallel_size:
+        raise UserError(f"--data-parallel-size {size} x --tensor-parallel-size {tensor_parallel_size} needs "
+                        f"{size * tensor_parallel_size} GPUs; {len(devices)} are visible")
+    groups = split_evenly(devices, size * tensor_parallel_size)
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(sum(groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size],
+                                                   []))} for r in range(size)]
 
 
 def _worker(config, environment: dict[str, str], results) -> None:

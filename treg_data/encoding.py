@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from treg_data.errors import BadRow, UserError
+from treg_core.contract import CONTEXTS
+from treg_core.errors import BadRow, UserError
 from treg_data.lengths import LengthLimits
 from treg_data.pairs import Message, PreferencePair
 from treg_data.revision_prompts import RevisionPrompts, fill
-
-CONTEXTS = ("ref", "better", "worse")  # policy prompt, x_better, x_worse
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,11 @@ class EncodedPair:
         """Tokens the scorer processes for this pair (all six sequences)."""
         return sum(len(p) + len(r.ids) for r in (self.chosen, self.rejected) for p in r.prefixes.values())
 
+    def requests(self, contexts: tuple[str, ...] = CONTEXTS) -> list[tuple[list[int], list[int]]]:
+        """(prefix ids, response ids) of each side after each context, chosen's first, contexts in order."""
+        return [(response.prefixes[context], response.ids) for response in (self.chosen, self.rejected)
+                for context in contexts]
+
 
 class PairEncoder:
     def __init__(self, tokenizer, revision_prompts: RevisionPrompts, limits: LengthLimits):
@@ -45,41 +49,45 @@ class PairEncoder:
         self.limits = limits
 
     def encode(self, pair: PreferencePair) -> EncodedPair:
-        prompt_text = self._render(pair.prompt, generation_prompt=True)
-        prompt_ids = self._ids(prompt_text)
+        prompt_ids = prompt_token_ids(self.tokenizer, pair.prompt)
         limits = self.limits
         if len(prompt_ids) > limits.max_prompt_length:
             raise BadRow("prompt_too_long",
                          f"prompt has {len(prompt_ids)} tokens > max_prompt_length {limits.max_prompt_length}")
-        chosen = self._encode_response(pair, pair.chosen, prompt_text, prompt_ids)
-        rejected = self._encode_response(pair, pair.rejected, prompt_text, prompt_ids)
+        chosen = self._encode_response(pair, pair.chosen, prompt_ids)
+        rejected = self._encode_response(pair, pair.rejected, prompt_ids)
         return EncodedPair(pair=pair, prompt_ids=prompt_ids, chosen=chosen, rejected=rejected)
 
-    def _encode_response(self, pair: PreferencePair, answer: Message, prompt_text: str,
-                         prompt_ids: list[int]) -> EncodedResponse:
-        full_text = self._render(pair.prompt + [answer], generation_prompt=False)
-        if not full_text.startswith(prompt_text):
-            raise BadRow("template_not_prefix",
-                         "the chat template does not render the prompt as a prefix of prompt + answer")
-        ids = self._ids(full_text[len(prompt_text):])
+    def _encode_response(self, pair: PreferencePair, answer: Message, prompt_ids: list[int]) -> EncodedResponse:
+        ids = answer_token_ids(self.tokenizer, pair.prompt, answer)
         if len(prompt_ids) + len(ids) > self.limits.max_length:
             raise BadRow("too_long", f"prompt + response is {len(prompt_ids) + len(ids)} tokens "
                                      f"> max_length {self.limits.max_length}")
         prefixes = {"ref": prompt_ids}
         for name in ("better", "worse"):
             request = fill(getattr(self.revision_prompts, name), pair.prompt, answer["content"])
-            prefix = self._ids(self._render([{"role": "user", "content": request}], generation_prompt=True))
+            prefix = prompt_token_ids(self.tokenizer, [{"role": "user", "content": request}])
             if len(prefix) + len(ids) > self.limits.max_model_len:
                 raise BadRow("revision_too_long", f"revision sequence is {len(prefix) + len(ids)} tokens "
                                                   f"> max_model_len {self.limits.max_model_len}")
             prefixes[name] = prefix
         return EncodedResponse(ids=ids, prefixes=prefixes)
 
-    def _render(self, messages: list[Message], generation_prompt: bool) -> str:
-        return render(self.tokenizer, messages, generation_prompt)
 
-    def _ids(self, text: str) -> list[int]:
-        return token_ids(self.tokenizer, text)
+def prompt_token_ids(tokenizer, prompt: list[Message]) -> list[int]:
+    """The prompt through the chat template, generation prompt included: what precedes an answer."""
+    return token_ids(tokenizer, render(tokenizer, prompt, generation_prompt=True))
+
+
+def answer_token_ids(tokenizer, prompt: list[Message], answer: Message) -> list[int]:
+    """The answer's ids, end of turn included, tokenized inside the chat template: the template's
+    text of prompt + answer, less the text of the prompt. The model sees prompt ids + these."""
+    prompt_text = render(tokenizer, prompt, generation_prompt=True)
+    full_text = render(tokenizer, prompt + [answer], generation_prompt=False)
+    if not full_text.startswith(prompt_text):
+        raise BadRow("template_not_prefix",
+                     "the chat template does not render the prompt as a prefix of prompt + answer")
+    return token_ids(tokenizer, full_text[len(prompt_text):])
 
 
 def render(tokenizer, messages: list[Message], generation_prompt: bool) -> str:
@@ -101,7 +109,5 @@ def token_ids(tokenizer, text: str) -> list[int]:
 def revision_overhead(tokenizer, revision_prompts: RevisionPrompts) -> int:
     """Tokens a revision sequence adds beyond twice the response and the prompt's own text."""
     empty = [{"role": "user", "content": ""}]
-    return max(
-        len(token_ids(tokenizer, render(tokenizer, [{"role": "user", "content": fill(t, empty, "")}], True)))
-        for t in (revision_prompts.better, revision_prompts.worse)
-    )
+    return max(len(prompt_token_ids(tokenizer, [{"role": "user", "content": fill(t, empty, "")}]))
+               for t in (revision_prompts.better, revision_prompts.worse))

@@ -1,33 +1,30 @@
-"""Share scored shards on the Hugging Face Hub with a dataset card that the Hub's viewer and
-`datasets.load_dataset` understand."""
+"""Share scored shards on the Hugging Face Hub with a dataset card (card.md, filled here) that the Hub's
+viewer and `datasets.load_dataset` understand."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from string import Template
 
 import pyarrow.parquet as pq
 import yaml
 
-from treg_data.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, provenance_schema
-from treg_data.errors import UserError, first_line
+from treg_core.atomic import write_text
+from treg_core.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, Manifest, read_manifest
+from treg_core.errors import UserError, first_line
+from treg_core.sources import is_hub_id
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
 from treg_data.rewards import DPO_REWARD_TRANSFORM, REWARD_TRANSFORM
 
 UPLOADED = ["README.md", MANIFEST, SKIPPED, f"{DATA_DIR}/{SHARD_GLOB}"]
 CARD_MARK = "<!-- dataset card written by treg-push -->"  # a README.md without it is the user's
-
-
-def load_manifest(folder: str | Path) -> dict:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise UserError(f"{folder} has no manifest.json: finish scoring (every worker) before sharing it")
-    return json.loads(path.read_text())
+CARD = Path(__file__).with_name("card.md")
 
 
 def source_license(dataset: str) -> str | None:
     """The licence on the source dataset's Hub card, when the source is a reachable Hub dataset."""
-    if Path(dataset).exists() or dataset.count("/") != 1:
+    if not is_hub_id(dataset):
         return None
     try:
         from huggingface_hub import DatasetCard
@@ -37,99 +34,39 @@ def source_license(dataset: str) -> str | None:
         return None
 
 
-def dataset_card(manifest: dict, repo_id: str, license: str | None, num_bytes: int,
-                 distribution: RewardDistribution) -> str:
+def front_matter(manifest: Manifest, license: str | None, num_bytes: int) -> str:
+    """The card's YAML header: licence, tags, the data files and the features the shards really have."""
     from datasets import Features
 
-    provenance, counts = manifest["provenance"], manifest["counts"]
-    split = provenance["split"]
-    front = {
+    split = manifest.provenance.split
+    return yaml.safe_dump({
         "license": license or "unknown",
         "tags": ["treg", "dpo", "preference", "token-level-rewards"],
         "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
         "dataset_info": {
-            # the columns the shards really have: the optional ones only if this run wrote them
-            "features": Features.from_arrow_schema(provenance_schema(provenance))._to_yaml_list(),
-            "splits": [{"name": split, "num_examples": counts["pairs_scored"], "num_bytes": num_bytes}],
+            "features": Features.from_arrow_schema(manifest.provenance.schema)._to_yaml_list(),
+            "splits": [{"name": split, "num_examples": manifest.counts.pairs_scored, "num_bytes": num_bytes}],
         },
-    }
-    skipped = ", ".join(f"{k}: {v}" for k, v in counts["skipped_by_reason"].items()) or "none"
-    prompts = provenance["revision_prompts"]
+    }, sort_keys=False, allow_unicode=True)
+
+
+def dataset_card(manifest: Manifest, repo_id: str, license: str | None, num_bytes: int,
+                 distribution: RewardDistribution) -> str:
+    provenance, counts = manifest.provenance, manifest.counts
     dpo_row = (f"| `*_dpo_rewards` | `{DPO_REWARD_TRANSFORM}` per token, `dpo_logps` being the log-prob under the "
-               f"DPO-trained model `{provenance['dpo_model']}` after the policy prompt |\n"
-               if provenance.get("dpo_model") else "")
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False, allow_unicode=True)}---
-
-# {repo_id}
-
-Preference pairs from `{provenance['dataset']}` (split `{split}`) with a token-level reward for
-every response token, computed by treg for T-REG (preference optimization with token-level
-reward regularization). Scored by `{provenance['scorer_model']}`;
-prompts rendered with the chat template of `{provenance['model']}`.
-
-```python
-from datasets import load_dataset
-pairs = load_dataset("{repo_id}", split="{split}")
-```
-
-Train on it with `treg-train --model {provenance['model']} --data {repo_id} ...`.
-
-## Reward
-
-For each response token `y_t`, with the model's log-probs of that same token id after two revision
-prompts (`x_better`, `x_worse`) that quote the conversation and the response:
-
-    {REWARD_TRANSFORM}   (the *_better_logps and *_worse_logps columns)
-
-which lies in (-0.5, 0.5). The raw log-probs are kept, so other transforms need no rescoring.
-
-### How r̂ is distributed here
-
-{summary_line(distribution)}.
-
-{markdown_table(distribution)}
-
-(share of each side's response tokens per r̂ bin)
-
-## Columns
-
-| column | meaning |
-|---|---|
-| `id` | the input's id, or a content hash |
-| `prompt`, `chosen`, `rejected` | the pair as messages (TRL's conversational format with an explicit prompt) |
-| `prompt_ids` | the prompt rendered with the chat template, generation prompt included |
-| `chosen_ids`, `rejected_ids` | response token ids, end-of-turn included; the sequence is `prompt_ids + chosen_ids` |
-| `*_ref_logps` | log-prob of each response token after the policy prompt (the reference model) |
-| `*_better_logps`, `*_worse_logps` | log-prob of each response token after `x_better` / `x_worse` |
-| `*_rewards` | the token reward above |
-{dpo_row}
-## Revision prompts
-
-`x_better`:
-
-```
-{prompts['better']}
-```
-
-`x_worse`:
-
-```
-{prompts['worse']}
-```
-
-## Provenance
-
-- pairs read: {counts['pairs_read']}, scored: {counts['pairs_scored']}, skipped: {counts['pairs_skipped']} ({skipped})
-- tokens scored: {counts['tokens']}
-- source licence: {license or 'unknown'} (carried over from the source dataset)
-
-```json
-{json.dumps(provenance, indent=2, ensure_ascii=False)}
-```
-
-{CARD_MARK}
-"""
+               f"DPO-trained model `{provenance.dpo_model}` after the policy prompt |\n"
+               if provenance.dpo_model else "")
+    return Template(CARD.read_text(encoding="utf-8")).substitute(
+        front_matter=front_matter(manifest, license, num_bytes), repo_id=repo_id, dataset=provenance.dataset,
+        split=provenance.split, scorer_model=provenance.scorer_model, model=provenance.model,
+        reward_transform=REWARD_TRANSFORM, distribution_summary=summary_line(distribution),
+        distribution_table=markdown_table(distribution), optional_column_rows=dpo_row,
+        better_prompt=provenance.revision_prompts["better"], worse_prompt=provenance.revision_prompts["worse"],
+        pairs_read=counts.pairs_read, pairs_scored=counts.pairs_scored, pairs_skipped=counts.pairs_skipped,
+        skipped_by_reason=", ".join(f"{k}: {v}" for k, v in counts.skipped_by_reason.items()) or "none",
+        tokens=counts.tokens, license=license or "unknown",
+        provenance_json=json.dumps(provenance.to_dict(), indent=2, ensure_ascii=False), card_mark=CARD_MARK,
+    )
 
 
 def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> Path:
@@ -137,13 +74,13 @@ def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> 
     path = Path(folder) / "README.md"
     if path.exists() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
         return path
-    manifest = load_manifest(folder)
-    license = license or source_license(manifest["provenance"]["dataset"])
-    num_bytes = sum(pq.ParquetFile(Path(folder) / shard).metadata.row_group(g).total_byte_size
-                    for shard in manifest["shards"] for g in range(pq.ParquetFile(Path(folder) / shard).num_row_groups))
-    distribution = reward_distribution([Path(folder) / shard for shard in manifest["shards"]])
-    path.write_text(dataset_card(manifest, repo_id, license, num_bytes, distribution), encoding="utf-8")
-    return path
+    manifest = read_manifest(folder)
+    license = license or source_license(manifest.provenance.dataset)
+    shards = [pq.ParquetFile(Path(folder) / shard) for shard in manifest.shards]
+    num_bytes = sum(shard.metadata.row_group(g).total_byte_size
+                    for shard in shards for g in range(shard.num_row_groups))
+    distribution = reward_distribution([Path(folder) / shard for shard in manifest.shards])
+    return write_text(path, dataset_card(manifest, repo_id, license, num_bytes, distribution))
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, license: str | None = None) -> str:
@@ -153,9 +90,9 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, license
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
-    if repo_id.count("/") != 1:
+    if not is_hub_id(repo_id):
         raise UserError(f"the Hub repository must be ORG/NAME, got {repo_id!r}")
-    load_manifest(folder)  # a finished folder
+    read_manifest(folder)  # a finished folder
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")

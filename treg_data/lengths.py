@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from treg_data.errors import UserError
+from treg_core.errors import UserError
 
 
 @dataclass(frozen=True)

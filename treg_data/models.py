@@ -1,30 +1,9 @@
-"""What treg-score reads of a model before any engine starts: its tokenizer (with the chat
-template that renders the prompts), its config, and its context length."""
+"""What treg-score reads of a model before any engine starts, beside its tokenizer
+(treg_core.sources): whether another model shares its vocabulary, its config, and its context length."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from treg_data.errors import UserError, first_line
-
-
-def load_tokenizer(name: str, revision: str | None, chat_template: str | None):
-    from transformers import AutoTokenizer
-
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
-        raise UserError(f"model folder {name} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
-        raise UserError(f"cannot load the tokenizer of {name!r}: {first_line(err)}") from None
-    if chat_template:
-        try:
-            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
-        except OSError as err:
-            raise UserError(f"cannot read --chat-template {chat_template}: {err}") from None
-    if not tokenizer.chat_template:
-        raise UserError(f"the tokenizer of {name!r} has no chat template; pass one with --chat-template FILE")
-    return tokenizer
+from treg_core.errors import UserError, first_line
 
 
 def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str, flag: str = "--scorer-model") -> None:

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from treg_data.errors import BadRow
+from treg_core.errors import BadRow
 
 Message = dict[str, str]
 

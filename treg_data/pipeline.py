@@ -6,74 +6,31 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from treg_data import __version__
-from treg_data.contract import tokenizer_fingerprint
+from treg_core import __version__
+from treg_core.contract import Provenance, tokenizer_fingerprint
+from treg_core.errors import BadRow, UserError
+from treg_core.precision import resolve_dtype
+from treg_core.sources import load_tokenizer
+from treg_data.config import ScoreConfig, validate
 from treg_data.encoding import EncodedPair, PairEncoder, revision_overhead
-from treg_data.errors import BadRow, UserError
 from treg_data.inputs import InvalidRow, open_source, worker_range
 from treg_data.lengths import LengthLimits, resolve_max_model_len
-from treg_data.models import check_same_vocabulary, load_model_config, load_tokenizer, model_context
+from treg_data.models import check_same_vocabulary, load_model_config, model_context
 from treg_data.pairs import Columns, parse_pair, row_id
-from treg_data.precision import resolve_dtype
 from treg_data.revision_prompts import RevisionPrompts, load_revision_prompts
 from treg_data.rewards import REWARD_TRANSFORM
 from treg_data.scorers import EngineOptions, Scorer, build_scorer
 from treg_data.scoring import score_pairs
 from treg_data.shards import ShardCutter, ShardStore, merge_manifests
 
+__all__ = ["ScoreConfig", "Summary", "run"]
+
 SHOWN_SKIPS = 5
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    model: str
-    dataset: str
-    output: str
-    split: str = "train"
-    dataset_config: str | None = None
-    columns: Columns = Columns()
-    scorer_model: str | None = None
-    dpo_model: str | None = None  # a DPO-trained model: also write *_dpo_rewards (docs/METHOD.md §3)
-    model_revision: str | None = None
-    backend: str = "vllm"
-    revision_prompts: str | None = None  # a YAML/JSON file; None: the default prompts
-    chat_template: str | None = None
-    max_length: int = 2048
-    max_prompt_length: int = 1800
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    batch_size: int = 256
-    shard_size: int = 10_000
-    num_workers: int = 1
-    worker_index: int = 0
-    strict: bool = False
-    overwrite: bool = False
-    seed: int = 0
-
-    def engine_options(self, dtype: str, max_model_len: int) -> EngineOptions:
-        """The engine's settings, with the dtype and context length resolved for this model. With
-        --dpo-model two engines share the GPU, so each gets half of --gpu-memory-utilization."""
-        return EngineOptions(
-            model=self.scorer_model or self.model, revision=self.model_revision, dtype=dtype,
-            max_model_len=max_model_len, tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization / (2 if self.dpo_model else 1),
-            enforce_eager=self.enforce_eager, seed=self.seed,
-        )
-
-    def dpo_engine_options(self, dtype: str, max_model_len: int) -> EngineOptions | None:
-        """The DPO model's engine: the main one's settings (one dtype for both sides of the
-        log-ratio), another model; None without --dpo-model."""
-        if not self.dpo_model:
-            return None
-        return replace(self.engine_options(dtype, max_model_len), model=self.dpo_model, revision=None)
 
 
 @dataclass
@@ -108,14 +65,12 @@ class Summary:
 
 def run(config: ScoreConfig) -> Summary:
     started = time.perf_counter()
-    if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
-        raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
-                        "them; score the DPO rewards in a run without --scorer-model")
-    tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template)
+    validate(config)
+    tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template, needs_chat_template=True)
     if config.scorer_model and config.scorer_model != config.model:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, None, None), config.scorer_model)
+        check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model), config.scorer_model)
     if config.dpo_model:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, None, config.chat_template),
+        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, chat_template=config.chat_template),
                               config.dpo_model, flag="--dpo-model")
     revision_prompts = load_revision_prompts(config.revision_prompts)
     model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
@@ -148,7 +103,7 @@ def run(config: ScoreConfig) -> Summary:
                           ShardCutter(store, progress, config.shard_size))
         finally:
             engine.close()
-        manifest = store.finish(progress, start, stop, {"scoring_path": engine.scoring_path})
+        manifest = store.finish(progress, start, stop, engine.scoring_path)
     return Summary(
         output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
@@ -158,30 +113,30 @@ def run(config: ScoreConfig) -> Summary:
 
 
 def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts, input_fingerprint: str,
-               dtype: str, max_model_len: int) -> dict:
+               dtype: str, max_model_len: int) -> Provenance:
     """Everything that decides the shards' content; a rerun with any of it different is refused."""
-    return {
-        "model": config.model,
-        "model_revision": config.model_revision,
-        "scorer_model": config.scorer_model or config.model,
-        "dpo_model": config.dpo_model,  # not None: the shards hold *_dpo_rewards (contract.provenance_schema)
-        "tokenizer_hash": tokenizer_fingerprint(tokenizer),
-        "dataset": str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
-        "dataset_config": config.dataset_config,
-        "input_fingerprint": input_fingerprint,
-        "split": config.split,
-        "columns": vars(config.columns),
-        "revision_prompts": revision_prompts.as_dict(),
-        "reward_transform": REWARD_TRANSFORM,
-        "max_length": config.max_length,
-        "max_prompt_length": config.max_prompt_length,
-        "max_model_len": max_model_len,
-        "backend": config.backend,
-        "dtype": dtype,
-        "num_workers": config.num_workers,
-        "shard_size": config.shard_size,
-        "treg_version": __version__,
-    }
+    return Provenance(
+        model=config.model,
+        model_revision=config.model_revision,
+        scorer_model=config.scorer_model or config.model,
+        dpo_model=config.dpo_model,
+        tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        dataset=str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
+        dataset_config=config.dataset_config,
+        input_fingerprint=input_fingerprint,
+        split=config.split,
+        columns=vars(config.columns),
+        revision_prompts=revision_prompts.as_dict(),
+        reward_transform=REWARD_TRANSFORM,
+        max_length=config.max_length,
+        max_prompt_length=config.max_prompt_length,
+        max_model_len=max_model_len,
+        backend=config.backend,
+        dtype=dtype,
+        num_workers=config.num_workers,
+        shard_size=config.shard_size,
+        treg_version=__version__,
+    )
 
 
 class _Engine:

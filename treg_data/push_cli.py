@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import click
 
-import typer
-
-from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
-
-app = typer_app()
+from treg_core.command_line import CONTEXT, GroupedCommand, HelpedArgument, grouped, run_cli
 
 
-@app.command(cls=GroupedTyperCommand, context_settings=CONTEXT)
-def push(
-    folder: str = typer.Argument(..., help="A finished treg-score output folder."),
-    repo_id: str = typer.Argument(..., help="Hub dataset repository, ORG/NAME (created if missing)."),
-    private: bool = option(False, "Options", "Create the repository as private."),
-    license: Optional[str] = option(None, "Options", "Licence for the card (default: the source dataset's)."),
-) -> None:
+@click.command(cls=GroupedCommand, context_settings=CONTEXT, params=[
+    HelpedArgument(["folder"], help="A finished treg-score output folder."),
+    HelpedArgument(["repo_id"], help="Hub dataset repository, ORG/NAME (created if missing)."),
+    grouped(click.Option(["--private/--no-private"], default=False, help="Create the repository as private."),
+            "Options"),
+    grouped(click.Option(["--license"], help="Licence for the card (default: the source dataset's)."), "Options"),
+])
+def command(folder: str, repo_id: str, private: bool, license: str | None) -> None:
     """Write a dataset card into FOLDER and upload the card, manifest and shards."""
     from treg_data.hub import push_to_hub
 
@@ -26,7 +23,7 @@ def push(
 
 
 def main() -> None:
-    run_cli(app, "treg-push")
+    run_cli(command, "treg-push")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ HTML file: inline CSS, no scripts, no network."""
 from __future__ import annotations
 
 import heapq
-import html
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from treg_data.contract import SIDES, column, shard_files, side_columns
-from treg_data.errors import UserError
+from treg_core.contract import SIDES, column, shard_files, side_columns
+from treg_core.errors import UserError
+from treg_core.html import element, escape, page
 from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_line
 
 COLUMNS = ["id", "prompt", "prompt_ids"] + [name for side in SIDES
@@ -143,26 +143,28 @@ def _colour(value: float, scale: float) -> str:
 
 
 def _tokens_html(tokens: list[str], values: np.ndarray, scale: float, kind: str, name: str) -> str:
-    spans = "".join(
-        f'<span class="tok" style="background:{_colour(v, scale)}" title="{name} = {v:+.4f}">{html.escape(t)}</span>'
-        for t, v in zip(tokens, values)
-    )
-    return f'<div class="tokens" data-kind="{kind}">{spans}</div>'
+    spans = "".join(element("span", escape(t), class_="tok", style=f"background:{_colour(v, scale)}",
+                            title=f"{name} = {v:+.4f}") for t, v in zip(tokens, values))
+    return element("div", spans, class_="tokens", data_kind=kind)
 
 
 def _side_html(label: str, view: ResponseView, scales: dict[str, float]) -> str:
-    parts = [f'<div class="side" data-side="{label}"><h3>{label} · Σ r̂ = '
-             f'<span class="sum" data-kind="rhat">{view.rewards.sum():+.4f}</span>']
+    heading = f"{label} · Σ r̂ = " + element("span", f"{view.rewards.sum():+.4f}", class_="sum", data_kind="rhat")
+    parts = [element("div", "self-generated token reward r̂", class_="label"),
+             _tokens_html(view.tokens, view.rewards, scales["rhat"], "rhat", "r̂")]
     if view.implicit is not None:
-        parts.append(f' · Σ β·log π_θ/π_ref = <span class="sum" data-kind="implicit">{view.implicit.sum():+.4f}</span>')
-    parts.append("</h3>")
-    parts.append('<div class="label">self-generated token reward r̂</div>')
-    parts.append(_tokens_html(view.tokens, view.rewards, scales["rhat"], "rhat", "r̂"))
-    if view.implicit is not None:
-        parts.append('<div class="label">implicit token reward of the trained policy</div>')
-        parts.append(_tokens_html(view.tokens, view.implicit, scales["implicit"], "implicit", "β·log π_θ/π_ref"))
-    parts.append("</div>")
-    return "".join(parts)
+        heading += " · Σ β·log π_θ/π_ref = " + element("span", f"{view.implicit.sum():+.4f}", class_="sum",
+                                                          data_kind="implicit")
+        parts += [element("div", "implicit token reward of the trained policy", class_="label"),
+                  _tokens_html(view.tokens, view.implicit, scales["implicit"], "implicit", "β·log π_θ/π_ref")]
+    return element("div", element("h3", heading) + "".join(parts), class_="side", data_side=label)
+
+
+def _pair_html(view: PairView, scales: dict[str, float]) -> str:
+    prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in view.prompt)
+    sides = _side_html("chosen", view.chosen, scales) + _side_html("rejected", view.rejected, scales)
+    return element("section", element("h2", f"pair {escape(view.id)}") + element("div", escape(prompt), class_="prompt")
+                   + element("div", sides, class_="sides"), class_="pair", data_id=view.id)
 
 
 def render_html(views: list[PairView], title: str, meta: dict[str, str],
@@ -177,24 +179,14 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str],
         return float(np.quantile(values, 0.99)) if values.size else 0.0
 
     scales = {"rhat": scale("rhat"), "implicit": scale("implicit")}
-    meta_html = "".join(f'<div class="meta">{html.escape(k)}: {html.escape(str(v))}</div>' for k, v in meta.items())
-    legend = (f'<div class="legend">colour: <span class="swatch" style="background:{_colour(1, 1)}">positive</span>'
-              f'<span class="swatch" style="background:{_colour(-1, 1)}">negative</span> · full colour at '
-              f'|r̂| ≥ {scales["rhat"]:.4f}'
-              + (f', |implicit| ≥ {scales["implicit"]:.4f}' if views and views[0].chosen.implicit is not None else "")
-              + ' · hover a token for its value</div>')
-    overview = (f'<section class="distribution"><h2>r̂ over the whole dataset</h2><p>'
-                f"{html.escape(summary_line(distribution))}</p>{histogram_svg(distribution)}</section>"
+    meta_html = "".join(element("div", escape(f"{k}: {v}"), class_="meta") for k, v in meta.items())
+    swatch = lambda value, text: element("span", text, class_="swatch", style=f"background:{_colour(value, 1)}")  # noqa: E731
+    legend = element("div", f"colour: {swatch(1, 'positive')}{swatch(-1, 'negative')} · full colour at "
+                     f"|r̂| ≥ {scales['rhat']:.4f}"
+                     + (f", |implicit| ≥ {scales['implicit']:.4f}" if views and views[0].chosen.implicit is not None
+                        else "") + " · hover a token for its value", class_="legend")
+    overview = (element("section", element("h2", "r̂ over the whole dataset") + element(
+        "p", escape(summary_line(distribution))) + histogram_svg(distribution), class_="distribution")
                 if distribution else "")
-    sections = []
-    for view in views:
-        prompt = "\n\n".join(f"{m['role']}: {m['content']}" for m in view.prompt)
-        sections.append(
-            f'<section class="pair" data-id="{html.escape(view.id)}"><h2>pair {html.escape(view.id)}</h2>'
-            f'<div class="prompt">{html.escape(prompt)}</div><div class="sides">'
-            + _side_html("chosen", view.chosen, scales) + _side_html("rejected", view.rejected, scales)
-            + "</div></section>"
-        )
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{meta_html}{overview}{legend}"
-            + "".join(sections) + "</body></html>\n")
+    sections = "".join(_pair_html(view, scales) for view in views)
+    return page(title, _CSS, meta_html + overview + legend + sections)

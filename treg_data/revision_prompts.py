@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from treg_data.errors import UserError
+from treg_core.errors import UserError
 from treg_data.pairs import Message
 
 _INSTRUCTION = (

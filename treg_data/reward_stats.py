@@ -11,7 +11,6 @@ folded into its end bins, because r̂ is usually small and wide bins would show 
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from treg_data.contract import SIDES, column
+from treg_core.contract import SIDES, column
+from treg_core.html import element, escape, svg
 
 FINE_BINS = 1000  # of width 0.001 over [-0.5, 0.5], where r̂ = ½·tanh(·) lies
 FINE_EDGES = np.linspace(-0.5, 0.5, FINE_BINS + 1)
@@ -105,21 +105,20 @@ def histogram_svg(dist: RewardDistribution) -> str:
     peak = max(float(max(v.max() for v in shares.values())), 1e-9)
     slot = (width - 2 * left) / len(labels)
     colours = {"chosen": "#2a9d8f", "rejected": "#e9a03b"}
-    parts = [f'<svg class="histogram" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img">']
+    parts = []
     for n, label in enumerate(labels):
         x = left + n * slot
         for k, side in enumerate(SIDES):
             share = float(shares[side][n])
             bar = (height - bottom - top) * share / peak
-            parts.append(f'<rect class="bar" data-side="{side}" data-bin="{n}" data-share="{share!r}" '
-                         f'x="{x + 3 + k * (slot - 6) / 2:.1f}" y="{height - bottom - bar:.1f}" '
-                         f'width="{(slot - 6) / 2:.1f}" height="{bar:.1f}" fill="{colours[side]}">'
-                         f"<title>{side}, r̂ {html.escape(label)}: {share:.1%}</title></rect>")
+            title = element("title", escape(f"{side}, r̂ {label}: {share:.1%}"))
+            parts.append(element("rect", title, class_="bar", data_side=side, data_bin=n, data_share=repr(share),
+                                 x=f"{x + 3 + k * (slot - 6) / 2:.1f}", y=f"{height - bottom - bar:.1f}",
+                                 width=f"{(slot - 6) / 2:.1f}", height=f"{bar:.1f}", fill=colours[side]))
         if n:  # the edge between two bins
-            edge = label.split(",")[0].lstrip("[≥ ")
-            parts.append(f'<text x="{x:.1f}" y="{height - bottom + 13}" text-anchor="middle" font-size="10">'
-                         f"{html.escape(edge)}</text>")
-    parts.append(f'<text x="{left}" y="{height - 6}" font-size="10">r̂ (the end bins hold the tails) · bar: share '
-                 f'of the side\'s tokens · <tspan fill="{colours["chosen"]}">■ chosen</tspan> '
-                 f'<tspan fill="{colours["rejected"]}">■ rejected</tspan></text></svg>')
-    return "".join(parts)
+            parts.append(element("text", escape(label.split(",")[0].lstrip("[≥ ")), x=f"{x:.1f}",
+                                 y=height - bottom + 13, text_anchor="middle", font_size=10))
+    key = " ".join(element("tspan", f"■ {side}", fill=colours[side]) for side in SIDES)
+    parts.append(element("text", f"r̂ (the end bins hold the tails) · bar: share of the side's tokens · {key}",
+                         x=left, y=height - 6, font_size=10))
+    return svg(width, height, "".join(parts), class_="histogram")

@@ -6,7 +6,7 @@ Layout of an output folder:
     manifest.json, skipped.jsonl                                       written once every worker has
     .treg                                                              marks the folder as treg-score's
 
-treg-score writes only into a new or empty folder, or one it marked before (treg_data.folders).
+treg-score writes only into a new or empty folder, or one it marked before (treg_core.folders).
 
 A shard is written to a hidden temporary name, flushed to disk and renamed, so a file with the
 final name is always complete. Its Parquet metadata holds the provenance and the input rows it
@@ -16,7 +16,6 @@ covers; a rerun continues after the last complete shard and writes exactly the s
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +23,30 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from treg_data.contract import DATA_DIR, FORMAT, MANIFEST, METADATA_KEY, SKIPPED, provenance_schema, read_shard_metadata
-from treg_data.errors import UserError
-from treg_data.folders import claim_folder
+from treg_core.atomic import replacing, write_json, write_text
+from treg_core.contract import (
+    DATA_DIR,
+    FIRST_SHARD_GLOB,
+    FORMAT,
+    MANIFEST,
+    MANIFESTS_DIR,
+    METADATA_KEY,
+    SKIPPED,
+    Counts,
+    Manifest,
+    Provenance,
+    ShardInfo,
+    ShardMetadata,
+    WorkerManifest,
+    read_shard_metadata,
+    read_worker_manifest,
+    shard_name,
+    worker_manifest_path,
+    worker_prefix,
+)
+from treg_core.errors import UserError
+from treg_core.folders import claim_folder
 
-IGNORED_PROVENANCE = ("treg_version",)  # may differ between compatible runs
 ROW_GROUP_SIZE = 1000  # the unit readers fetch, so streaming needs little memory
 
 
@@ -48,14 +66,14 @@ class Progress:
 
 
 class ShardStore:
-    def __init__(self, output: str | Path, split: str, worker_index: int, num_workers: int, provenance: dict):
+    def __init__(self, output: str | Path, split: str, worker_index: int, num_workers: int, provenance: Provenance):
         self.root = Path(output)
         self.data_dir = self.root / DATA_DIR
         self.split = split
         self.worker_index = worker_index
         self.num_workers = num_workers
         self.provenance = provenance
-        self.prefix = f"{split}-{worker_index:05d}-of-{num_workers:05d}-"
+        self.prefix = worker_prefix(split, worker_index, num_workers)
 
     # ---- resume -------------------------------------------------------------------------
 
@@ -71,25 +89,27 @@ class ShardStore:
                 path.unlink()
             self.worker_manifest_path.unlink(missing_ok=True)
         if self.worker_manifest_path.exists():  # this worker finished before: nothing left to do
-            done = json.loads(self.worker_manifest_path.read_text())
-            return Progress(next_input=done["input_end"], next_shard=len(done["shards"]), rows=done["rows"],
-                            tokens=done["tokens"], skipped=done["skipped"], finished=True)
+            done = read_worker_manifest(self.worker_manifest_path)
+            return Progress(next_input=done.input_end, next_shard=len(done.shards), rows=done.rows,
+                            tokens=done.tokens, skipped=done.skipped, finished=True)
         progress = Progress(next_input=start)
         for number, path in enumerate(self._own_shards()):
-            meta = read_shard_metadata(path)["shard"]
-            if path.name != self.shard_name(number) or meta["input_start"] != progress.next_input:
+            meta = read_shard_metadata(path).shard
+            if path.name != self.shard_name(number) or meta.input_start != progress.next_input:
                 raise UserError(f"{path} does not continue the shards before it; remove it or use --overwrite")
-            progress.next_input = meta["input_end"]
+            progress.next_input = meta.input_end
             progress.next_shard = number + 1
-            progress.rows += meta["rows"]
-            progress.tokens += meta["tokens"]
-            progress.skipped += meta["skipped"]
+            progress.rows += meta.rows
+            progress.tokens += meta.tokens
+            progress.skipped += meta.skipped
         return progress
 
     def _refuse_or_remove_foreign(self, overwrite: bool) -> None:
         for path in self._first_shards_and_manifests():
-            theirs = _provenance_of(path)
-            differences = provenance_differences(self.provenance, theirs)
+            try:
+                differences = self.provenance.differences(_provenance_of(path))
+            except UserError:  # records of another treg version: its keys differ
+                differences = ["the record format"]
             if not differences:
                 continue
             if not overwrite:
@@ -106,8 +126,8 @@ class ShardStore:
                 (self.root / name).unlink(missing_ok=True)
 
     def _first_shards_and_manifests(self) -> list[Path]:
-        firsts = sorted(self.data_dir.glob("*-00000.parquet"))
-        return firsts + sorted((self.root / "manifests").glob("*.json"))
+        firsts = sorted(self.data_dir.glob(FIRST_SHARD_GLOB))
+        return firsts + sorted((self.root / MANIFESTS_DIR).glob("*.json"))
 
     def _own_shards(self) -> list[Path]:
         return sorted(self.data_dir.glob(f"{self.prefix}*.parquet"))
@@ -115,41 +135,28 @@ class ShardStore:
     # ---- writing ------------------------------------------------------------------------
 
     def shard_name(self, number: int) -> str:
-        return f"{self.prefix}{number:05d}.parquet"
+        return shard_name(self.split, self.worker_index, self.num_workers, number)
 
-    def write_shard(self, number: int, rows: list[dict], input_start: int, input_end: int,
-                    tokens: int, skipped: list[dict]) -> Path:
-        meta = {
-            "provenance": self.provenance,
-            "shard": {"input_start": input_start, "input_end": input_end, "rows": len(rows),
-                      "tokens": tokens, "skipped": skipped},
-        }
-        schema = provenance_schema(self.provenance)  # optional columns only when the run wrote them
+    def write_shard(self, number: int, rows: list[dict], shard: ShardInfo) -> Path:
+        meta = ShardMetadata(self.provenance, shard).to_dict()
+        schema = self.provenance.schema  # optional columns only when the run wrote them
         table = pa.Table.from_pylist(rows, schema=schema.with_metadata({METADATA_KEY: json.dumps(meta)}))
-        final = self.data_dir / self.shard_name(number)
-        tmp = self.data_dir / f".{final.name}.tmp"
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
-        _fsync_and_rename(tmp, final)
-        return final
+        with replacing(self.data_dir / self.shard_name(number)) as tmp:
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        return self.data_dir / self.shard_name(number)
 
     @property
     def worker_manifest_path(self) -> Path:
-        return self.root / "manifests" / f"worker-{self.worker_index:05d}-of-{self.num_workers:05d}.json"
+        return worker_manifest_path(self.root, self.worker_index, self.num_workers)
 
-    def finish(self, progress: Progress, input_start: int, input_end: int, extra: dict) -> Path | None:
+    def finish(self, progress: Progress, input_start: int, input_end: int, scoring_path: str) -> Path | None:
         """Record this worker as done; write manifest.json when every worker is. Returns its path."""
-        worker = {
-            "provenance": self.provenance,
-            "worker_index": self.worker_index,
-            "input_start": input_start,
-            "input_end": input_end,
-            "shards": [self.shard_name(n) for n in range(progress.next_shard)],
-            "rows": progress.rows,
-            "tokens": progress.tokens,
-            "skipped": progress.skipped,
-            **extra,
-        }
-        _write_json(self.worker_manifest_path, worker)
+        worker = WorkerManifest(
+            provenance=self.provenance, worker_index=self.worker_index, input_start=input_start, input_end=input_end,
+            shards=[self.shard_name(n) for n in range(progress.next_shard)], rows=progress.rows,
+            tokens=progress.tokens, skipped=progress.skipped, scoring_path=scoring_path,
+        )
+        write_json(self.worker_manifest_path, worker.to_dict())
         return merge_manifests(self.root, self.num_workers)
 
 
@@ -193,7 +200,8 @@ class ShardCutter:
             rows = [item.row for item in taken if item.row is not None]
             skipped = [item.skip for item in taken if item.skip is not None]
             tokens, end = sum(item.tokens for item in taken), taken[-1].index + 1
-            self.store.write_shard(self.progress.next_shard, rows, self.progress.next_input, end, tokens, skipped)
+            self.store.write_shard(self.progress.next_shard, rows,
+                                   ShardInfo(self.progress.next_input, end, len(rows), tokens, skipped))
             self.progress.next_shard += 1
             self.progress.next_input = end
             self.progress.rows += len(rows)
@@ -206,53 +214,31 @@ class ShardCutter:
 
 def merge_manifests(root: Path, num_workers: int) -> Path | None:
     """Combine the worker manifests once all are present. Deterministic, so racing writers agree."""
-    paths = [root / "manifests" / f"worker-{i:05d}-of-{num_workers:05d}.json" for i in range(num_workers)]
+    paths = [worker_manifest_path(root, i, num_workers) for i in range(num_workers)]
     if not all(p.exists() for p in paths):
         return None
-    workers = [json.loads(p.read_text()) for p in paths]
-    skipped = [entry for w in workers for entry in w["skipped"]]
-    manifest = {
-        "format": FORMAT,
-        "provenance": workers[0]["provenance"],
-        "counts": {
-            "pairs_read": sum(w["input_end"] - w["input_start"] for w in workers),
-            "pairs_scored": sum(w["rows"] for w in workers),
-            "pairs_skipped": len(skipped),
-            "skipped_by_reason": dict(sorted(Counter(e["reason"] for e in skipped).items())),
-            "tokens": sum(w["tokens"] for w in workers),
-        },
-        "shards": [f"{DATA_DIR}/{name}" for w in workers for name in w["shards"]],
-        "skipped_examples": skipped[:20],
-        "scoring_path": sorted({w.get("scoring_path", "") for w in workers} - {""}),
-    }
-    _write_text(root / SKIPPED, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
-    _write_json(root / MANIFEST, manifest)
+    workers = [read_worker_manifest(p) for p in paths]
+    skipped = [entry for w in workers for entry in w.skipped]
+    manifest = Manifest(
+        format=FORMAT,
+        provenance=workers[0].provenance,
+        counts=Counts(
+            pairs_read=sum(w.input_end - w.input_start for w in workers),
+            pairs_scored=sum(w.rows for w in workers),
+            pairs_skipped=len(skipped),
+            skipped_by_reason=dict(sorted(Counter(e["reason"] for e in skipped).items())),
+            tokens=sum(w.tokens for w in workers),
+        ),
+        shards=[f"{DATA_DIR}/{name}" for w in workers for name in w.shards],
+        skipped_examples=skipped[:20],
+        scoring_path=sorted({w.scoring_path for w in workers} - {""}),
+    )
+    write_text(root / SKIPPED, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
+    write_json(root / MANIFEST, manifest.to_dict())
     return root / MANIFEST
 
 
-def provenance_differences(ours: dict, theirs: dict) -> list[str]:
-    keys = (set(ours) | set(theirs)) - set(IGNORED_PROVENANCE)
-    return sorted(k for k in keys if ours.get(k) != theirs.get(k))
-
-
-def _provenance_of(path: Path) -> dict:
+def _provenance_of(path: Path) -> Provenance:
     if path.suffix == ".parquet":
-        return read_shard_metadata(path)["provenance"]
-    return json.loads(path.read_text())["provenance"]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync_and_rename(tmp, path)
-
-
-def _fsync_and_rename(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+        return read_shard_metadata(path).provenance
+    return read_worker_manifest(path).provenance

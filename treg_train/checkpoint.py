@@ -4,7 +4,6 @@ one, and the final export in Hugging Face format."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from treg_core.atomic import publish, replacing
 
 PREFIX = "step-"
 # Frozen weights (a LoRA run's base model) are not saved: they are the starting checkpoint's, which --resume
@@ -53,8 +54,7 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     dist.barrier()
     if rank == 0:
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        publish(tmp, final)
     dist.barrier()
     return final
 
@@ -96,8 +96,6 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
             save_adapter(full, model.lm.peft_config[ADAPTER], adapter_target, dtype)
         merged = merged_state(full, layers) if layers else full
         state = {key.removeprefix("lm."): value.to(dtype) for key, value in merged.items()}
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(lm_config, dtype=dtype)
         # A tied weight (Gemma-2's output layer is its embedding) is saved once, under its first
@@ -106,16 +104,7 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
         for name, parameter in skeleton.named_parameters(remove_duplicate=False):
             if first_name.setdefault(id(parameter), name) != name:
                 state.pop(name, None)
-        skeleton.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        with replacing(target) as tmp:
+            skeleton.save_pretrained(tmp, state_dict=state)
+            tokenizer.save_pretrained(tmp)
     dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -1,5 +1,6 @@
-"""Turn a micro-batch of pairs into model inputs: [chosen; rejected] in one forward, packed
-without padding (position ids restart per sequence) or right-padded."""
+"""A rank's pairs as forwards: cut into micro-batches of a token budget (`micro_batches`), and each
+micro-batch turned into model inputs, [chosen; rejected] in one forward, packed without padding
+(position ids restart per sequence) or right-padded (`collate`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from treg_data.forward import response_positions, right_padded
-from treg_train.data import TrainingPair
+from treg_core.forward import response_positions, right_padded
+from treg_train.index import TrainingPair
 
 
 @dataclass
@@ -28,6 +29,26 @@ class ModelInputs:
     def to(self, device: torch.device) -> ModelInputs:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
         return ModelInputs(**moved)
+
+
+def micro_batches(pairs: list[TrainingPair], max_tokens: int, padding_free: bool) -> list[list[TrainingPair]]:
+    """Split pairs into forwards of at most max_tokens tokens ([chosen; rejected] together).
+    Longest first; with padding every pair costs the longest sequence in its micro-batch."""
+    batches: list[list[TrainingPair]] = []
+    current: list[TrainingPair] = []
+    for pair in sorted(pairs, key=lambda p: -p.longest):
+        candidate = current + [pair]
+        if padding_free:
+            cost = sum(p.num_tokens for p in candidate)
+        else:
+            cost = 2 * len(candidate) * candidate[0].longest  # the first is the longest
+        if current and cost > max_tokens:
+            batches.append(current)
+            candidate = [pair]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
 
 
 def collate(pairs: list[TrainingPair], padding_free: bool) -> ModelInputs:

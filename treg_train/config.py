@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import typing
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
-from treg_data.errors import UserError
+from treg_core.command_line import REQUIRED, load_settings, setting
+from treg_core.errors import UserError
 from treg_train.losses import LOSS_TYPES, LossSettings
-
-
-def setting(default, group: str, help: str):
-    """A TrainConfig field: its default, the --help group it is listed under, and its help."""
-    return field(default=default, metadata={"group": group, "help": help})
-
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -23,9 +15,9 @@ RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = setting("", RUN, "Policy to train (and the reference): Hub id or local folder.")
-    data: str = setting("", RUN, "treg-score output folder, or a Hub dataset id of shards.")
-    output: str = setting("", RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
+    model: str = setting(REQUIRED, RUN, "Policy to train (and the reference): Hub id or local folder.")
+    data: str = setting(REQUIRED, RUN, "treg-score output folder, or a Hub dataset id of shards.")
+    output: str = setting(REQUIRED, RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
     loss: str = setting("dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg or sft_chosen.")
     beta: float | None = setting(None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses).")
     alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
@@ -98,47 +90,11 @@ class TrainConfig:
 
 
 def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
-    """Defaults < YAML file < flags given on the command line."""
-    values: dict = {}
-    if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read --config {config_file}: {err}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {config_file} must be a mapping of setting: value")
-        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown setting(s) {unknown} in --config; known: {sorted(known)}")
-    return validate(replace(TrainConfig(), **{name: _typed(name, value) for name, value in values.items()}))
-
-
-def _typed(name: str, value):
-    """A value as the field's type, or one clear line: YAML reads 5e-7 as a string (it wants 5.0e-7), so numbers
-    are converted; a list of names becomes the comma-separated string the flag takes."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-    if kind in (int, float) and isinstance(value, str):
-        try:
-            return kind(value)
-        except ValueError:
-            raise UserError(f"--config: {name} must be a number, got {value!r}") from None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, list):  # lora_target_modules: [q_proj, v_proj], as peft's configs write it
-        value = ",".join(map(str, value))
-    if (value is not None and not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool)):
-        raise UserError(f"--config: {name} must be {kind.__name__}, got {value!r}")
-    return value
+    """Defaults < YAML file < flags given on the command line, validated."""
+    return validate(load_settings(TrainConfig, config_file, overrides))
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    for name in ("model", "data", "output"):
-        if not getattr(config, name):
-            raise UserError(f"--{name} is required")
     checks = [
         (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),

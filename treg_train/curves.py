@@ -1,17 +1,17 @@
-"""Training curves: a run folder's metrics.jsonl drawn as one self-contained HTML page, with the
-run's settings beside the charts. Each chart is inline SVG with one circle per logged step (its
-value in `data-value` and a hover title); no script and nothing from the network, so the page
-opens offline and reads the same in any browser."""
+"""Training curves: a run folder's metrics.jsonl drawn as one self-contained HTML page (treg_core.html),
+with the run's settings beside the charts. Each chart is inline SVG with one circle per logged step
+(its value in `data-value` and a hover title)."""
 
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
 import yaml
 
-from treg_data.errors import UserError
+from treg_core.atomic import write_text
+from treg_core.errors import UserError
+from treg_core.html import element, escape, page, svg
 from treg_train.metrics import read_metrics_file
 
 # Charts in reading order; a metric not named here gets a chart of its own, so none is left out.
@@ -70,32 +70,26 @@ def chart_svg(title: str, series: dict[str, list[tuple[int, float]]]) -> str:
     first, last = min(steps), max(steps)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
-    def x(step: int) -> float:
-        return LEFT + (plot_w * (step - first) / (last - first) if last > first else plot_w / 2)
+    def x(step: int) -> str:
+        return f"{LEFT + (plot_w * (step - first) / (last - first) if last > first else plot_w / 2):.2f}"
 
-    def y(value: float) -> float:
-        return TOP + plot_h * (hi - value) / (hi - lo)
+    def y(value: float) -> str:
+        return f"{TOP + plot_h * (hi - value) / (hi - lo):.2f}"
 
-    parts = [f'<svg class="chart" data-title="{html.escape(title)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-             f'width="{WIDTH}" height="{HEIGHT}" role="img">',
-             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" class="frame"/>']
-    for value, anchor in ((hi, TOP + 4), (lo, TOP + plot_h)):
-        parts.append(f'<text class="ytick" data-value="{value!r}" data-y="{y(value):.2f}" x="{LEFT - 6}" '
-                     f'y="{anchor}" text-anchor="end">{_fmt(value)}</text>')
-    for step, anchor in ((first, "start"), (last, "end")):
-        parts.append(f'<text class="xtick" data-step="{step}" x="{x(step):.2f}" y="{HEIGHT - BOTTOM + 16}" '
-                     f'text-anchor="{anchor}">step {step}</text>')
+    parts = [element("rect", x=LEFT, y=TOP, width=plot_w, height=plot_h, class_="frame")]
+    parts += [element("text", _fmt(value), class_="ytick", data_value=repr(value), data_y=y(value), x=LEFT - 6,
+                      y=anchor, text_anchor="end") for value, anchor in ((hi, TOP + 4), (lo, TOP + plot_h))]
+    parts += [element("text", f"step {step}", class_="xtick", data_step=step, x=x(step), y=HEIGHT - BOTTOM + 16,
+                      text_anchor=anchor) for step, anchor in ((first, "start"), (last, "end"))]
     for colour, (name, pts) in zip(COLOURS * 4, series.items()):
-        line = " ".join(f"{x(s):.2f},{y(v):.2f}" for s, v in pts)
-        parts.append(f'<g class="series" data-series="{html.escape(name)}" stroke="{colour}" fill="{colour}">'
-                     f'<polyline points="{line}" fill="none" stroke-width="1.5"/>')
-        parts += [f'<circle class="point" data-step="{s}" data-value="{v!r}" cx="{x(s):.2f}" cy="{y(v):.2f}" r="2.2">'
-                  f"<title>{html.escape(name)} at step {s}: {_fmt(v)}</title></circle>" for s, v in pts]
-        parts.append("</g>")
-    parts.append("</svg>")
-    legend = "".join(f'<span class="key" style="color:{colour}">■ {html.escape(name)}</span>'
+        line = element("polyline", points=" ".join(f"{x(s)},{y(v)}" for s, v in pts), fill="none", stroke_width=1.5)
+        points = "".join(element("circle", element("title", escape(f"{name} at step {s}: {_fmt(v)}")), class_="point",
+                                 data_step=s, data_value=repr(v), cx=x(s), cy=y(v), r=2.2) for s, v in pts)
+        parts.append(element("g", line + points, class_="series", data_series=name, stroke=colour, fill=colour))
+    legend = "".join(element("span", escape(f"■ {name}"), class_="key", style=f"color:{colour}")
                      for colour, name in zip(COLOURS * 4, series))
-    return f'<figure><figcaption>{html.escape(title)} {legend}</figcaption>{"".join(parts)}</figure>'
+    return element("figure", element("figcaption", f"{escape(title)} {legend}")
+                   + svg(WIDTH, HEIGHT, "".join(parts), class_="chart", data_title=title))
 
 
 def render_page(run: str | Path, rows: list[dict], settings: dict) -> str:
@@ -104,13 +98,12 @@ def render_page(run: str | Path, rows: list[dict], settings: dict) -> str:
     last = training[-1]
     summary = (f"{len(training)} logged step(s), last at step {last['step']}: loss {_fmt(last.get('loss', math.nan))}, "
                f"reward accuracy {_fmt(last.get('rewards/accuracies', math.nan))}")
-    table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    table = "".join(element("tr", element("th", escape(str(k))) + element("td", escape(str(v))))
                     for k, v in settings.items())
     charts = "".join(chart_svg(name, series) for name, series in panels(rows))
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f'<p class="summary">{html.escape(summary)}</p><div class="layout"><main class="charts">{charts}</main>'
-            f'<aside><h2>settings</h2><table class="settings">{table}</table></aside></div></body></html>\n')
+    return page(title, _CSS, element("p", escape(summary), class_="summary") + element(
+        "div", element("main", charts, class_="charts") + element(
+            "aside", element("h2", "settings") + element("table", table, class_="settings")), class_="layout"))
 
 
 def run_settings(run: str | Path) -> dict:
@@ -120,10 +113,8 @@ def run_settings(run: str | Path) -> dict:
 
 def write_curves(run: str | Path, output: str | Path | None = None) -> Path:
     target = Path(output) if output else Path(run) / "curves.html"
-    page = render_page(run, read_metrics(run), run_settings(run))
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(page, encoding="utf-8")
+        write_text(target, render_page(run, read_metrics(run), run_settings(run)))
     except OSError as err:
         raise UserError(f"cannot write {target}: {err.strerror or err}") from None
     return target

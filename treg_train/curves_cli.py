@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import click
 
-import typer
-
-from treg_data.command_line import CONTEXT, GroupedTyperCommand, option, run_cli, typer_app
-
-app = typer_app()
+from treg_core.command_line import CONTEXT, GroupedCommand, HelpedArgument, grouped, run_cli
 
 
-@app.command(cls=GroupedTyperCommand, context_settings=CONTEXT)
-def curves(
-    run: str = typer.Argument(..., help="A treg-train output folder (it holds metrics.jsonl)."),
-    output: Optional[str] = option(None, "Options", "HTML file to write (default: RUN/curves.html)."),
-) -> None:
+@click.command(cls=GroupedCommand, context_settings=CONTEXT, params=[
+    HelpedArgument(["run"], help="A treg-train output folder (it holds metrics.jsonl)."),
+    grouped(click.Option(["--output"], help="HTML file to write (default: RUN/curves.html)."), "Options"),
+])
+def command(run: str, output: str | None) -> None:
     """Draw loss, rewards, token-reward agreement, grad norm, learning rate, speed and memory per step."""
     from treg_train.curves import write_curves
 
@@ -23,7 +19,7 @@ def curves(
 
 
 def main() -> None:
-    run_cli(app, "treg-curves")
+    run_cli(command, "treg-curves")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ frozen base weights once, plus the adapters and their optimizer state."""
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from treg_data.errors import UserError, first_line
+from treg_core.atomic import replacing
+from treg_core.errors import UserError, first_line
 
 ADAPTER = "default"  # peft's adapter name; the exported adapter's keys drop it, as peft's own save does
 
@@ -116,12 +115,9 @@ def save_adapter(full: dict[str, torch.Tensor], peft_config, target: Path, dtype
 
     state = {"base_model.model." + key.removeprefix(prefix).replace(f".{ADAPTER}.", "."): value.to(dtype).contiguous()
              for key, value in full.items() if is_adapter(key)}
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     peft_config.inference_mode = True
     if isinstance(peft_config.target_modules, set):  # all-linear, resolved to the layers' names: in a stable order
         peft_config.target_modules = sorted(peft_config.target_modules)
-    peft_config.save_pretrained(str(tmp))
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        peft_config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

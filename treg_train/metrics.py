@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from treg_core.atomic import write_text
+
 
 class MetricWindow:
     """Sums of per-pair metrics (and their counts) since the last log."""
@@ -57,9 +59,8 @@ class MetricSink:
         self.tensorboard = self.wandb = None
         if not enabled:
             return
-        output.mkdir(parents=True, exist_ok=True)
         # The run's settings, for the curves page and to rerun with --config.
-        (output / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        write_text(output / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         if report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -87,7 +88,7 @@ class MetricSink:
         if not self.enabled or not self.path.exists():
             return
         lines = [json.dumps(row) for row in read_metrics_file(self.path) if row["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        write_text(self.path, "".join(line + "\n" for line in lines))
 
     def close(self) -> None:
         if self.tensorboard:

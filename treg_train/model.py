@@ -1,4 +1,4 @@
-"""The policy (treg_data.forward.TokenLogprobs: log-probs of the response tokens only), its FSDP2
+"""The policy (treg_core.forward.TokenLogprobs: log-probs of the response tokens only), its FSDP2
 sharding (fully_shard per decoder layer, then the root), and loading it so that a node holds one
 full copy of the checkpoint, not one per process."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from treg_data.errors import UserError
-from treg_data.forward import TokenLogprobs
+from treg_core.errors import UserError
+from treg_core.forward import TokenLogprobs
 from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_adapter_weights
 
 

@@ -50,9 +50,9 @@ def load_and_report(model: str, way: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from treg_data.forward import TokenLogprobs
+    from treg_core.forward import TokenLogprobs
     from treg_train.model import load_causal_lm, load_sharded, shard_model
-    from treg_train.train import setup_distributed
+    from treg_train.state import setup_distributed
 
     runtime = setup_distributed()
     baseline = current_rss_gb()  # torch, transformers and the process group, before any weight

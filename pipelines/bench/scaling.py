@@ -29,14 +29,36 @@ SHARD_ROWS = 10_000
 STAGES = ("reader", "data path")
 
 
+def synthetic_provenance():
+    from treg_core.contract import Provenance
+
+    return Provenance(
+        model="synthetic", model_revision=None, scorer_model="synthetic", dpo_model=None, tokenizer_hash="synthetic",
+        dataset="synthetic", dataset_config=None, input_fingerprint="synthetic", split="train", columns={},
+        revision_prompts={}, reward_transform="synthetic", max_length=2048, max_prompt_length=1800,
+        max_model_len=4096, backend="synthetic", dtype="float32", num_workers=1, shard_size=SHARD_ROWS,
+        treg_version="synthetic")
+
+
 def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
     """Shards of `pairs` pairs. Token values are slices of one pool of random numbers at random offsets:
     as incompressible as fresh ones, and fast enough for a million pairs."""
-    from treg_data.contract import METADATA_KEY, SCHEMA, SIDES, side_columns
+    from treg_core.contract import (
+        FORMAT,
+        METADATA_KEY,
+        SCHEMA,
+        SIDES,
+        Counts,
+        Manifest,
+        ShardInfo,
+        ShardMetadata,
+        side_columns,
+    )
     from treg_data.shards import ROW_GROUP_SIZE
 
     if (folder / "done").exists():
         return
+    provenance = synthetic_provenance()
     (folder / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pool = {"ids": rng.integers(0, 500, 4 * 2**20, dtype=np.int32),
@@ -57,29 +79,30 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
             length = rng.integers(20, 300, n)
             for name in side_columns(side):
                 columns[name] = lists(length, "ids" if name.endswith("_ids") else "floats")
-        meta = {"provenance": {"tokenizer_hash": "synthetic"}, "shard": {"rows": n}}
+        meta = ShardMetadata(provenance, ShardInfo(start, start + n, n, 0, [])).to_dict()
         table = pa.table(columns, schema=SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         pq.write_table(table, folder / "data" / f"train-00000-of-00001-{shard:05d}.parquet",
                        compression="zstd", row_group_size=ROW_GROUP_SIZE)
     shards = sorted(f"data/{p.name}" for p in (folder / "data").glob("*.parquet"))
-    manifest = {"shards": shards, "counts": {"pairs_scored": pairs}}  # what training checks
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifest = Manifest(FORMAT, provenance, Counts(pairs, pairs, 0, {}, 0), shards, [], ["synthetic"])
+    (folder / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     (folder / "done").write_text("")
 
 
 def measure(folder: str, stage: str) -> dict:
-    from treg_train.collate import collate
-    from treg_train.data import ShardDataset, global_batches, micro_batches
+    from treg_train.collate import collate, micro_batches
+    from treg_train.index import ShardIndex
+    from treg_train.readers import TrainingStream
 
     start = time.perf_counter()
-    dataset = ShardDataset(folder)
+    dataset = ShardIndex(folder)
+    stream = TrainingStream(dataset, seed=0, buffer_size=10_000)
     pairs = 0
     if stage == "reader":
-        every_row = np.ones(int(dataset.first_row[-1]), dtype=bool)
-        pairs = sum(1 for _ in dataset.pairs(seed=0, epoch=0, buffer_size=10_000, marked=every_row))
+        every_row = np.ones(dataset.total_rows, dtype=bool)
+        pairs = sum(1 for _ in stream.pairs(epoch=0, marked=every_row))
     else:
-        batches = global_batches(dataset, seed=0, global_batch_size=128, buffer_size=10_000, rank=0,
-                                 world_size=8)
+        batches = stream.global_batches(128, rank=0, world_size=8)
         for _ in range(dataset.num_pairs // 128):
             _, _, mine = next(batches)
             for micro in micro_batches(mine, 16384, padding_free=True):

@@ -20,7 +20,7 @@ from common import SIZES, local_model, pairs_file  # noqa: E402
 def requests_for(model: str, n: int, work: Path):
     from transformers import AutoTokenizer
 
-    from treg_data.encoding import CONTEXTS, LengthLimits, PairEncoder
+    from treg_data.encoding import LengthLimits, PairEncoder
     from treg_data.inputs import open_source
     from treg_data.pairs import Columns, parse_pair
     from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS
@@ -28,7 +28,7 @@ def requests_for(model: str, n: int, work: Path):
     encoder = PairEncoder(AutoTokenizer.from_pretrained(model), DEFAULT_REVISION_PROMPTS, LengthLimits(512, 256, 2048))
     source = open_source(str(pairs_file(work, n)))
     pairs = [encoder.encode(parse_pair(row, Columns())) for _, row in source.rows(0, source.num_rows)]
-    return [(r.prefixes[c], r.ids) for p in pairs for r in (p.chosen, p.rejected) for c in CONTEXTS]
+    return [request for p in pairs for request in p.requests()]
 
 
 def timed(fn, *args) -> float:
@@ -58,7 +58,8 @@ def main() -> None:
     model = local_model(work, args.size)
     requests = requests_for(model, args.pairs, work)
     tokens = sum(len(p) + len(r) for p, r in requests)
-    options = EngineOptions(model=model, dtype=args.dtype, max_model_len=2048, enforce_eager=args.enforce_eager)
+    options = EngineOptions(model=model, dtype=args.dtype, max_model_len=2048,
+                            engine={"enforce_eager": args.enforce_eager})
 
     vllm_scorer = VLLMScorer(options)
     warm = requests[:60]

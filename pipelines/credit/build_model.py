@@ -67,6 +67,8 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
     from tiny_model import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from treg_core.atomic import publish
+
     folder = Path(folder)
     if (folder / "config.json").exists():
         return folder
@@ -96,7 +98,7 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
         if step % 100 == 0 or step == steps:
             print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
     model.save_pretrained(partial)
-    partial.rename(folder)
+    publish(partial, folder)
     return folder
 
 

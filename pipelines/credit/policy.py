@@ -49,11 +49,10 @@ def answers(model, tokenizer, tasks: list[world.Task], samples: int = 1, seed: i
 
 def encode(tokenizer, prompt: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids incl. end-of-turn), split exactly as treg-score splits a pair."""
-    from treg_data.encoding import render, token_ids
+    from treg_data.encoding import answer_token_ids, prompt_token_ids
 
-    prompt_text = render(tokenizer, prompt, generation_prompt=True)
-    full_text = render(tokenizer, prompt + [{"role": "assistant", "content": answer}], generation_prompt=False)
-    return token_ids(tokenizer, prompt_text), token_ids(tokenizer, full_text[len(prompt_text):])
+    return (prompt_token_ids(tokenizer, prompt),
+            answer_token_ids(tokenizer, prompt, {"role": "assistant", "content": answer}))
 
 
 def response_ids(tokenizer, task: world.Task, response: str) -> tuple[list[int], list[int]]:

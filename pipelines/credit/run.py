@@ -45,6 +45,8 @@ import policy  # noqa: E402
 import report  # noqa: E402
 import world  # noqa: E402
 
+from treg_core.atomic import write_json  # noqa: E402
+
 # treg-train flags of each method; everything else is shared (see Settings).
 METHODS = {
     "dpo": ["--loss", "dpo"],
@@ -107,13 +109,6 @@ SMOKE = replace(
     pools={"short": Pool(world.SHORT, 16), "long": Pool(world.LONG, 8, max_length=128, max_prompt_length=96)},
     regimes={"pairs-16": Regime("short", 16), "long-8": Regime("long", 8)},
 )
-
-
-def write_json(path: Path, data) -> None:
-    """Write aside, then rename: a kill never leaves a half-written result behind."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
 
 
 def run(command: list[str], log: Path, env: dict | None = None) -> None:

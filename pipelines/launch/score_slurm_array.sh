@@ -7,7 +7,5 @@
 set -euo pipefail
 CONFIG=${1:?usage: score_slurm_array.sh SCORE.yaml [more treg-score flags]}
 shift
-# score.yaml holds `flag: value` lines; turn them into --flag value.
-mapfile -t FLAGS < <(grep -E '^[a-z-]+:' "$CONFIG" | sed -E 's/^([a-z-]+):[[:space:]]*(.*)$/--\1\n\2/')
-exec treg-score "${FLAGS[@]}" \
+exec treg-score --config "$CONFIG" \
   --num-workers "${SLURM_ARRAY_TASK_COUNT:-1}" --worker-index "${SLURM_ARRAY_TASK_ID:-0}" "$@"

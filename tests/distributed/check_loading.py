@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from treg_train.model import load_causal_lm, load_sharded
-from treg_train.train import setup_distributed
+from treg_train.state import setup_distributed
 
 path = sys.argv[1]
 runtime = setup_distributed()

@@ -7,35 +7,10 @@ response tokens) for every response token. Two back-ends with one interface:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from treg_core.errors import UserError
+from treg_data.scorers.base import BACKENDS, EngineOptions, Scorer, ScoreRequest
 
-import numpy as np
-
-from treg_data.errors import UserError
-
-ScoreRequest = tuple[list[int], list[int]]  # (prefix ids, response ids)
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    model: str
-    revision: str | None = None
-    dtype: str = "auto"
-    max_model_len: int = 4096
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    seed: int = 0
-    batch_tokens: int = 16384  # hf back-end only: tokens per forward (padded)
-
-
-class Scorer(Protocol):
-    scoring_path: str  # which scoring path ran, for the log and the manifest
-
-    def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]: ...
-
-    def close(self) -> None: ...
+__all__ = ["BACKENDS", "EngineOptions", "ScoreRequest", "Scorer", "build_scorer"]
 
 
 def build_scorer(backend: str, options: EngineOptions) -> Scorer:

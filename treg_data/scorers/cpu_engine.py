@@ -71,6 +71,21 @@ def engine_environment(tensor_parallel_size: int = 1) -> dict[str, str]:
     return settings
 
 
+def data_parallel_cpu_environments(size: int, tensor_parallel_size: int) -> list[dict[str, str]]:
+    """For `size` engines side by side (treg-score --data-parallel-size): each gets its share of the KV cache
+    treg would give one, and its own contiguous group of cores for its OpenMP threads."""
+    shared = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, kv_cache_gib() // size))}
+    if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
+        shared = {}
+    cores = [str(cpu) for cpu in sorted(os.sched_getaffinity(0))]
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or len(cores) < size * tensor_parallel_size:
+        return [dict(shared) for _ in range(size)]
+    groups = split_evenly(cores, size * tensor_parallel_size)
+    per_worker = [groups[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(size)]
+    return [{**shared, "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(g) for g in worker_groups)}
+            for worker_groups in per_worker]
+
+
 @contextmanager
 def cpu_engine_environment(tensor_parallel_size: int = 1):
     """Set the engine's variables while it starts; afterwards this process's environment is as before,

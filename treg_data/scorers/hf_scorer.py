@@ -1,5 +1,5 @@
 """Reference scorer: a plain transformers forward with the same interface as the vLLM scorer,
-through the kernel the training policy uses (treg_data.forward). Sequences are sorted by length
+through the kernel the training policy uses (treg_core.forward). Sequences are sorted by length
 and batched to a token budget, right-padded; only the response rows go through the output
 projection.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from treg_data.forward import TokenLogprobs, response_positions, right_padded
-from treg_data.precision import DTYPES
-from treg_data.scorers import EngineOptions, ScoreRequest
+from treg_core.forward import TokenLogprobs, response_positions, right_padded
+from treg_core.precision import DTYPES
+from treg_data.scorers.base import EngineOptions, ScoreRequest
 
 
 class HFScorer:
@@ -44,7 +44,7 @@ class HFScorer:
         predict_index = response_positions(starts, [len(p) for p, _ in requests], [len(r) for _, r in requests])
         targets = torch.tensor([t for _, response in requests for t in response])
         inputs = (input_ids, position_ids, attention_mask, predict_index, targets)
-        logps = self.model(*(tensor.to(self.device) for tensor in inputs))
+        logps = self.model(*(tensor.to(self.device) for tensor in inputs)).logps
         splits = np.cumsum([len(r) for _, r in requests])[:-1]
         return np.split(logps.cpu().numpy(), splits)
 

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from treg_data.scorers import EngineOptions, ScoreRequest
+from treg_data.scorers.base import EngineOptions, ScoreRequest
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -38,12 +38,9 @@ class VLLMScorer:
                 revision=options.revision,
                 dtype=options.dtype,
                 max_model_len=options.max_model_len,
-                tensor_parallel_size=options.tensor_parallel_size,
-                gpu_memory_utilization=options.gpu_memory_utilization,
-                enforce_eager=options.enforce_eager,
-                seed=options.seed,
                 enable_prefix_caching=True,  # read only by the cached_prefix_rows path
                 block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
+                **options.engine,
             )
         config = self.llm.llm_engine.vllm_config
         has_rows = hasattr(SamplingParams, "prompt_logprob_token_ids")  # vLLM >= 0.32
@@ -57,31 +54,37 @@ class VLLMScorer:
         self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        from vllm.inputs import TokensPrompt
-
-        prompts = [TokensPrompt(prompt_token_ids=prefix + response) for prefix, response in requests]
         if self.scoring_path == "token_id_rows":
-            params = [self._row_params(prefix, response) for prefix, response in requests]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            return [out.prompt_token_id_logprobs[:, 0].astype(np.float32) for out in outputs]
+            return self.score_token_id_rows(requests)
+        return self.score_cached_prefix_rows(requests)
+
+    def score_token_id_rows(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        """One request per sequence that asks for exactly its response rows (V2 model runner)."""
+        params = [self._row_params(prefix, response) for prefix, response in requests]
+        outputs = self.llm.generate(_prompts(requests), params, use_tqdm=False)
+        return [out.prompt_token_id_logprobs[:, 0].astype(np.float32) for out in outputs]
+
+    def score_cached_prefix_rows(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
+        """Per chunk: the prefixes into the prefix cache, then the sequences, whose cached positions are not run."""
         fill = self._sampling_params(max_tokens=1, detokenize=False)
         scored: list[np.ndarray] = []
         for start, stop in prefix_chunks(requests, self.chunk_tokens):
             chunk = requests[start:stop]
             prefixes = {tuple(prefix[:-1]) for prefix, _ in chunk if len(prefix) > 1}
-            self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prefixes], fill, use_tqdm=False)
-            outputs = self.llm.generate(prompts[start:stop], self.flat_params(read_cache=True), use_tqdm=False)
+            self.llm.generate(_prompts([(list(p), []) for p in prefixes]), fill, use_tqdm=False)
+            outputs = self.llm.generate(_prompts(chunk), self.flat_params(read_cache=True), use_tqdm=False)
             # A cache hit that reaches into the response (a repeated sequence, or two responses with a
             # common start) leaves response rows unset: run those sequences again without the cache.
             again = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) > len(chunk[i][0]) - 1]
-            rerun = self.llm.generate([prompts[start + i] for i in again], self.flat_params(read_cache=False),
-                                      use_tqdm=False) if again else []
-            for i, out in zip(again, rerun):
-                outputs[i] = out
+            if again:
+                rerun = self.llm.generate(_prompts([chunk[i] for i in again]), self.flat_params(read_cache=False),
+                                          use_tqdm=False)
+                for i, out in zip(again, rerun, strict=True):
+                    outputs[i] = out
             self.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs)
             self.rerun_sequences += len(again)
             scored += [flat_response_logprobs(out.prompt_logprobs, prefix, response)
-                       for (prefix, response), out in zip(chunk, outputs)]
+                       for (prefix, response), out in zip(chunk, outputs, strict=True)]
         return scored
 
     def close(self) -> None:
@@ -101,6 +104,12 @@ class VLLMScorer:
             prompt_logprob_start=len(prefix) - 1,
             prompt_logprob_token_ids=np.asarray(response, dtype=np.int32)[:, None],
         )
+
+
+def _prompts(requests: list[ScoreRequest]):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=prefix + response) for prefix, response in requests]
 
 
 def prefix_chunks(requests: list[ScoreRequest], max_prefix_tokens: int) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from treg_data.errors import UserError
+from treg_core.errors import UserError
 
 MARKER = ".treg"
 

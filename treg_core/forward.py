@@ -10,6 +10,8 @@ scorer): token sequences in, the log-probability of each response token out.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.utils.checkpoint
@@ -34,6 +36,14 @@ def final_logit_transform(config):
     return transform
 
 
+class Logprobs(NamedTuple):
+    """Per selected position [N], fp32: log π(target), and with `with_log_sum_sq` log Σ_v π(v)² (detached),
+    WPO's normaliser; None without."""
+
+    logps: torch.Tensor
+    log_sum_sq: torch.Tensor | None = None
+
+
 def selected_token_logprobs(
     hidden: torch.Tensor,
     lm_head: torch.nn.Module,
@@ -41,12 +51,10 @@ def selected_token_logprobs(
     transform=lambda logits: logits,
     chunk_rows: int = 1024,
     with_log_sum_sq: bool = False,
-):
-    """hidden [N, H] (the states that predict each target), targets [N] -> log π(target) [N], fp32.
+) -> Logprobs:
+    """hidden [N, H] (the states that predict each target), targets [N] -> Logprobs.
 
-    With `with_log_sum_sq`, also log Σ_v π(v)² per position [N] (detached): WPO's normaliser,
     log Σ_v p_v² = logsumexp(2z) − 2·logsumexp(z) for logits z, taken from the same chunk.
-
     Under autograd each chunk is checkpointed: its logits are dropped after the forward and
     recomputed in the backward, so at most one [chunk_rows, vocab] fp32 block exists at a time.
     """
@@ -56,7 +64,7 @@ def selected_token_logprobs(
         normaliser = torch.logsumexp(logits, dim=-1)
         logps = logits.gather(-1, t[:, None]).squeeze(-1) - normaliser
         if not with_log_sum_sq:
-            return logps
+            return (logps,)
         return logps, (torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * normaliser.detach())
 
     chunks = []
@@ -66,16 +74,15 @@ def selected_token_logprobs(
             chunks.append(torch.utils.checkpoint.checkpoint(chunk_logps, h, t, use_reentrant=False))
         else:
             chunks.append(chunk_logps(h, t))
-    if not with_log_sum_sq:
-        return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
     if not chunks:
-        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return Logprobs(empty, empty if with_log_sum_sq else None)
+    return Logprobs(*(torch.cat(parts) for parts in zip(*chunks)))
 
 
 class TokenLogprobs(nn.Module):
-    """Wraps a causal LM: forward returns log π(target) at the selected positions. Everything
-    touching the root's parameters happens inside this forward, as FSDP2 requires."""
+    """Wraps a causal LM: forward returns Logprobs at the selected positions. Everything touching the
+    root's parameters happens inside this forward, as FSDP2 requires."""
 
     def __init__(self, lm: nn.Module, chunk_rows: int = 1024):
         super().__init__()
@@ -83,8 +90,8 @@ class TokenLogprobs(nn.Module):
         self.chunk_rows = chunk_rows
         self.transform = final_logit_transform(lm.config)
 
-    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets, with_log_sum_sq: bool = False):
-        """log π(target) [N]; with `with_log_sum_sq`, the pair (log π(target), log Σ_v π(v)²)."""
+    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets,
+                with_log_sum_sq: bool = False) -> Logprobs:
         hidden = self.lm.base_model(
             input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state

@@ -1,0 +1,157 @@
+"""How every treg command is built and run.
+
+- A command's settings are one frozen dataclass whose fields carry their default, `--help` group and help
+  (`setting`). `settings_command` turns it into a click command: one flag per field, grouped in `--help`,
+  plus `--config FILE`, a YAML mapping of the same names that flags override.
+- Help is plain click text (never a table): a table squeezes columns to fit the terminal and cuts long
+  flag names such as --gpu-memory-utilization, which is exactly what help is there to show.
+- `run_cli` reports a user's mistake as one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from dataclasses import Field, field, fields
+from pathlib import Path
+
+import click
+import yaml
+
+from treg_core.errors import UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+REQUIRED = ""  # the default of a setting that must be given, by flag or in --config
+
+
+def setting(default, group: str, help: str, **extra):
+    """A settings field: its default, the --help group it is listed under, and its help."""
+    return field(default=default, metadata={"group": group, "help": help, **extra})
+
+
+# ---- --help ---------------------------------------------------------------------------------------
+
+
+class GroupedCommand(click.Command):
+    """A click command whose parameters carry a `group` attribute: one --help section per group, in the
+    order the groups first appear; arguments first, ungrouped options last."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        groups: dict[str, list[tuple[str, str]]] = {"Arguments": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record:
+                group = "Arguments" if param.param_type_name == "argument" else getattr(param, "group", None)
+                groups.setdefault(group or "Other options", []).append(record)
+        groups["Other options"] = groups.pop("Other options", [])
+        for title, rows in groups.items():
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def grouped(param: click.Parameter, group: str) -> click.Parameter:
+    param.group = group  # read by GroupedCommand's --help
+    return param
+
+
+class HelpedArgument(click.Argument):
+    """A positional argument listed with its help under Arguments (click's own arguments have no help)."""
+
+    def __init__(self, *args, help: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.help = help
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
+        return self.make_metavar(ctx), self.help
+
+
+# ---- settings dataclass -> command ----------------------------------------------------------------
+
+
+def _base_type(settings_class: type, name: str) -> type:
+    hint = typing.get_type_hints(settings_class)[name]
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+
+
+def _option(settings_class: type, field: Field) -> click.Option:
+    kind, flag, meta = _base_type(settings_class, field.name), "--" + field.name.replace("_", "-"), field.metadata
+    if kind is bool:  # default None: a flag not given leaves --config's value alone
+        return grouped(click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=meta["help"]), meta["group"])
+    shown = "  [required]" if field.default == REQUIRED else (
+        f"  [default: {field.default}]" if field.default is not None else "")
+    return grouped(click.Option([flag], type=kind, default=None, help=meta["help"] + shown), meta["group"])
+
+
+def settings_command(settings_class: type, callback, name: str) -> click.Command:
+    """A click command with a flag per field of `settings_class` and --config; `callback(settings)` runs it,
+    with settings = defaults < the --config file < the flags given."""
+    config = grouped(click.Option(["--config"], help="YAML file of settings; flags override it."),
+                     fields(settings_class)[0].metadata["group"])
+
+    def invoke(config: str | None, **flags) -> None:
+        callback(load_settings(settings_class, config, flags))
+
+    return GroupedCommand(name, callback=invoke, help=callback.__doc__, context_settings=CONTEXT,
+                          params=[config] + [_option(settings_class, f) for f in fields(settings_class)])
+
+
+def load_settings(settings_class: type, config_file: str | None, flags: dict):
+    """Defaults < YAML file (keys as flags or as field names) < flags given on the command line."""
+    values: dict = {}
+    if config_file:
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read --config {config_file}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"--config {config_file} must be a mapping of setting: value")
+        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
+    values.update({key: value for key, value in flags.items() if value is not None})
+    known = [f.name for f in fields(settings_class)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"unknown setting(s) {unknown} in --config; known: {sorted(known)}")
+    settings = settings_class(**{name: typed(settings_class, name, value) for name, value in values.items()})
+    for f in fields(settings_class):
+        if f.default == REQUIRED and getattr(settings, f.name) == REQUIRED:
+            raise UserError(f"--{f.name.replace('_', '-')} is required")
+    return settings
+
+
+def typed(settings_class: type, name: str, value):
+    """A value as the field's type, or one clear line: YAML reads 5e-7 as a string (it wants 5.0e-7), so numbers
+    are converted; a list of names becomes the comma-separated string the flag takes."""
+    kind = _base_type(settings_class, name)
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise UserError(f"--config: {name} must be a number, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, list):  # lora_target_modules: [q_proj, v_proj], as peft's configs write it
+        value = ",".join(map(str, value))
+    if (value is not None and not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool)):
+        raise UserError(f"--config: {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+
+def run_cli(command: click.Command, name: str, interrupted: str = "interrupted") -> None:
+    """Run a command: a UserError becomes one line on stderr and exit code 2; Ctrl-C says what is kept."""
+    try:
+        code = command.main(prog_name=name, standalone_mode=False)
+    except UserError as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        code = 130
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    if code == 130:
+        print(f"{name}: {interrupted}", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,260 @@
+"""The contract between the stages: what a treg-score output folder holds, and the one place both
+stages (and anyone loading the shards) take its names, types and records from.
+
+    data/{split}-{worker:05d}-of-{workers:05d}-{shard:05d}.parquet   shards, rows in input order
+    manifests/worker-{worker:05d}-of-{workers:05d}.json                a WorkerManifest, once that worker finished
+    manifest.json                                                     the Manifest, once every worker has
+    skipped.jsonl                                                     one line per skipped input row: id, reason, detail
+    .treg                                                             the folder is treg-score's (treg_core.folders)
+
+One row per preference pair. `prompt`, `chosen` and `rejected` are stored in TRL's conversational
+form with an explicit prompt (message lists of role and content), so every shard has one schema
+whatever the input's format; plain-string inputs become one message each. Per side (`chosen_`,
+`rejected_`), the response token ids and one float32 per token of each TOKEN_FLOAT_COLUMNS: every
+per-token list has exactly the length of its `*_ids`. The token sequence a model sees is
+`prompt_ids + {side}_ids`. OPTIONAL_TOKEN_FLOAT_COLUMNS are there only when the run asked for them
+(`dpo_rewards`: treg-score --dpo-model), so a folder's schema is its provenance's `schema`.
+
+The records (Provenance, ShardMetadata, WorkerManifest, Manifest) are dataclasses written as JSON and
+read back by `from_dict`, which names any missing or unknown key: a field renamed in one stage fails
+loudly where the other reads it, instead of reading as None.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from treg_core.errors import UserError
+
+SIDES = ("chosen", "rejected")
+CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
+TOKEN_FLOAT_COLUMNS = tuple(f"{context}_logps" for context in CONTEXTS) + ("rewards",)
+OPTIONAL_TOKEN_FLOAT_COLUMNS = ("dpo_rewards",)  # written only with treg-score --dpo-model
+METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata
+FORMAT = "treg-shards/1"
+
+# ---- the folder's layout ----------------------------------------------------------------------------
+
+DATA_DIR, MANIFESTS_DIR, MANIFEST, SKIPPED = "data", "manifests", "manifest.json", "skipped.jsonl"
+SHARD_GLOB, FIRST_SHARD_GLOB, WORKER_MANIFEST_GLOB = "*.parquet", "*-00000.parquet", "worker-*.json"
+
+
+def worker_prefix(split: str, worker: int, workers: int) -> str:
+    """The start of every shard name of one worker."""
+    return f"{split}-{worker:05d}-of-{workers:05d}-"
+
+
+def shard_name(split: str, worker: int, workers: int, number: int) -> str:
+    return f"{worker_prefix(split, worker, workers)}{number:05d}.parquet"
+
+
+def worker_manifest_path(root: str | Path, worker: int, workers: int) -> Path:
+    return Path(root) / MANIFESTS_DIR / f"worker-{worker:05d}-of-{workers:05d}.json"
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The shards of an output folder (or of its data/ folder), in name order."""
+    folder = Path(folder)
+    files = sorted((folder / DATA_DIR).glob(SHARD_GLOB) if (folder / DATA_DIR).is_dir() else folder.glob(SHARD_GLOB))
+    if not files:
+        raise UserError(f"no .parquet shards in {folder}; give a treg-score output folder")
+    return files
+
+
+def output_root(folder: str | Path) -> Path:
+    """The output folder, given it or its data/ folder."""
+    folder = Path(folder)
+    return folder.parent if folder.name == DATA_DIR and not (folder / DATA_DIR).is_dir() else folder
+
+
+# ---- the columns ------------------------------------------------------------------------------------
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+TOKEN_IDS = pa.list_(pa.int32())
+TOKEN_FLOATS = pa.list_(pa.float32())
+
+
+def column(side: str, name: str) -> str:
+    """The column of `name` ("ids", "rewards", ...) for one side: "chosen_rewards"."""
+    return f"{side}_{name}"
+
+
+def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLUMNS) -> list[str]:
+    return [column(side, name) for name in names]
+
+
+def shard_schema(dpo_rewards: bool = False) -> pa.Schema:
+    """The shards' schema; with `dpo_rewards`, each side's `*_dpo_rewards` follows its `*_rewards`."""
+    names = ("ids",) + TOKEN_FLOAT_COLUMNS + (OPTIONAL_TOKEN_FLOAT_COLUMNS if dpo_rewards else ())
+    return pa.schema(
+        [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
+         ("prompt_ids", TOKEN_IDS)]
+        + [(name, TOKEN_IDS if name.endswith("_ids") else TOKEN_FLOATS)
+           for side in SIDES for name in side_columns(side, names)]
+    )
+
+
+SCHEMA = shard_schema()  # the default: no optional columns
+
+
+# ---- the records ------------------------------------------------------------------------------------
+
+
+class Record:
+    """A dataclass written as a JSON object and read back key by key."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data, where: str):
+        """The record in `data`; a missing or unknown key is named in one line, with `where` it was read."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: expected a JSON object for its {cls.__name__}, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        missing, unknown = [n for n in names if n not in data], sorted(set(data) - set(names))
+        if missing or unknown:
+            found = (f"lacks {missing}" if missing else "") + (" and " if missing and unknown else "") + (
+                f"has unknown {unknown}" if unknown else "")
+            raise UserError(f"{where}: its {cls.__name__} {found}; it was written by another version of treg: "
+                            "score the data again with this one")
+        hints = typing.get_type_hints(cls)
+        return cls(**{n: hints[n].from_dict(data[n], where) if is_dataclass(hints[n]) else data[n] for n in names})
+
+
+@dataclass(frozen=True)
+class Provenance(Record):
+    """Everything that decides a scored folder's content; a rerun with any of it different is refused."""
+
+    model: str
+    model_revision: str | None
+    scorer_model: str
+    dpo_model: str | None  # not None: the shards hold *_dpo_rewards
+    tokenizer_hash: str  # tokenizer_fingerprint of --model's tokenizer
+    dataset: str
+    dataset_config: str | None
+    input_fingerprint: str
+    split: str
+    columns: dict
+    revision_prompts: dict
+    reward_transform: str
+    max_length: int
+    max_prompt_length: int
+    max_model_len: int
+    backend: str
+    dtype: str
+    num_workers: int
+    shard_size: int
+    treg_version: str
+
+    IGNORED = ("treg_version",)  # may differ between compatible runs
+
+    def differences(self, other: Provenance) -> list[str]:
+        ours, theirs = self.to_dict(), other.to_dict()
+        return sorted(name for name in ours if name not in self.IGNORED and ours[name] != theirs[name])
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of shards written with this provenance."""
+        return shard_schema(dpo_rewards=self.dpo_model is not None)
+
+
+@dataclass(frozen=True)
+class ShardInfo(Record):
+    """What one shard covers: input rows [input_start, input_end), skips included."""
+
+    input_start: int
+    input_end: int
+    rows: int
+    tokens: int
+    skipped: list  # {"id", "reason", "detail"} of the input rows skipped in that range
+
+
+@dataclass(frozen=True)
+class ShardMetadata(Record):
+    """A shard's Parquet metadata (key METADATA_KEY)."""
+
+    provenance: Provenance
+    shard: ShardInfo
+
+
+@dataclass(frozen=True)
+class WorkerManifest(Record):
+    """A finished worker's part of the input and of the folder."""
+
+    provenance: Provenance
+    worker_index: int
+    input_start: int
+    input_end: int
+    shards: list  # file names in data/, in order
+    rows: int
+    tokens: int
+    skipped: list
+    scoring_path: str
+
+
+@dataclass(frozen=True)
+class Counts(Record):
+    pairs_read: int
+    pairs_scored: int
+    pairs_skipped: int
+    skipped_by_reason: dict
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Manifest(Record):
+    """A finished folder: written once every worker has finished, so its presence means complete."""
+
+    format: str
+    provenance: Provenance
+    counts: Counts
+    shards: list  # paths relative to the folder: data/<shard name>
+    skipped_examples: list
+    scoring_path: list
+
+
+def read_shard_metadata(path: str | Path) -> ShardMetadata:
+    metadata = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in metadata:
+        raise UserError(f"{path} is not a treg shard (no '{METADATA_KEY.decode()}' metadata)")
+    return ShardMetadata.from_dict(json.loads(metadata[METADATA_KEY]), str(path))
+
+
+def read_worker_manifest(path: Path) -> WorkerManifest:
+    return WorkerManifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """The Manifest of a finished folder (given it or its data/ folder)."""
+    root = output_root(folder)
+    path = root / MANIFEST
+    if not path.is_file():
+        finished = len(list((root / MANIFESTS_DIR).glob(WORKER_MANIFEST_GLOB)))
+        shards = sorted((root / DATA_DIR).glob(SHARD_GLOB))
+        workers = read_shard_metadata(shards[0]).provenance.num_workers if shards else "?"
+        raise UserError(f"{root} is not a finished treg-score output: no manifest.json ({finished} of {workers} "
+                        "workers finished); finish scoring: rerun the treg-score command(s)")
+    return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that maps text to ids: vocabulary, added tokens, special tokens and
+    chat template. Training refuses shards whose fingerprint differs from its policy's."""
+    blob = json.dumps(
+        {
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "added": sorted((str(k), str(v)) for k, v in tokenizer.added_tokens_decoder.items()),
+            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "chat_template": tokenizer.chat_template,
+        },
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,42 @@
+"""Where a model or a dataset comes from, decided the same way everywhere: a local path, or a Hub id
+(ORG/NAME); and a model's tokenizer, loaded with one clear line when it cannot be."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from treg_core.errors import UserError, first_line
+
+
+def looks_local(name: str) -> bool:
+    """A name the user meant as a path: it exists, or it starts like one."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+
+
+def is_hub_id(name: str) -> bool:
+    """ORG/NAME, and not a local path."""
+    return not looks_local(name) and name.count("/") == 1
+
+
+def load_tokenizer(name: str, revision: str | None = None, chat_template: str | None = None,
+                   what: str = "", needs_chat_template: bool = False):
+    """The tokenizer of a model folder or Hub id, with `chat_template` (a Jinja file) in place of its own.
+    `what` names the model in messages ("--model"); `needs_chat_template` refuses a tokenizer without one."""
+    from transformers import AutoTokenizer
+
+    label = f"{what} {name!r}" if what else repr(name)
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        missing = f"model folder {name} does not exist"
+        raise UserError(f"cannot load the tokenizer of {what}: {missing}" if what else missing)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except Exception as err:  # OSError, ValueError, HTTP errors...: one line for the user
+        raise UserError(f"cannot load the tokenizer of {label}: {first_line(err)}") from None
+    if chat_template:
+        try:
+            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot read --chat-template {chat_template}: {err}") from None
+    if needs_chat_template and not tokenizer.chat_template:
+        raise UserError(f"the tokenizer of {label} has no chat template; pass one with --chat-template FILE")
+    return tokenizer

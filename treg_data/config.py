@@ -1,0 +1,109 @@
+"""treg-score's settings: every field is a flag (treg_core.command_line), and a YAML recipe with the same
+names is `--config`. Fields marked `engine` are vLLM engine arguments: they reach `vllm.LLM` under their
+own name, so a new engine option is one field here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from treg_core.command_line import REQUIRED, setting
+from treg_core.errors import UserError
+from treg_core.precision import DTYPE_CHOICES
+from treg_data.pairs import Columns
+from treg_data.scorers import BACKENDS, EngineOptions
+
+INPUT, MODEL, SCORING, OUTPUT, DISTRIBUTED = "Input", "Model", "Scoring", "Output", "Distributed"
+
+
+def engine_setting(default, group: str, help: str):
+    """A setting passed to vllm.LLM as it is."""
+    return setting(default, group, help, engine=True)
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    # input
+    dataset: str = setting(REQUIRED, INPUT, "Hub dataset id, or a local .json/.jsonl/.parquet file or folder.")
+    split: str = setting("train", INPUT, "Dataset split.")
+    dataset_config: str | None = setting(None, INPUT, "Hub dataset configuration name.")
+    prompt_column: str = setting(
+        "prompt", INPUT, "Prompt column (string or messages); if absent, the turns before chosen's answer.")
+    chosen_column: str = setting("chosen", INPUT, "Chosen response column (string or messages).")
+    rejected_column: str = setting("rejected", INPUT, "Rejected response column (string or messages).")
+    id_column: str = setting("id", INPUT, "Id column; rows without one get a content hash.")
+    strict: bool = setting(False, INPUT, "Fail on the first malformed row instead of skipping it.")
+    # model
+    model: str = setting(
+        REQUIRED, MODEL, "Policy / reference model: Hub id or local folder. Its chat template renders the prompts.")
+    scorer_model: str | None = setting(
+        None, MODEL, "Model that computes the token rewards (default: --model). Needs the same vocabulary.")
+    dpo_model: str | None = setting(
+        None, MODEL, "A DPO-trained model (same vocabulary): also write *_dpo_rewards, sigmoid(its token log-prob - "
+        "*_ref_logps) - 0.5. It runs in a second engine; with vLLM each engine gets half the GPU memory fraction.")
+    model_revision: str | None = setting(None, MODEL, "Revision of --model on the Hub (branch, tag or commit).")
+    chat_template: str | None = setting(None, MODEL, "Jinja chat template file, for tokenizers without one.")
+    dtype: str = setting(
+        "auto", MODEL, "auto (the checkpoint's own, as transformers reads it), bfloat16, float16 or float32.")
+    # scoring
+    backend: str = setting("vllm", SCORING, "'vllm' (default) or 'hf' (plain transformers reference scorer).")
+    revision_prompts: str | None = setting(
+        None, SCORING, "YAML/JSON file with the 'better' and 'worse' revision prompts, using {prompt} and {response}.")
+    max_length: int = setting(2048, SCORING, "Max tokens of prompt + response; longer pairs are skipped.")
+    max_prompt_length: int = setting(1800, SCORING, "Max prompt tokens; longer pairs are skipped.")
+    max_model_len: int | None = setting(
+        None, SCORING, "Max tokens of a revision sequence (default: 2 x max-length + revision prompt, capped at the "
+        "model's context).")
+    batch_size: int = setting(256, SCORING, "Pairs per scorer call (6 sequences each).")
+    seed: int = engine_setting(0, SCORING, "Engine seed.")
+    gpu_memory_utilization: float = engine_setting(
+        0.9, SCORING, "vLLM GPU memory fraction (with --dpo-model: shared, half for each of the two engines).")
+    enforce_eager: bool = engine_setting(False, SCORING, "vLLM: skip graph compilation (faster start, slower steps).")
+    # output
+    output: str = setting(REQUIRED, OUTPUT, "Folder for the shards and manifest.json.")
+    shard_size: int = setting(10_000, OUTPUT, "Rows per Parquet shard.")
+    overwrite: bool = setting(False, OUTPUT, "Replace data in --output that was scored with other settings.")
+    push_to_hub: str | None = setting(
+        None, OUTPUT, "Upload the finished dataset to this Hub repository (ORG/NAME).")
+    hub_private: bool = setting(False, OUTPUT, "With --push-to-hub: create the repository as private.")
+    # distributed
+    tensor_parallel_size: int = engine_setting(1, DISTRIBUTED, "vLLM tensor parallel size.")
+    data_parallel_size: int = setting(
+        1, DISTRIBUTED, "Scoring workers on this node, one engine each on its own GPU(s) or CPU cores; one output "
+        "folder.")
+    num_workers: int = setting(1, DISTRIBUTED, "Split the input into this many contiguous parts...")
+    worker_index: int = setting(0, DISTRIBUTED, "...and score this one (0-based).")
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.prompt_column, self.chosen_column, self.rejected_column, self.id_column)
+
+    def engine_options(self, dtype: str, max_model_len: int) -> EngineOptions:
+        """The engine's settings, with the dtype and context length resolved for this model. With
+        --dpo-model two engines share the GPU, so each gets half of --gpu-memory-utilization."""
+        engine = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("engine")}
+        engine["gpu_memory_utilization"] /= 2 if self.dpo_model else 1
+        return EngineOptions(model=self.scorer_model or self.model, revision=self.model_revision, dtype=dtype,
+                             max_model_len=max_model_len, engine=engine)
+
+    def dpo_engine_options(self, dtype: str, max_model_len: int) -> EngineOptions | None:
+        """The DPO model's engine: the main one's settings (one dtype for both sides of the
+        log-ratio), another model; None without --dpo-model."""
+        if not self.dpo_model:
+            return None
+        return replace(self.engine_options(dtype, max_model_len), model=self.dpo_model, revision=None)
+
+
+def validate(config: ScoreConfig) -> ScoreConfig:
+    """Settings that cannot work, refused before anything is read or started; each message says the fix."""
+    if config.dtype not in DTYPE_CHOICES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
+    if config.backend not in BACKENDS:
+        raise UserError(f"--backend must be 'vllm' or 'hf', got {config.backend!r}")
+    for name in ("max_length", "max_prompt_length", "batch_size", "shard_size", "num_workers", "data_parallel_size",
+                 "tensor_parallel_size"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
+        raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
+                        "them; score the DPO rewards in a run without --scorer-model")
+    return config

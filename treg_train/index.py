@@ -1,0 +1,186 @@
+"""A scored folder as training sees it: its row groups, checked, and the pairs read out of them.
+
+Nothing unchecked enters training: the folder must be a finished treg-score output (its manifest lists
+exactly the shards found), and each row group is checked for NaN, Inf and list lengths as it is read.
+
+--eval-fraction holds pairs out by a hash of their coordinates (`held_out_rows`), so the split needs
+no row content: an index of one side of the split lists only that side's rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from treg_core.contract import SIDES, column, output_root, read_manifest, read_shard_metadata, shard_files, side_columns
+from treg_core.errors import UserError, first_line
+from treg_core.sources import is_hub_id
+
+
+@dataclass
+class TrainingPair:
+    """One pair's token data as NumPy arrays (copies: they outlive the row group they were read from)."""
+
+    id: str
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+    chosen_ref_logps: np.ndarray | None
+    rejected_ref_logps: np.ndarray | None
+    chosen_rewards: np.ndarray
+    rejected_rewards: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of [prompt + chosen; prompt + rejected]."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def longest(self) -> int:
+        """Tokens of its longer sequence, prompt + the longer response: what --max-length bounds."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+    def cut_to_one_token(self) -> TrainingPair:
+        """One token of prompt and of each response: the cheapest forward, for a dummy micro-batch."""
+        return TrainingPair(self.id, *(None if values is None else values[:1] for values in (
+            self.prompt_ids, self.chosen_ids, self.rejected_ids, self.chosen_ref_logps, self.rejected_ref_logps,
+            self.chosen_rewards, self.rejected_rewards)))
+
+
+def resolve_shards(data: str) -> tuple[Path, list[Path]]:
+    """The treg-score output folder and its Parquet files, for that folder, its data/ folder, or a
+    Hub dataset id."""
+    path = Path(data)
+    if not path.exists():
+        if not is_hub_id(data):
+            raise UserError(f"--data {data} is neither a folder nor a Hub dataset id (ORG/NAME)")
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=data, repo_type="dataset", allow_patterns=["*.parquet", "*.json"]))
+        except Exception as err:  # network, auth, missing repo: one line for the user
+            raise UserError(f"cannot download dataset {data!r}: {first_line(err)}") from None
+    return output_root(path), shard_files(path)
+
+
+def check_complete(root: Path, files: list[Path], num_pairs: int) -> None:
+    """Train only on a finished treg-score output: its manifest lists exactly these shards and rows."""
+    manifest = read_manifest(root)
+    listed = sorted(Path(name).name for name in manifest.shards)
+    scored = manifest.counts.pairs_scored
+    if listed != [f.name for f in files] or scored != num_pairs:
+        raise UserError(f"{root}: the shards there ({len(files)} files, {num_pairs} pairs) "
+                        f"are not those its manifest.json lists ({len(listed)} files, {scored} pairs); "
+                        "the folder changed after scoring: score it again")
+
+
+def check_numbers(table: pa.Table, where: str) -> None:
+    """Every per-token list has one finite value per token: NaN or Inf would train a NaN model."""
+    ids = table.column("id").to_pylist()
+    for side in SIDES:
+        tokens = pc.list_value_length(table.column(column(side, "ids"))).to_numpy(zero_copy_only=False)
+        for name in table.column_names:
+            if not name.startswith(column(side, "")) or name == column(side, "ids"):
+                continue
+            values = table.column(name).combine_chunks()
+            lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+            if (lengths != tokens).any():
+                row = int(np.argmax(lengths != tokens))
+                raise UserError(f"{where}: pair {ids[row]}: {name} has {lengths[row]} values for {tokens[row]} tokens")
+            finite = np.isfinite(values.flatten().to_numpy(zero_copy_only=False))
+            if not finite.all():
+                row = pc.list_parent_indices(values).to_numpy()[np.argmin(finite)]
+                raise UserError(f"{where}: pair {ids[row]}: {name} holds NaN or infinite values; "
+                                "score the data again or drop that pair")
+
+
+def held_out_rows(file_name: str, row_group: int, rows: int, fraction: float) -> np.ndarray:
+    """Which rows of a row group --eval-fraction holds out: those whose hash of (shard file name, row group, row)
+    falls below `fraction`. Nothing is read, so memory stays flat; the split is the same on every rank, on resume
+    and for every --seed (runs with other seeds are evaluated on the same pairs); a larger fraction holds out a
+    superset."""
+    key = int.from_bytes(hashlib.blake2b(f"{file_name}/{row_group}".encode(), digest_size=8).digest(), "little")
+    x = np.uint64(key) + np.arange(rows, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)  # splitmix64's mixer: uniform 64-bit values
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) / 2.0**53 < fraction
+
+
+class ShardIndex:
+    """A scored folder's row groups and the rows of each, or with `holdout` one side of the --eval-fraction
+    split: the pairs kept for training, or with `held_out` the ones held out for evaluation. Row r of row
+    group g is row `first_row[g] + r` of the whole folder. Reads nothing but metadata until asked."""
+
+    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True,
+                 holdout: float = 0.0, held_out: bool = False):
+        root, self.files = resolve_shards(data)
+        self.holdout, self.held_out, self.reward_column = holdout, held_out, reward_column
+        per_side = ("ids", reward_column) + (("ref_logps",) if with_ref_logps else ())
+        self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]
+        self.groups: list[tuple[int, int, int]] = []  # (file index, row group, rows)
+        provenances = [self._add_file(index, file) for index, file in enumerate(self.files)]
+        if len({p.tokenizer_hash for p in provenances}) != 1:
+            raise UserError("the shards were scored with different tokenizers; train on one scored dataset at a time")
+        self.provenance = provenances[0]
+        self.tokenizer_hash = self.provenance.tokenizer_hash
+        self.first_row = np.cumsum([0] + [rows for *_, rows in self.groups])
+        total = int(self.first_row[-1])
+        check_complete(root, self.files, total)
+        self.num_pairs = sum(len(self.rows(g)) for g in range(len(self.groups))) if holdout else total
+        self.groups_read = 0  # row groups read so far
+
+    def _add_file(self, index: int, file: Path):
+        try:
+            meta, parquet = read_shard_metadata(file), pq.ParquetFile(file)
+        except UserError:
+            raise
+        except Exception as err:
+            raise UserError(f"{file} is not a readable Parquet shard: {first_line(err)}") from None
+        missing = [c for c in self.columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise UserError(f"{file} lacks the column(s) {missing}; was it written by treg-score?")
+        self.groups += [(index, g, parquet.metadata.row_group(g).num_rows) for g in range(parquet.num_row_groups)]
+        return meta.provenance
+
+    @property
+    def total_rows(self) -> int:
+        """Rows of the whole folder, both sides of a split."""
+        return int(self.first_row[-1])
+
+    def rows(self, group: int) -> range | list[int]:
+        """The rows of a row group on this index's side of the split (all of them without one)."""
+        file_index, row_group, rows = self.groups[group]
+        if not self.holdout:
+            return range(rows)
+        held = held_out_rows(self.files[file_index].name, row_group, rows, self.holdout)
+        return np.flatnonzero(held == self.held_out).tolist()
+
+    def table(self, group: int) -> pa.Table:
+        """A row group's columns, checked."""
+        file_index, row_group, _ = self.groups[group]
+        table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns).combine_chunks()
+        check_numbers(table, f"{self.files[file_index]} (row group {row_group})")
+        self.groups_read += 1
+        return table
+
+    def pairs(self, table: pa.Table, rows) -> list[TrainingPair]:
+        """Rows of a row group's table, their arrays copied so that the table can be dropped."""
+
+        def lists(name: str) -> list:
+            if name not in table.column_names:
+                return [None] * len(rows)
+            array = table.column(name).combine_chunks()
+            offsets, values = array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
+            return [values[offsets[row]:offsets[row + 1]].copy() for row in rows]
+
+        names = ["prompt_ids"] + [column(side, "ids") for side in SIDES] + [column(side, "ref_logps") for side in SIDES]
+        names += [column(side, self.reward_column) for side in SIDES]
+        ids = table.column("id").take(rows).to_pylist()
+        return [TrainingPair(id, *arrays) for id, *arrays in zip(ids, *map(lists, names))]

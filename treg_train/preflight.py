@@ -1,0 +1,124 @@
+"""Every check a run makes before it loads a model: the run folder, the tokenizer, the shards (training and
+held-out) and what they were scored for, the precision, the number of steps. Read-only, so every rank
+runs it, and a mistake costs seconds rather than a model load."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from treg_core.contract import tokenizer_fingerprint
+from treg_core.errors import UserError
+from treg_core.folders import check_folder
+from treg_core.precision import DTYPES, dtype_name
+from treg_core.sources import load_tokenizer
+from treg_train.checkpoint import latest_checkpoint
+from treg_train.config import TrainConfig, changed_on_resume
+from treg_train.index import ShardIndex
+
+
+@dataclass
+class Preflight:
+    """What the checks found, for the run to use."""
+
+    checkpoint: Path | None  # the one --resume continues from
+    tokenizer: object
+    index: ShardIndex  # the training pairs
+    eval_index: ShardIndex | None  # the held-out pairs; None: no evaluation
+    compute_dtype: torch.dtype
+    total_steps: int
+
+
+def preflight(config: TrainConfig, world_size: int, device: torch.device, is_main: bool) -> Preflight:
+    if config.global_batch_size % world_size:
+        raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
+                        f"{world_size} processes")
+    checkpoint = check_output(Path(config.output), config)
+    tokenizer = load_tokenizer(config.model, what="--model")
+    index = ShardIndex(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
+                       holdout=config.eval_fraction)
+    check_scored_for_the_model(config, tokenizer, index, config.data)
+    compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)  # auto: bf16 on a GPU, fp32 on the CPU
+    if is_main and config.ref_model is None:
+        warn_on_precision_mismatch(index.provenance.dtype, dtype_name(compute_dtype), config.data)
+    return Preflight(checkpoint, tokenizer, index, eval_index(config, tokenizer), compute_dtype,
+                     count_steps(config, index))
+
+
+def check_output(output: Path, config: TrainConfig) -> Path | None:
+    """The run folder must be new, empty, or this run's own with --resume and the same settings.
+    Returns the checkpoint to resume from."""
+    ours = check_folder(output, "treg-train")
+    if not config.resume:
+        if ours:
+            raise UserError(f"{output} already holds a run; add --resume to continue it, or give a new --output")
+        return None
+    checkpoint = latest_checkpoint(output) if ours else None
+    if checkpoint is None:
+        raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())
+    if "config" not in saved:
+        raise UserError(f"--resume: {checkpoint} does not record the run's settings, "
+                        "so continuing it cannot be checked")
+    changed = changed_on_resume(saved["config"], config)
+    if changed:
+        raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
+                        "may change only --max-steps, --logging-steps, --save-steps, --report-to and --eval-steps; "
+                        "start a new --output")
+    return checkpoint
+
+
+def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex, data: str) -> None:
+    """Token ids mean something only under the tokenizer that made them; without --ref-model, the shards'
+    reference log-probs must be the policy's own."""
+    if index.tokenizer_hash != tokenizer_fingerprint(tokenizer):
+        raise UserError(
+            f"the shards in {data} were scored with another tokenizer or chat template than {config.model}'s; "
+            "score the data with this model (treg-score --model ...) or train the model the data was scored for"
+        )
+    scorer, scored_for = index.provenance.scorer_model, index.provenance.model
+    if config.ref_model is None and scorer != scored_for:
+        raise UserError(f"the reference log-probs in {data} come from the --scorer-model {scorer}, not from "
+                        f"{scored_for}; train with --ref-model {scored_for} to compute them online")
+
+
+def eval_index(config: TrainConfig, tokenizer) -> ShardIndex | None:
+    """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
+    holds out of --data; None without either."""
+    if config.eval_data:
+        index = ShardIndex(config.eval_data, config.reward_column, with_ref_logps=config.ref_model is None)
+        check_scored_for_the_model(config, tokenizer, index, config.eval_data)
+        return index
+    if config.eval_fraction:
+        index = ShardIndex(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
+                           holdout=config.eval_fraction, held_out=True)
+        if index.num_pairs == 0:
+            raise UserError(f"--eval-fraction {config.eval_fraction} holds out none of the "
+                            f"{index.total_rows} pairs in {config.data}; raise it")
+        return index
+    return None
+
+
+def warn_on_precision_mismatch(scored: str, computed: str, data: str) -> None:
+    """Reference log-probs from the shards and the policy's own should come from the same precision."""
+    if scored == computed:
+        return
+    if scored in DTYPES:
+        what, advice = f"in {scored}", f"treg-score --dtype {computed}, or train with --dtype {scored}"
+    else:  # shards from before the dtype was resolved: vLLM's 'auto' ran fp32 checkpoints in bf16
+        what, advice = "in an unrecorded precision ('auto')", f"treg-score --dtype {computed}"
+    print(f"treg-train: warning: the reference log-probs in {data} were scored {what} but this run computes "
+          f"in {computed}; rescore with {advice}", file=sys.stderr)
+
+
+def count_steps(config: TrainConfig, index: ShardIndex) -> int:
+    steps_per_epoch = index.num_pairs // config.global_batch_size
+    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
+    if total_steps < 1:
+        raise UserError(f"{index.num_pairs} pairs give no step of --global-batch-size {config.global_batch_size}")
+    return total_steps

@@ -1,0 +1,136 @@
+"""One rank's share of a global batch: the pairs within --max-length, cut into as many micro-batches as on
+every other rank, each forward turned into per-pair losses and metrics; with a gradient for training
+(`train_step`), without one for evaluation (`evaluate`).
+
+Every rank must run the same number of forwards (and backwards): FSDP gathers and reduces each layer in
+collectives that all ranks join, so a rank with fewer pairs runs dummy micro-batches weighted zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from treg_train.collate import ModelInputs, collate, micro_batches, scatter_tokens
+from treg_train.index import TrainingPair
+from treg_train.losses import WEIGHTED, LossSettings, SideTokens, preference_loss, token_reward_agreement
+from treg_train.metrics import MetricWindow
+from treg_train.readers import EvalReader, rank_slice
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a rank cuts its pairs into forwards."""
+
+    max_length: int
+    micro_batch_tokens: int
+    padding_free: bool  # sequences packed back to back, no padding
+    device: torch.device
+
+
+@dataclass
+class Objective:
+    """What turns a micro-batch into per-pair losses: the policy, the online reference if any (None: the
+    shards' reference log-probs stand in), and the loss."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    settings: LossSettings
+
+    def losses(self, inputs: ModelInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair losses [pairs] and per-pair metrics, each summed later over the pairs."""
+        args = (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.predict_index, inputs.targets)
+        out = self.policy(*args, with_log_sum_sq=self.settings.loss_type in WEIGHTED)
+        logps = scatter_tokens(out.logps, inputs.token_mask)
+        log_sum_sq = None if out.log_sum_sq is None else scatter_tokens(out.log_sum_sq, inputs.token_mask)
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logps = scatter_tokens(self.reference(*args).logps, inputs.token_mask)
+        else:
+            ref_logps = inputs.ref_logps
+        n = inputs.num_pairs
+        sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows],
+                            None if log_sum_sq is None else log_sum_sq[rows])
+                 for rows in (slice(0, n), slice(n, 2 * n))]
+        losses, metrics = preference_loss(*sides, self.settings)
+        metrics["token_reward_agreement"] = token_reward_agreement(*sides, self.settings.beta) * n
+        return losses, metrics
+
+
+def rank_micro_batches(pairs: list[TrainingPair], filler: TrainingPair, batching: Batching,
+                       metrics: MetricWindow) -> list[tuple[list[TrainingPair], bool]]:
+    """This rank's pairs within --max-length (the others counted as skipped) in micro-batches of at most
+    --micro-batch-tokens, padded with dummies up to the most any rank has; each as (pairs, real). A dummy is
+    `filler` cut to one token: the cheapest forward, and never beyond --max-length."""
+    kept = [p for p in pairs if p.longest <= batching.max_length]
+    metrics.add("skipped_too_long", len(pairs) - len(kept), 1)
+    micro = micro_batches(kept, batching.micro_batch_tokens, batching.padding_free)
+    count = torch.tensor([len(micro)], device=batching.device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank joins, with its own count
+    return [(batch, True) for batch in micro] + [([filler.cut_to_one_token()], False)] * (int(count) - len(micro))
+
+
+def add_pair_metrics(metrics: MetricWindow, losses: torch.Tensor, values: dict, num_pairs: int, real: bool) -> None:
+    """The loss and the objective's metrics summed over the pairs; a dummy micro-batch adds only their names, with
+    nothing to count, because every rank must reduce the same names even where all its forwards were dummies."""
+    metrics.add("loss", losses.sum() if real else 0.0, num_pairs if real else 0)
+    for name, value in values.items():
+        metrics.add(name, value.sum() if real else 0.0, num_pairs if real else 0)
+
+
+@dataclass
+class StepResult:
+    grad_norm: torch.Tensor
+    finite: bool  # on every rank: the loss of every pair and the gradient norm
+    tokens: int  # real tokens this rank forwarded
+
+
+def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]], batching: Batching,
+               global_batch_size: int, max_grad_norm: float, metrics: MetricWindow) -> StepResult:
+    """Forward and backward of this rank's micro-batches (`rank_micro_batches`) of one global batch, gradients
+    clipped; the update is the caller's, once it has seen that everything was finite."""
+    world_size = dist.get_world_size()
+    not_finite, tokens = torch.zeros((), device=batching.device), 0
+    for index, (batch, real) in enumerate(micro):
+        inputs = collate(batch, batching.padding_free).to(batching.device)
+        objective.policy.set_requires_gradient_sync(index == len(micro) - 1)  # reduce-scatter on the last only
+        losses, values = objective.losses(inputs)
+        # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
+        (losses.sum() * (world_size / global_batch_size if real else 0.0)).backward()
+        if real:
+            not_finite += (~torch.isfinite(losses.detach())).sum()
+            tokens += inputs.num_tokens
+        add_pair_metrics(metrics, losses.detach(), values, inputs.num_pairs, real)
+    trainable = [p for p in objective.policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    dist.all_reduce(not_finite)  # every rank decides alike
+    return StepResult(grad_norm, bool(not_finite == 0) and bool(torch.isfinite(grad_norm)), tokens)
+
+
+def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk_size: int) -> dict[str, float]:
+    """The objective's metrics over every held-out pair, means over all pairs and ranks. The pairs go by chunks
+    of `chunk_size`, each rank forwarding its share as in training. Nothing of training changes: no gradient,
+    no random number drawn (dropout off), the data stream untouched, the modules' modes restored."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    metrics = MetricWindow()
+    modes = {module: module.training for module in objective.policy.modules()}
+    objective.policy.eval()
+    try:
+        with torch.no_grad():
+            coordinates = reader.coordinates()
+            while chunk := list(itertools.islice(coordinates, chunk_size)):
+                mine = [reader.read(*c) for c in rank_slice(chunk, rank, world_size)]
+                filler = mine[0] if mine else reader.read(*chunk[0])  # a rank with no pair left repeats the first
+                for batch, real in rank_micro_batches(mine, filler, batching, metrics):
+                    inputs = collate(batch, batching.padding_free).to(batching.device)
+                    losses, values = objective.losses(inputs)
+                    add_pair_metrics(metrics, losses, values, inputs.num_pairs, real)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    objective.policy.reshard()  # the root keeps its gathered weights after a forward without backward: free them
+    return metrics.reduce(batching.device)
