@@ -94,13 +94,16 @@ def build_tiny_model(
     model_vocab_size: int | None = None,
     tokenizer_spec: TokenizerSpec = TokenizerSpec(),
     config_overrides: dict | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> Path:
     """Write a randomly initialised model + tokenizer folder that transformers and vLLM load.
 
     vLLM's CPU attention needs head_dim >= 64, hence hidden_size / num_heads = 64 by default.
     `model_vocab_size` widens the embeddings beyond the tokenizer (ids past it are never used),
     to give benchmarks the output-layer cost of a real vocabulary. `config_overrides` sets a
-    family's own architecture fields (soft-capping, sliding window, rope scaling, ...).
+    family's own architecture fields (soft-capping, sliding window, rope scaling, ...). A large
+    model is drawn fastest on a GPU (`device="cuda"`) and saved smallest in bf16 (`dtype`).
     """
     import torch
     from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
@@ -127,7 +130,8 @@ def build_tiny_model(
                       max_position_embeddings=max_position_embeddings)
         config = config_class(**{**common, **(config_overrides or {})})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

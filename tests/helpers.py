@@ -72,6 +72,16 @@ BAD_REASONS = {
 }
 
 
+def make_training_pair(prompt: int, chosen: int, rejected: int, id: str = "x"):
+    """A TrainingPair of the given token counts, without reference log-probs."""
+    import numpy as np
+
+    from treg_train.index import TrainingPair
+
+    ids = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
+    return TrainingPair(id, ids(prompt), ids(chosen), ids(rejected), None, None, np.zeros(chosen), np.zeros(rejected))
+
+
 def write_jsonl(path, rows) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:

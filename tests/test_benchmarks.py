@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts at tiny size: they run and print their tables."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,15 @@ def test_scaling_benchmark(tmp_path):
 
 def test_training_benchmark_against_trl(tmp_path):
     out = _run("train_vs_trl.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
-               "--max-length", "256", "--processes", "1,2", "--work", str(tmp_path))
-    rows = [line.split() for line in out.splitlines() if line.startswith(("1 ", "2 "))]
-    assert [(r[0], " ".join(r[1:3])) for r in rows].count(("2", "treg-train dpo_reg")) == 1
-    assert len(rows) == 12 and sum("(best)" in " ".join(r) for r in rows) == 2  # 3 TRL + 3 treg rows per count
-    assert "speed vs TRL best" in out
+               "--max-length", "256", "--processes", "1,2", "--work", str(tmp_path),
+               "--sides", "trl_gc,trl,defaults,dpo_reg,dpo_reg_gc")
+    rows = [line for line in out.splitlines() if line.startswith(("1 ", "2 "))]
+    assert len(rows) == 10 and sum("(TRL best)" in row for row in rows) == 2  # 2 TRL + 3 treg rows per count
+    for row in rows:
+        checkpointing = "every layer" if "gradient_checkpointing (its default)" in row or "true" in row else "none"
+        assert checkpointing in row, row  # the checkpointing each row really ran, TRL's default named
+        assert len(re.findall(r"\d\.\d\dx", row)) == 4, row  # against TRL at the same checkpointing, and TRL's best
+    assert "vs TRL same ckpt" in out and "failed" not in out
 
 
 @pytest.mark.engine

@@ -5,17 +5,17 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import make_training_pair
 
 from treg_core.contract import METADATA_KEY
 from treg_core.errors import UserError
 from treg_core.forward import TokenLogprobs
 from treg_train.collate import collate, micro_batches, scatter_tokens
-from treg_train.index import ShardIndex, TrainingPair
+from treg_train.index import ShardIndex
 from treg_train.model import load_causal_lm
 from treg_train.readers import EvalReader, TrainingStream, rank_slice
 
@@ -94,14 +94,10 @@ def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, mo
             assert mine == [reader.read(*c).id for c in coordinates]
 
 
-def _pair(prompt, chosen, rejected):
-    ids = lambda n: np.arange(n, dtype=np.int32)  # noqa: E731
-    return TrainingPair("x", ids(prompt), ids(chosen), ids(rejected), None, None, np.zeros(chosen), np.zeros(rejected))
-
-
 @pytest.mark.parametrize("packed", [True, False])
 def test_micro_batches_respect_the_token_budget(packed):
-    pairs = [_pair(p, c, r) for p, c, r in [(10, 30, 5), (50, 20, 40), (5, 5, 5), (30, 60, 10), (8, 8, 90)]]
+    shapes = [(10, 30, 5), (50, 20, 40), (5, 5, 5), (30, 60, 10), (8, 8, 90)]
+    pairs = [make_training_pair(p, c, r) for p, c, r in shapes]
     batches = micro_batches(pairs, max_tokens=200, padding_free=packed)
     assert sorted(id(p) for b in batches for p in b) == sorted(id(p) for p in pairs)
     for batch in batches:
@@ -118,9 +114,9 @@ def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable
     with torch.no_grad():
         for packed in (True, False):
             inputs = collate(pairs, packed)
-            assert (inputs.attention_mask is None) == packed
-            results[packed] = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                                   inputs.predict_index, inputs.targets).logps, inputs.token_mask)
+            assert (inputs.input_ids.shape[0] == 1) == packed
+            results[packed] = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.predict_index,
+                                                   inputs.targets).logps, inputs.token_mask)
         torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=0)
         # ...and both equal the stored reference log-probs of the scorer (same untrained model).
         stored = collate(pairs, True).ref_logps

@@ -202,8 +202,11 @@ def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
     assert result.returncode == 2 and "broken.parquet" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--padding-free"], ["--ref-model", "MODEL"]],
-                         ids=["gradient-checkpointing", "packed", "online-reference"])
+@pytest.mark.parametrize("extra", [["--gradient-checkpointing", "true"], ["--gradient-checkpointing", "selective"],
+                                   ["--padding-free"], ["--attn-implementation", "varlen"], ["--compile"],
+                                   ["--compile", "--gradient-checkpointing", "true"], ["--ref-model", "MODEL"]],
+                         ids=["gradient-checkpointing", "selective-checkpointing", "packed", "packed-varlen", "compile",
+                              "compile-checkpointing", "online-reference"])
 def test_memory_and_reference_options_leave_the_losses_unchanged(tiny_model, learnable_shards, short_run, tmp_path,
                                                                  extra):
     extra = [tiny_model if arg == "MODEL" else arg for arg in extra]

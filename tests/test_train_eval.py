@@ -78,8 +78,8 @@ def test_eval_metrics_equal_one_process_on_the_exported_model(evaluated, eval_sh
     model = TokenLogprobs(AutoModelForCausalLM.from_pretrained(output / "final", dtype=torch.float32)).eval()
     inputs = collate(pairs, padding_free=False)
     with torch.no_grad():
-        logps = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.attention_mask,
-                                     inputs.predict_index, inputs.targets).logps, inputs.token_mask)
+        logps = scatter_tokens(model(inputs.input_ids, inputs.position_ids, inputs.predict_index,
+                                     inputs.targets).logps, inputs.token_mask)
     n = inputs.num_pairs
     sides = [SideTokens(logps[rows], inputs.ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows])
              for rows in (slice(0, n), slice(n, 2 * n))]

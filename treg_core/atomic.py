@@ -22,13 +22,15 @@ def temporary_name(target: Path) -> Path:
 
 
 @contextmanager
-def replacing(target: str | Path):
+def replacing(target: str | Path, single_writer: bool = False):
     """Yields a temporary path to write `target`'s content to (a file or a folder); when the block ends
-    without an error, that content replaces `target` in one rename. On an error it is removed."""
+    without an error, that content replaces `target` in one rename. On an error it is removed. A target
+    only ever written by one process at a time (`single_writer`) first loses what a killed writer left."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(target)
-    _remove(tmp)
+    for stale in target.parent.glob(f".{target.name}.*.tmp") if single_writer else [tmp]:
+        _remove(stale)
     try:
         yield tmp
         publish(tmp, target)

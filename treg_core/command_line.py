@@ -36,6 +36,9 @@ class GroupedCommand(click.Command):
     """A click command whose parameters carry a `group` attribute: one --help section per group, in the
     order the groups first appear; arguments first, ungrouped options last."""
 
+    def format_arguments(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Nothing: the arguments are the first section of format_options (click 8.5 would list them again)."""
+
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         groups: dict[str, list[tuple[str, str]]] = {"Arguments": []}
         for param in self.get_params(ctx):
@@ -74,12 +77,12 @@ def _base_type(settings_class: type, name: str) -> type:
     return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
-def _option(settings_class: type, field: Field) -> click.Option:
-    kind, flag, meta = _base_type(settings_class, field.name), "--" + field.name.replace("_", "-"), field.metadata
+def _option(settings_class: type, spec: Field) -> click.Option:
+    kind, flag, meta = _base_type(settings_class, spec.name), "--" + spec.name.replace("_", "-"), spec.metadata
     if kind is bool:  # default None: a flag not given leaves --config's value alone
         return grouped(click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=meta["help"]), meta["group"])
-    shown = "  [required]" if field.default == REQUIRED else (
-        f"  [default: {field.default}]" if field.default is not None else "")
+    shown = "  [required]" if spec.default == REQUIRED else (
+        f"  [default: {spec.default}]" if spec.default is not None else "")
     return grouped(click.Option([flag], type=kind, default=None, help=meta["help"] + shown), meta["group"])
 
 
@@ -112,11 +115,14 @@ def load_settings(settings_class: type, config_file: str | None, flags: dict):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"unknown setting(s) {unknown} in --config; known: {sorted(known)}")
-    settings = settings_class(**{name: typed(settings_class, name, value) for name, value in values.items()})
-    for f in fields(settings_class):
-        if f.default == REQUIRED and getattr(settings, f.name) == REQUIRED:
-            raise UserError(f"--{f.name.replace('_', '-')} is required")
-    return settings
+    return settings_class(**{name: typed(settings_class, name, value) for name, value in values.items()})
+
+
+def require(settings, names: tuple[str, ...]) -> None:
+    """Each named setting must have been given (by flag or in --config)."""
+    for name in names:
+        if getattr(settings, name) in (REQUIRED, None):  # never given, or `model: null` in --config
+            raise UserError(f"--{name.replace('_', '-')} is required")
 
 
 def typed(settings_class: type, name: str, value):
@@ -132,6 +138,8 @@ def typed(settings_class: type, name: str, value):
         return float(value)
     if kind is str and isinstance(value, list):  # lora_target_modules: [q_proj, v_proj], as peft's configs write it
         value = ",".join(map(str, value))
+    if kind is str and isinstance(value, bool):  # gradient_checkpointing: true, as YAML reads it
+        value = str(value).lower()
     if (value is not None and not isinstance(value, kind)) or (kind is not bool and isinstance(value, bool)):
         raise UserError(f"--config: {name} must be {kind.__name__}, got {value!r}")
     return value

@@ -107,6 +107,10 @@ SCHEMA = shard_schema()  # the default: no optional columns
 # ---- the records ------------------------------------------------------------------------------------
 
 
+class RecordMismatch(UserError):
+    """A record whose keys are not this treg's: written by another version."""
+
+
 class Record:
     """A dataclass written as a JSON object and read back key by key."""
 
@@ -123,8 +127,8 @@ class Record:
         if missing or unknown:
             found = (f"lacks {missing}" if missing else "") + (" and " if missing and unknown else "") + (
                 f"has unknown {unknown}" if unknown else "")
-            raise UserError(f"{where}: its {cls.__name__} {found}; it was written by another version of treg: "
-                            "score the data again with this one")
+            raise RecordMismatch(f"{where}: its {cls.__name__} {found}; it was written by another version of treg: "
+                                 "score the data again with this one")
         hints = typing.get_type_hints(cls)
         return cls(**{n: hints[n].from_dict(data[n], where) if is_dataclass(hints[n]) else data[n] for n in names})
 
@@ -241,7 +245,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         shards = sorted((root / DATA_DIR).glob(SHARD_GLOB))
         workers = read_shard_metadata(shards[0]).provenance.num_workers if shards else "?"
         raise UserError(f"{root} is not a finished treg-score output: no manifest.json ({finished} of {workers} "
-                        "workers finished); finish scoring: rerun the treg-score command(s)")
+                        "workers finished); rerun the treg-score command(s) to finish scoring it, every worker")
     return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 

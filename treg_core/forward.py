@@ -17,6 +17,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from treg_core.attention import VARLEN, packed_lengths
+
 
 def final_logit_transform(config):
     """The logit post-processing some architectures apply in their own forward."""
@@ -90,25 +92,41 @@ class TokenLogprobs(nn.Module):
         self.chunk_rows = chunk_rows
         self.transform = final_logit_transform(lm.config)
 
-    def forward(self, input_ids, position_ids, attention_mask, predict_index, targets,
-                with_log_sum_sq: bool = False) -> Logprobs:
+    def forward(self, input_ids, position_ids, predict_index, targets, with_log_sum_sq: bool = False) -> Logprobs:
+        """Rows packed (one row, positions restarting per sequence) or right-padded; no attention mask either way:
+        the position ids mark a pack's sequences, and padding after a causal sequence is never attended to."""
+        lengths = {}
+        if self.lm.config._attn_implementation == VARLEN and input_ids.shape[0] == 1:
+            lengths = packed_lengths(position_ids)  # where the sequences of the pack begin, for every layer
         hidden = self.lm.base_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False, **lengths
         ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])[predict_index]
         return selected_token_logprobs(hidden, self.lm.get_output_embeddings(), targets, self.transform,
                                        self.chunk_rows, with_log_sum_sq)
 
 
-def right_padded(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, attention_mask and position_ids [rows, longest] for right-padded sequences."""
+def right_padded(sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and position_ids [rows, longest] for right-padded sequences. No attention mask is needed: in
+    causal attention a real token never attends to the padding after it, and without a mask sdpa runs its
+    causal kernel instead of materialising a [rows, longest, longest] mask."""
     width = max(len(sequence) for sequence in sequences)
     input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence)] = torch.as_tensor(np.asarray(sequence, dtype=np.int64))
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids, attention_mask, torch.arange(width).expand(len(sequences), width)
+    return input_ids, torch.arange(width).expand(len(sequences), width)
+
+
+def packed(sequences: list[np.ndarray], pack_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and position_ids [1, total] for sequences back to back, positions restarting at 0 for each.
+    With `pack_to`, a filler sequence (token 0) makes the row that long: one of a few lengths, so a kernel
+    compiled per shape compiles a bounded number of times; no position predicts from it."""
+    lengths = [len(sequence) for sequence in sequences]
+    if pack_to and pack_to > sum(lengths):
+        sequences, lengths = [*sequences, np.zeros(pack_to - sum(lengths), dtype=np.int64)], [*lengths,
+                                                                                                pack_to - sum(lengths)]
+    input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None]
+    return input_ids, torch.cat([torch.arange(n) for n in lengths])[None]
 
 
 def response_positions(starts, prompt_lengths, response_lengths) -> torch.Tensor:

@@ -25,7 +25,7 @@ def load_tokenizer(name: str, revision: str | None = None, chat_template: str | 
     from transformers import AutoTokenizer
 
     label = f"{what} {name!r}" if what else repr(name)
-    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+    if looks_local(name) and not Path(name).expanduser().exists():
         missing = f"model folder {name} does not exist"
         raise UserError(f"cannot load the tokenizer of {what}: {missing}" if what else missing)
     try:

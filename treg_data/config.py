@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from treg_core.command_line import REQUIRED, setting
+from treg_core.command_line import REQUIRED, require, setting
 from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES
 from treg_data.pairs import Columns
@@ -95,6 +95,7 @@ class ScoreConfig:
 
 def validate(config: ScoreConfig) -> ScoreConfig:
     """Settings that cannot work, refused before anything is read or started; each message says the fix."""
+    require(config, ("dataset", "model", "output"))
     if config.dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
     if config.backend not in BACKENDS:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from treg_core.atomic import write_text
-from treg_core.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, Manifest, read_manifest
+from treg_core.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, Manifest, output_root, read_manifest
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
@@ -39,10 +39,11 @@ def front_matter(manifest: Manifest, license: str | None, num_bytes: int) -> str
     from datasets import Features
 
     split = manifest.provenance.split
+    files = [{"split": split, "path": f"{DATA_DIR}/{split}-*.parquet"}]
     return yaml.safe_dump({
         "license": license or "unknown",
         "tags": ["treg", "dpo", "preference", "token-level-rewards"],
-        "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*.parquet"}]}],
+        "configs": [{"config_name": "default", "data_files": files}],
         "dataset_info": {
             "features": Features.from_arrow_schema(manifest.provenance.schema)._to_yaml_list(),
             "splits": [{"name": split, "num_examples": manifest.counts.pairs_scored, "num_bytes": num_bytes}],
@@ -71,15 +72,16 @@ def dataset_card(manifest: Manifest, repo_id: str, license: str | None, num_byte
 
 def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> Path:
     """Write README.md, unless the folder holds a README.md of the user's own: that one is kept."""
-    path = Path(folder) / "README.md"
+    folder = output_root(folder)
+    path = folder / "README.md"
     if path.exists() and CARD_MARK not in path.read_text(encoding="utf-8", errors="replace"):
         return path
     manifest = read_manifest(folder)
     license = license or source_license(manifest.provenance.dataset)
-    shards = [pq.ParquetFile(Path(folder) / shard) for shard in manifest.shards]
+    shards = [pq.ParquetFile(folder / shard) for shard in manifest.shards]
     num_bytes = sum(shard.metadata.row_group(g).total_byte_size
                     for shard in shards for g in range(shard.num_row_groups))
-    distribution = reward_distribution([Path(folder) / shard for shard in manifest.shards])
+    distribution = reward_distribution([folder / shard for shard in manifest.shards])
     return write_text(path, dataset_card(manifest, repo_id, license, num_bytes, distribution))
 
 

@@ -37,7 +37,7 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
     from treg_data import report
     from treg_data.reward_stats import reward_distribution
 
-    if sum(bool(x) for x in (id, random, extreme)) > 1:
+    if sum(x not in (None, ()) for x in (id, random, extreme)) > 1:
         raise UserError("choose pairs with one of --id, --random or --extreme")
     provenance = _provenance(data)
     tok = load_tokenizer(tokenizer or checkpoint or provenance.model)

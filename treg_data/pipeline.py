@@ -68,10 +68,11 @@ def run(config: ScoreConfig) -> Summary:
     validate(config)
     tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template, needs_chat_template=True)
     if config.scorer_model and config.scorer_model != config.model:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model), config.scorer_model)
+        check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, needs_chat_template=True),
+                              config.scorer_model)
     if config.dpo_model:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, chat_template=config.chat_template),
-                              config.dpo_model, flag="--dpo-model")
+        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, chat_template=config.chat_template,
+                                                        needs_chat_template=True), config.dpo_model, flag="--dpo-model")
     revision_prompts = load_revision_prompts(config.revision_prompts)
     model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
     dtype = resolve_dtype(config.dtype, model_config)

@@ -32,9 +32,11 @@ from treg_core.contract import (
     MANIFESTS_DIR,
     METADATA_KEY,
     SKIPPED,
+    WORKER_MANIFEST_GLOB,
     Counts,
     Manifest,
     Provenance,
+    RecordMismatch,
     ShardInfo,
     ShardMetadata,
     WorkerManifest,
@@ -108,7 +110,7 @@ class ShardStore:
         for path in self._first_shards_and_manifests():
             try:
                 differences = self.provenance.differences(_provenance_of(path))
-            except UserError:  # records of another treg version: its keys differ
+            except RecordMismatch:  # records of another treg version: its keys differ
                 differences = ["the record format"]
             if not differences:
                 continue
@@ -127,7 +129,7 @@ class ShardStore:
 
     def _first_shards_and_manifests(self) -> list[Path]:
         firsts = sorted(self.data_dir.glob(FIRST_SHARD_GLOB))
-        return firsts + sorted((self.root / MANIFESTS_DIR).glob("*.json"))
+        return firsts + sorted((self.root / MANIFESTS_DIR).glob(WORKER_MANIFEST_GLOB))
 
     def _own_shards(self) -> list[Path]:
         return sorted(self.data_dir.glob(f"{self.prefix}*.parquet"))

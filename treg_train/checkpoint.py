@@ -104,7 +104,7 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
         for name, parameter in skeleton.named_parameters(remove_duplicate=False):
             if first_name.setdefault(id(parameter), name) != name:
                 state.pop(name, None)
-        with replacing(target) as tmp:
+        with replacing(target, single_writer=True) as tmp:
             skeleton.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
     dist.barrier()

@@ -7,18 +7,36 @@ from treg_core.command_line import run_cli, settings_command
 from treg_train.config import TrainConfig, validate
 
 
-def train(config: TrainConfig) -> None:
+def run_training(config: TrainConfig) -> None:
     """Train a policy on treg-score shards with DPO, T-REG (dpo_reg), SimPO and the ablations."""
+    validate(config)
+    if config.plan:
+        return print_plan(config)
     from treg_train.train import train
 
-    result = train(validate(config))
+    result = train(config)
     if result:
         metrics = result["metrics"]
         print(f"treg-train finished: {result['steps']} steps, loss {metrics.get('loss', float('nan')):.4f}, "
               f"reward accuracy {metrics.get('rewards/accuracies', float('nan')):.3f}; model in {result['final']}")
 
 
-command = settings_command(TrainConfig, train, "treg-train")
+def print_plan(config: TrainConfig) -> None:
+    """The memory plan as a table, then as one JSON object on the last line; nothing is loaded."""
+    import os
+
+    import torch
+
+    from treg_train.plan import plan_run
+    from treg_train.preflight import compute_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    memory, note = plan_run(config, int(os.environ.get("WORLD_SIZE", 1)), device, compute_dtype(config.dtype, device))
+    print(memory.table() + (f"\n  {note}" if note else ""))
+    print(memory.json())
+
+
+command = settings_command(TrainConfig, run_training, "treg-train")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from treg_core.forward import response_positions, right_padded
+from treg_core.forward import packed, response_positions, right_padded
 from treg_train.index import TrainingPair
 
 
@@ -17,7 +17,6 @@ from treg_train.index import TrainingPair
 class ModelInputs:
     input_ids: torch.Tensor  # [rows, width]
     position_ids: torch.Tensor  # [rows, width]
-    attention_mask: torch.Tensor | None  # None when padding-free: the position ids mark the sequences
     predict_index: torch.Tensor  # [N] flat positions whose hidden state predicts a response token
     targets: torch.Tensor  # [N] the response tokens
     token_mask: torch.Tensor  # [2 * pairs, longest response]: where the N tokens go, row-major
@@ -51,17 +50,17 @@ def micro_batches(pairs: list[TrainingPair], max_tokens: int, padding_free: bool
     return batches
 
 
-def collate(pairs: list[TrainingPair], padding_free: bool) -> ModelInputs:
+def collate(pairs: list[TrainingPair], padding_free: bool, pack_to: int | None = None) -> ModelInputs:
+    """With `padding_free`, one packed row (`pack_to` long, with `pack_to`); else right-padded rows."""
     responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
     prompts = [p.prompt_ids for p in pairs] * 2
     lengths = [len(prompt) + len(response) for prompt, response in zip(prompts, responses)]
     sequences = [np.concatenate([prompt, response]) for prompt, response in zip(prompts, responses)]
     if padding_free:
-        input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64))[None]
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-        attention_mask, starts = None, np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        input_ids, position_ids = packed(sequences, pack_to)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     else:
-        input_ids, attention_mask, position_ids = right_padded(sequences)
+        input_ids, position_ids = right_padded(sequences)
         starts = np.arange(len(sequences)) * input_ids.shape[1]
     predict_index = response_positions(starts, map(len, prompts), map(len, responses))
     targets = torch.from_numpy(np.concatenate(responses).astype(np.int64))
@@ -77,7 +76,7 @@ def collate(pairs: list[TrainingPair], padding_free: bool) -> ModelInputs:
         return out
 
     return ModelInputs(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        input_ids=input_ids, position_ids=position_ids,
         predict_index=predict_index, targets=targets, token_mask=token_mask,
         ref_logps=padded([p.chosen_ref_logps for p in pairs] + [p.rejected_ref_logps for p in pairs]),
         rewards=padded([p.chosen_rewards for p in pairs] + [p.rejected_rewards for p in pairs]),

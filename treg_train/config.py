@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from treg_core.command_line import REQUIRED, load_settings, setting
+from treg_core.command_line import REQUIRED, load_settings, require, setting
 from treg_core.errors import UserError
 from treg_train.losses import LOSS_TYPES, LossSettings
 
@@ -43,13 +43,25 @@ class TrainConfig:
     micro_batch_tokens: int = setting(
         16384, MEMORY, "Tokens per forward ([chosen; rejected] of several pairs).")
     padding_free: bool | None = setting(
-        None, MEMORY, "Pack sequences without padding (position ids mark them) instead of length-grouped padding. "
-        "Default: pack when the attention implementation runs variable-length (flash, flex); mask-based "
-        "attention (sdpa, eager) would build a [tokens, tokens] mask over the pack.")
-    gradient_checkpointing: bool = setting(False, MEMORY, "Recompute activations in the backward to save memory.")
+        None, MEMORY, "Pack sequences without padding (position ids mark them, a document mask keeps them apart) "
+        "instead of length-grouped padding. Default: pack where attention runs variable-length (flex, flash); "
+        "with sdpa or eager a pack would need a [tokens, tokens] mask.")
+    gradient_checkpointing: str = setting(
+        "auto", MEMORY, "Recompute activations in the backward to save memory: auto (every other layer, then every "
+        "layer, only as far as the memory plan needs to fit the device), true (every layer), selective (every "
+        "other layer) or false.")
     dtype: str = setting("auto", MEMORY, "auto (bf16 compute on GPU, fp32 on CPU), float32 or bfloat16.")
     attn_implementation: str | None = setting(
-        None, MEMORY, "Attention kernel, as transformers names it (sdpa, eager, flash_attention_2, flex_attention).")
+        None, MEMORY, "Attention kernel, as transformers names it (sdpa, eager, flash_attention_2, flex_attention). "
+        "Default: the model's own (sdpa for most).")
+    compile: bool = setting(False, MEMORY, "torch.compile each decoder layer (regional compilation): one compiled "
+                            "graph serves every layer; the first steps pay the compilation.")
+    use_liger_kernel: bool = setting(
+        False, MEMORY, "On CUDA, replace the decoder layers' RMSNorm, SwiGLU/GeGLU and rotary embedding with "
+        "liger-kernel's fused Triton kernels (pip install liger-kernel): less activation memory, faster.")
+    plan: bool = setting(
+        False, MEMORY, "Print the memory plan (per-device peak, in parts) for these settings and exit, without "
+        "loading weights or data; needs only --model.")
     shuffle_buffer: int = setting(10_000, MEMORY, "Pairs held for shuffling while streaming the shards.")
     logprob_chunk_rows: int = setting(1024, MEMORY, "Positions per chunk of the log-prob kernel (bounds its memory).")
     # LoRA: the reference log-probs come from the shards, so no second (reference) model is held either way.
@@ -94,8 +106,14 @@ def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
     return validate(load_settings(TrainConfig, config_file, overrides))
 
 
+CHECKPOINTING = {"auto": None, "false": "none", "selective": "every other layer", "true": "every layer"}
+
+
 def validate(config: TrainConfig) -> TrainConfig:
+    require(config, () if config.plan else ("model", "data", "output"))
     checks = [
+        (config.gradient_checkpointing in CHECKPOINTING,
+         f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {config.gradient_checkpointing!r}"),
         (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),
          "--lr-scheduler-type must be cosine, linear or constant"),
@@ -130,7 +148,8 @@ def validate(config: TrainConfig) -> TrainConfig:
 # What a --resume may change: bookkeeping, and --max-steps to extend a run. Everything else
 # (the objective, the data order, the schedule, the model) would silently mix two runs; so would
 # --eval-fraction (it decides which pairs are trained on) and --eval-data (one curve, two sets).
-CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to", "eval_steps")
+CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to", "eval_steps",
+                        "gradient_checkpointing", "plan")  # checkpointing recomputes the same numbers
 
 
 def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:

@@ -118,6 +118,6 @@ def save_adapter(full: dict[str, torch.Tensor], peft_config, target: Path, dtype
     peft_config.inference_mode = True
     if isinstance(peft_config.target_modules, set):  # all-linear, resolved to the layers' names: in a stable order
         peft_config.target_modules = sorted(peft_config.target_modules)
-    with replacing(target) as tmp:
+    with replacing(target, single_writer=True) as tmp:
         peft_config.save_pretrained(str(tmp))
         save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -90,8 +90,8 @@ class MetricSink:
         lines = [json.dumps(row) for row in read_metrics_file(self.path) if row["step"] <= step]
         write_text(self.path, "".join(line + "\n" for line in lines))
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)

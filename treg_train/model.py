@@ -1,12 +1,17 @@
 """The policy (treg_core.forward.TokenLogprobs: log-probs of the response tokens only), its FSDP2
 sharding (fully_shard per decoder layer, then the root), and loading it so that a node holds one
-full copy of the checkpoint, not one per process."""
+full copy of the checkpoint, not one per process. What changes speed and memory but not the numbers
+(activation checkpointing, regional compilation, Liger's kernels) is applied to the meta-device model
+before sharding, as FSDP2 wants it."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from treg_core.attention import VARLEN, VARLEN_IMPLEMENTATIONS, register
 from treg_core.errors import UserError
 from treg_core.forward import TokenLogprobs
 from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_adapter_weights
@@ -15,6 +20,8 @@ from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if attn_implementation == VARLEN:
+        register()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
@@ -25,6 +32,8 @@ def empty_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Mod
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if attn_implementation == VARLEN:
+        register()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32, **kwargs)
@@ -32,9 +41,19 @@ def empty_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Mod
     return lm
 
 
-def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_implementation: str | None = None,
-                 chunk_rows: int = 1024, gradient_checkpointing: bool = False, trainable: bool = True,
-                 lora: LoraSettings | None = None) -> TokenLogprobs:
+@dataclass(frozen=True)
+class PolicyOptions:
+    """How the policy runs: attention kernel, log-prob chunk, and what trades compute for memory or speed."""
+
+    attn_implementation: str | None = None
+    chunk_rows: int = 1024
+    checkpointing: str = "none"  # "none", "every other layer" or "every layer" (treg_train.plan.MODES)
+    compile: bool = False  # regional: each decoder layer
+    liger: bool = False  # liger-kernel's fused layers (CUDA)
+
+
+def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: PolicyOptions = PolicyOptions(), *,
+                 trainable: bool = True, lora: LoraSettings | None = None) -> TokenLogprobs:
     """Every rank builds the model on the meta device and shards it; rank 0 alone reads the
     checkpoint (fp32 master weights) and scatters the shards. Host memory: one full copy on rank 0,
     each rank's own shards elsewhere; the result equals loading the checkpoint on every rank.
@@ -42,18 +61,17 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_imple
     adapters); rank 0 draws their first values and scatters them like the checkpoint's."""
     import torch.distributed as dist
 
-    lm = empty_causal_lm(path, attn_implementation)
-    if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm = prepare_layers(empty_causal_lm(path, options.attn_implementation), options if trainable else
+                        PolicyOptions(options.attn_implementation, options.chunk_rows, liger=options.liger))
     if lora is not None:
         lm = add_adapters(lm, lora, path)
-    model = shard_model(TokenLogprobs(lm, chunk_rows), mesh, param_dtype, trainable)
+    model = shard_model(TokenLogprobs(lm, options.chunk_rows), mesh, param_dtype, trainable)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=mesh.device_type)
     full = {}
     if dist.get_rank() == 0:
         full = {f"lm.{key}": value
-                for key, value in load_causal_lm(path, torch.float32, attn_implementation).state_dict().items()}
+                for key, value in load_causal_lm(path, torch.float32, options.attn_implementation).state_dict().items()}
         if lora is not None:
             full.update(initial_adapter_weights(model, lora.seed))
     saved_buffers = [[name for name in buffers if name in full]]  # the rest are computed in __init__
@@ -66,6 +84,34 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, *, attn_imple
             if name in saved_buffers[0]:
                 dist.broadcast(buffer, src=0)
     return model
+
+
+def prepare_layers(lm: nn.Module, options: PolicyOptions) -> nn.Module:
+    """Liger's kernels, activation checkpointing and compilation, on the meta-device model."""
+    if options.liger:
+        apply_liger_kernel(lm)
+    layers = decoder_layers(lm)
+    if options.checkpointing != "none":
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if options.checkpointing == "every other layer":  # layers 0, 2, 4, ... recompute; the others keep theirs
+            for layer in layers[1::2]:
+                layer.gradient_checkpointing = False
+    if options.compile:
+        for layer in layers:  # in place: the layer keeps its class and parameter names, which FSDP2 and loading use
+            layer.compile()
+    return lm
+
+
+def apply_liger_kernel(lm: nn.Module) -> None:
+    """liger-kernel's RMSNorm, SwiGLU/GeGLU and rotary kernels in place of the layers' own. Its fused output layer
+    and loss stay off: treg computes the response tokens' log-probs itself."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        raise UserError("--use-liger-kernel needs liger-kernel: pip install liger-kernel") from None
+    if not torch.cuda.is_available():
+        raise UserError("--use-liger-kernel runs on CUDA only (Triton kernels); leave it off on this machine")
+    _apply_liger_kernel_to_instance(model=lm, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 def scatter_rows(full: torch.Tensor | None, local: torch.Tensor, shape: torch.Size) -> None:
@@ -87,14 +133,11 @@ def scatter_rows(full: torch.Tensor | None, local: torch.Tensor, shape: torch.Si
         local.copy_(buffer[: local.shape[0]])
 
 
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
-
-
 def use_padding_free(lm: nn.Module, requested: bool | None) -> bool:
     """Packing pays where attention is variable-length; with a mask it costs [tokens, tokens]."""
     if requested is not None:
         return requested
-    return getattr(lm.config, "_attn_implementation", None) in VARLEN_ATTENTION
+    return getattr(lm.config, "_attn_implementation", None) in VARLEN_IMPLEMENTATIONS
 
 
 def decoder_layers(lm: nn.Module) -> list[nn.Module]:

@@ -19,6 +19,7 @@ from treg_core.sources import load_tokenizer
 from treg_train.checkpoint import latest_checkpoint
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.index import ShardIndex
+from treg_train.plan import MemoryPlan, plan_run
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Preflight:
     eval_index: ShardIndex | None  # the held-out pairs; None: no evaluation
     compute_dtype: torch.dtype
     total_steps: int
+    memory: MemoryPlan  # with the activation checkpointing the run uses
+    memory_note: str | None  # why checkpointing was turned on, when --gradient-checkpointing auto did
 
 
 def preflight(config: TrainConfig, world_size: int, device: torch.device, is_main: bool) -> Preflight:
@@ -42,12 +45,19 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     index = ShardIndex(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
                        holdout=config.eval_fraction)
     check_scored_for_the_model(config, tokenizer, index, config.data)
-    compute_dtype = DTYPES[config.dtype] if config.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)  # auto: bf16 on a GPU, fp32 on the CPU
+    dtype = compute_dtype(config.dtype, device)
     if is_main and config.ref_model is None:
-        warn_on_precision_mismatch(index.provenance.dtype, dtype_name(compute_dtype), config.data)
-    return Preflight(checkpoint, tokenizer, index, eval_index(config, tokenizer), compute_dtype,
-                     count_steps(config, index))
+        warn_on_precision_mismatch(index.provenance.dtype, dtype_name(dtype), config.data)
+    held_out, total_steps = eval_index(config, tokenizer), count_steps(config, index)
+    memory, note = plan_run(config, world_size, device, dtype)
+    return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note)
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """--dtype auto: bf16 on a GPU, fp32 on the CPU."""
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def check_output(output: Path, config: TrainConfig) -> Path | None:

@@ -74,8 +74,11 @@ class Run:
 
 @dataclass
 class LogWindow:
-    """Sums since the last log line; the throughput also needs the tokens and the time since then."""
+    """Sums since the last log line; the throughput also needs the tokens and the time since then, less the time
+    torch.compile took (reported on its own, as the run's compile_seconds)."""
 
     metrics: MetricWindow = field(default_factory=MetricWindow)
     tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
+    compiling: float = 0.0
+    compiled: float = 0.0  # over the whole run

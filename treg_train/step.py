@@ -9,10 +9,12 @@ collectives that all ranks join, so a rank with fewer pairs runs dummy micro-bat
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from treg_train.collate import ModelInputs, collate, micro_batches, scatter_tokens
 from treg_train.index import TrainingPair
@@ -21,14 +23,33 @@ from treg_train.metrics import MetricWindow
 from treg_train.readers import EvalReader, rank_slice
 
 
-@dataclass(frozen=True)
+@dataclass
 class Batching:
-    """How a rank cuts its pairs into forwards."""
+    """How a rank cuts its pairs into forwards. With `pack_lengths` (a kernel compiled per shape, such as flex
+    attention), each pack is made as long as the smallest of them that holds it, so that kernel compiles for
+    those few lengths only."""
 
     max_length: int
     micro_batch_tokens: int
     padding_free: bool  # sequences packed back to back, no padding
     device: torch.device
+    pack_lengths: tuple[int, ...] = ()
+    packs_seen: set = field(default_factory=set)  # the pack lengths used so far
+
+    def inputs(self, pairs: list[TrainingPair]) -> ModelInputs:
+        pack_to = None
+        if self.padding_free and self.pack_lengths:
+            pack_to = next(n for n in self.pack_lengths if n >= sum(p.num_tokens for p in pairs))
+            if pack_to not in self.packs_seen and (not dist.is_initialized() or dist.get_rank() == 0):
+                tqdm.write(f"treg-train: packs of {pack_to} tokens: compiling for this length "
+                           f"({len(self.packs_seen) + 1} of at most {len(self.pack_lengths)})", file=sys.stderr)
+            self.packs_seen.add(pack_to)
+        return collate(pairs, self.padding_free, pack_to).to(self.device)
+
+
+def pack_lengths(micro_batch_tokens: int, count: int = 4) -> tuple[int, ...]:
+    """`count` lengths up to --micro-batch-tokens, evenly spaced, each a multiple of 128 (flex attention's block)."""
+    return tuple(sorted({-(-micro_batch_tokens * k // count // 128) * 128 for k in range(1, count + 1)}))
 
 
 @dataclass
@@ -42,7 +63,7 @@ class Objective:
 
     def losses(self, inputs: ModelInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [pairs] and per-pair metrics, each summed later over the pairs."""
-        args = (inputs.input_ids, inputs.position_ids, inputs.attention_mask, inputs.predict_index, inputs.targets)
+        args = (inputs.input_ids, inputs.position_ids, inputs.predict_index, inputs.targets)
         out = self.policy(*args, with_log_sum_sq=self.settings.loss_type in WEIGHTED)
         logps = scatter_tokens(out.logps, inputs.token_mask)
         log_sum_sq = None if out.log_sum_sq is None else scatter_tokens(out.log_sum_sq, inputs.token_mask)
@@ -58,6 +79,16 @@ class Objective:
         losses, metrics = preference_loss(*sides, self.settings)
         metrics["token_reward_agreement"] = token_reward_agreement(*sides, self.settings.beta) * n
         return losses, metrics
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile has spent in this process so far (0 where this torch does not say)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("total_wall_time", 0.0))
+    except Exception:  # noqa: BLE001 - a private helper: its absence only hides the figure
+        return 0.0
 
 
 def rank_micro_batches(pairs: list[TrainingPair], filler: TrainingPair, batching: Batching,
@@ -95,7 +126,7 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
     world_size = dist.get_world_size()
     not_finite, tokens = torch.zeros((), device=batching.device), 0
     for index, (batch, real) in enumerate(micro):
-        inputs = collate(batch, batching.padding_free).to(batching.device)
+        inputs = batching.inputs(batch)
         objective.policy.set_requires_gradient_sync(index == len(micro) - 1)  # reduce-scatter on the last only
         losses, values = objective.losses(inputs)
         # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
@@ -126,7 +157,7 @@ def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk
                 mine = [reader.read(*c) for c in rank_slice(chunk, rank, world_size)]
                 filler = mine[0] if mine else reader.read(*chunk[0])  # a rank with no pair left repeats the first
                 for batch, real in rank_micro_batches(mine, filler, batching, metrics):
-                    inputs = collate(batch, batching.padding_free).to(batching.device)
+                    inputs = batching.inputs(batch)
                     losses, values = objective.losses(inputs)
                     add_pair_metrics(metrics, losses, values, inputs.num_pairs, real)
     finally:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from treg_core.attention import default_attention
 from treg_core.errors import UserError
 from treg_core.folders import claim_folder
 from treg_core.precision import DTYPES, checkpoint_dtype, dtype_name
@@ -20,11 +21,19 @@ from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint,
 from treg_train.config import TrainConfig
 from treg_train.lora import LoraSettings
 from treg_train.metrics import MetricSink, peak_memory_gb
-from treg_train.model import load_sharded, use_padding_free
+from treg_train.model import PolicyOptions, load_sharded, use_padding_free
 from treg_train.preflight import Preflight, preflight
 from treg_train.readers import EvalReader, TrainingStream
 from treg_train.state import LogWindow, Run, Runtime, setup_distributed
-from treg_train.step import Batching, Objective, evaluate, rank_micro_batches, train_step
+from treg_train.step import (
+    Batching,
+    Objective,
+    compile_seconds,
+    evaluate,
+    pack_lengths,
+    rank_micro_batches,
+    train_step,
+)
 
 
 def train(config: TrainConfig) -> dict:
@@ -39,10 +48,12 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
     checked = preflight(config, rt.world_size, rt.device, rt.is_main)
     run = _setup(config, rt, checked)
     try:
+        if checked.checkpoint is not None:
+            _resume(run, checked.checkpoint)
         last = _train_steps(run)
         _export_final_model(run, checked.tokenizer)
     finally:
-        run.sink.close()
+        run.sink.close(failed=sys.exc_info()[0] is not None)
     return {"steps": run.step, "final": str(run.output / "final"), "metrics": last} if rt.is_main else {}
 
 
@@ -50,50 +61,69 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
 
 
 def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
-    """Models, optimizer and scheduler; the output folder is claimed only once all of them loaded, then a
-    --resume run restores its checkpoint."""
+    """Models, optimizer and scheduler; the output folder is claimed only once all of them loaded."""
     torch.manual_seed(config.seed)
-    objective = Objective(*_build_models(config, rt, checked.compute_dtype), settings=config.loss_settings())
-    optimizer, scheduler = _build_optimizer(config, objective.policy, checked.total_steps)
+    if rt.is_main:
+        print(f"treg-train: {checked.memory.line()}", file=sys.stderr)
+        if checked.memory_note:
+            print(f"treg-train: {checked.memory_note}", file=sys.stderr)
+    attention = _attention(config, rt, checked.compute_dtype)
+    options = PolicyOptions(attention, config.logprob_chunk_rows, checked.memory.checkpointing, config.compile,
+                            config.use_liger_kernel)
+    objective = Objective(*_build_models(config, rt, checked.compute_dtype, options), settings=config.loss_settings())
+    fused = rt.device.type == "cuda"
+    optimizer, scheduler = build_optimizer(config, objective.policy, checked.total_steps, fused=fused)
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in "
               f"{dtype_name(checked.compute_dtype)}; {checked.index.num_pairs} pairs, {checked.total_steps} steps of "
               f"{config.global_batch_size}" + (f"; {checked.eval_index.num_pairs} held-out pairs to evaluate on"
                                                if checked.eval_index else ""), file=sys.stderr)
         claim_folder(config.output, "treg-train")  # only now that every check passed, on every rank
-    batching = Batching(config.max_length, config.micro_batch_tokens,
-                        use_padding_free(objective.policy.lm, config.padding_free), rt.device)
+    padding_free = use_padding_free(objective.policy.lm, config.padding_free)
+    batching = Batching(config.max_length, config.micro_batch_tokens, padding_free, rt.device,
+                        pack_lengths(config.micro_batch_tokens) if attention == "flex_attention" else ())
     run = Run(config, rt, objective, batching, optimizer, scheduler,
               stream=TrainingStream(checked.index, config.seed, config.shuffle_buffer),
               evaluator=EvalReader(checked.eval_index) if checked.eval_index else None,
               total_steps=checked.total_steps,
               sink=MetricSink(Path(config.output), config.report_to, config.as_dict(), enabled=rt.is_main))
-    if checked.checkpoint is not None:
-        _resume(run, checked.checkpoint)
     return run
 
 
-def _build_models(config: TrainConfig, rt: Runtime,
-                  compute_dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def _attention(config: TrainConfig, rt: Runtime, compute_dtype: torch.dtype) -> str | None:
+    """--attn-implementation, or where none is given the fastest that computes what the model would."""
+    if config.attn_implementation:
+        return config.attn_implementation
+    from transformers import AutoConfig
+
+    attention, why = default_attention(AutoConfig.from_pretrained(config.model), rt.device, compute_dtype)
+    if rt.is_main and rt.device.type == "cuda":
+        print(f"treg-train: attention: {why}", file=sys.stderr)
+    return attention
+
+
+def _build_models(config: TrainConfig, rt: Runtime, compute_dtype: torch.dtype,
+                  options: PolicyOptions) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The FSDP2 policy and, with --ref-model, the frozen online reference. With --lora-r the policy is the
     frozen checkpoint plus adapters: no second copy of the model either way."""
     mixed = compute_dtype if compute_dtype != torch.float32 else None
-    load = dict(attn_implementation=config.attn_implementation, chunk_rows=config.logprob_chunk_rows)
     lora = LoraSettings.of(config)
-    policy = load_sharded(config.model, rt.mesh, mixed, gradient_checkpointing=config.gradient_checkpointing,
-                          lora=lora, **load)
+    policy = load_sharded(config.model, rt.mesh, mixed, options, lora=lora)
     if rt.is_main and lora is not None:
         trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         print(f"treg-train: LoRA r={lora.r}, alpha {lora.alpha:g} on {lora.target_modules}: {trained / 1e6:.2f} M "
               f"trainable parameters of {sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M", file=sys.stderr)
-    reference = load_sharded(config.ref_model, rt.mesh, mixed, trainable=False, **load) if config.ref_model else None
+    reference = load_sharded(config.ref_model, rt.mesh, mixed, options, trainable=False) if config.ref_model else None
     return policy, reference
 
 
-def _build_optimizer(config: TrainConfig, policy: torch.nn.Module,
-                     total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    trainable = [p for p in policy.parameters() if p.requires_grad]  # all of them, or LoRA's adapters
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+def build_optimizer(config: TrainConfig, policy: torch.nn.Module, total_steps: int,
+                    fused: bool = False) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable weights (all of them, or LoRA's adapters); `fused`: one kernel per step for all
+    of them (CUDA), instead of a few per weight."""
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.lr_scheduler_type, total_steps, int(config.warmup_ratio * total_steps)))
     return optimizer, scheduler
@@ -157,8 +187,10 @@ def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
         raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length "
                         f"{run.config.max_length} (prompt + response); raise it (the data was scored with "
                         f"max_length {run.stream.index.provenance.max_length})")
+    before = compile_seconds()
     result = train_step(run.objective, micro, run.batching, run.config.global_batch_size, run.config.max_grad_norm,
                         window.metrics)
+    window.compiling += compile_seconds() - before
     if not result.finite:  # every rank stops together, before the update that would spoil the weights
         raise UserError(f"the loss or the gradient is not finite at step {run.step + 1} "
                         f"(gradient norm {float(result.grad_norm):.3g}); "
@@ -174,16 +206,19 @@ def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
 
 def _log_window(run: Run, window: LogWindow, bar: tqdm, grad_norm: torch.Tensor, epoch: int) -> dict:
     """Means over the window and every rank, to the sink and the progress bar; then a new window. Returns them."""
-    elapsed = time.perf_counter() - window.start
+    elapsed = time.perf_counter() - window.start - window.compiling
+    window.compiled += window.compiling
     window.metrics.add("grad_norm", float(grad_norm), 1)
-    window.metrics.add("tokens_per_second_per_device", window.tokens / elapsed, 1)
+    window.metrics.add("tokens_per_second_per_device", window.tokens / max(elapsed, 1e-9), 1)
+    if window.compiled:
+        window.metrics.add("compile_seconds", window.compiled, 1)
     window.metrics.add("peak_memory_gb", peak_memory_gb(run.rt.device), 1)
     last = {**window.metrics.reduce(run.rt.device), "learning_rate": run.scheduler.get_last_lr()[0], "epoch": epoch}
     run.sink.log(run.step, last)
     run.postfix.update(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracies']:.2f}",
                        tok_s=f"{last['tokens_per_second_per_device']:,.0f}")
     bar.set_postfix(run.postfix)  # the latest evaluation's values stay beside them
-    window.tokens, window.start = 0, time.perf_counter()
+    window.tokens, window.start, window.compiling = 0, time.perf_counter(), 0.0
     return last
 
 

@@ -1,15 +1,23 @@
-"""Training throughput and peak memory: treg-train (dpo, dpo_reg) vs TRL's DPOTrainer on the same
-model, data, batch, sequence length and precision, each run in its own process(es). TRL runs with
-its defaults and with the options it offers to save memory and time on this platform; treg also
-with its own memory option, --gradient-checkpointing.
+"""Training throughput and peak memory: treg-train against TRL's DPOTrainer on the same model, data, global
+batch, sequence length and precision, each run in its own process(es), every row paired with the TRL row
+at the same activation-checkpointing setting.
 
-    python pipelines/bench/train_vs_trl.py --size medium --pairs 128 --steps 8 --batch 8 --processes 1,2
+    python pipelines/bench/train_vs_trl.py --size medium --pairs 48 --steps 6 --batch 8 --processes 1,2
 
-Needs `pip install trl` (not a treg dependency). CPU by default; on a GPU both sides use it.
-tokens/s counts real (unpadded) tokens of [prompt+chosen; prompt+rejected] over all processes,
-median over steps after the first; peak memory is the largest process's peak RSS (CPU) or peak
-allocated GPU memory. With 2 processes, treg runs FSDP2 under torchrun and TRL runs DDP under
-`accelerate launch`, each process on one thread.
+What each side runs (TRL 1.16, read from its source):
+- TRL always with `precompute_ref_log_probs` (the reference log-probs are computed in one pass before
+  training, not timed, as treg reads them from its shards). Its `gradient_checkpointing` defaults to True;
+  the rows name the setting. It computes per-token log-probs in chunks through a fused LM head (no full
+  [batch, seq, vocab] logits), over padded batches of `--batch` pairs per process. `use_liger_kernel` (CUDA
+  only) swaps in Liger's RMSNorm, SwiGLU and RoPE kernels.
+- treg-train reads the reference log-probs from the shards, computes the response tokens' log-probs only,
+  in chunks, and cuts each batch into forwards of --micro-batch-tokens (its default unless a row says
+  otherwise). On CUDA its attention defaults to varlen flash attention over packed sequences.
+
+Needs `pip install trl` (not a treg dependency). CPU by default; on a GPU both sides use it, in bf16.
+tokens/s counts real (unpadded) tokens of [prompt+chosen; prompt+rejected] over all processes, median over
+the steps after the first two (compilation, when a row compiles, is reported apart); peak memory is the
+largest process's peak RSS (CPU) or peak allocated GPU memory.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -28,16 +37,42 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from common import SIZES, local_model, pairs_file, peak_rss_gb  # noqa: E402
 
-# TRL's own options, applied on top of its defaults. padding_free is not among them: TRL 1.x
-# warns that it is unavailable and falls back to padding; use_liger_kernel needs Triton (GPU).
+NO, ALL = "none", "every layer"
+# name: (label, DPOConfig options, checkpointing, CUDA only)
 TRL_CONFIGS = {
-    "trl": ("TRL DPOTrainer, defaults", {}),
-    "trl_precompute": ("TRL, precompute_ref_log_probs", {"precompute_ref_log_probs": True}),
-    "trl_precompute_gc": ("TRL, precompute + gradient_checkpointing",
-                          {"precompute_ref_log_probs": True, "gradient_checkpointing": True}),
+    "trl_gc": ("TRL precompute_ref_log_probs, gradient_checkpointing (its default)",
+               {"precompute_ref_log_probs": True}, ALL, False),
+    "trl": ("TRL precompute_ref_log_probs, gradient_checkpointing=False",
+            {"precompute_ref_log_probs": True, "gradient_checkpointing": False}, NO, False),
+    "trl_liger_gc": ("TRL precompute + use_liger_kernel, gradient_checkpointing",
+                     {"precompute_ref_log_probs": True, "use_liger_kernel": True}, ALL, True),
+    "trl_liger": ("TRL precompute + use_liger_kernel, gradient_checkpointing=False",
+                  {"precompute_ref_log_probs": True, "use_liger_kernel": True, "gradient_checkpointing": False},
+                  NO, True),
 }
-TREG_SIDES = {"dpo": "treg-train dpo", "dpo_reg": "treg-train dpo_reg",
-              "dpo_reg_gc": "treg-train dpo_reg, --gradient-checkpointing"}
+# name: (label, treg-train settings, CUDA only); checkpointing is read from the run's own memory plan
+TREG_SIDES = {
+    "defaults": ("treg-train dpo_reg, defaults (checkpointing auto)", {}, False),
+    "dpo": ("treg-train dpo, --gradient-checkpointing false", {"loss": "dpo", "gradient_checkpointing": "false"},
+            False),
+    "dpo_gc": ("treg-train dpo, --gradient-checkpointing true", {"loss": "dpo", "gradient_checkpointing": "true"},
+               False),
+    "dpo_reg": ("treg-train dpo_reg, --gradient-checkpointing false", {"gradient_checkpointing": "false"}, False),
+    "dpo_reg_gc": ("treg-train dpo_reg, --gradient-checkpointing true", {"gradient_checkpointing": "true"}, False),
+    "selective": ("treg-train dpo_reg, --gradient-checkpointing selective",
+                  {"gradient_checkpointing": "selective"}, False),
+    "sdpa": ("treg-train dpo_reg, --attn-implementation sdpa (padded), --gradient-checkpointing false",
+             {"attn_implementation": "sdpa", "gradient_checkpointing": "false"}, True),
+    "compile": ("treg-train dpo_reg, defaults + --compile", {"compile": True}, False),
+    "compile_liger": ("treg-train dpo_reg, defaults + --compile --use-liger-kernel",
+                      {"compile": True, "use_liger_kernel": True}, True),
+    "liger": ("treg-train dpo_reg, defaults + --use-liger-kernel", {"use_liger_kernel": True}, True),
+    "liger_gc": ("treg-train dpo_reg, --use-liger-kernel, --gradient-checkpointing true",
+                 {"use_liger_kernel": True, "gradient_checkpointing": "true"}, True),
+    "flex": ("treg-train dpo_reg, --attn-implementation flex_attention (packs of 4 lengths)",
+             {"attn_implementation": "flex_attention"}, True),
+}
+DEFAULT_SIDES = "trl_gc,trl,trl_liger_gc,trl_liger,defaults,dpo,dpo_gc,dpo_reg,dpo_reg_gc"
 
 
 def peak_memory_gb() -> float:
@@ -46,21 +81,21 @@ def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else peak_rss_gb()
 
 
-def run_treg(args, loss: str) -> dict:
+def run_treg(args, side: str) -> dict:
     from treg_train.config import build_config
     from treg_train.train import train
 
-    output = Path(args.work) / f"treg-{loss}-{args.processes}"
+    output = Path(args.work) / f"treg-{side}-{args.processes}"
     config = build_config(None, dict(
-        model=args.model, data=args.data, output=str(output), loss=loss.removesuffix("_gc"), beta=0.1,
-        gradient_checkpointing=loss.endswith("_gc"), learning_rate=1e-5,
-        global_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
-        micro_batch_tokens=args.batch * 2 * args.max_length, logging_steps=1, save_steps=0, warmup_ratio=0.0,
+        model=args.model, data=args.data, output=str(output), beta=0.1, learning_rate=1e-5,
+        global_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length, logging_steps=1,
+        save_steps=0, warmup_ratio=0.0, **TREG_SIDES[side][1],
     ))
     train(config)
-    logged = (output / "metrics.jsonl").read_text().splitlines()
-    rates = [json.loads(line)["tokens_per_second_per_device"] for line in logged if "tokens_per_second" in line]
-    return {"tokens_per_s": statistics.median(rates[1:]), "peak_memory_gb": peak_memory_gb()}
+    logged = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in logged if "tokens_per_second_per_device" in line]
+    return {"tokens_per_s": statistics.median(line["tokens_per_second_per_device"] for line in steps[2:] or steps),
+            "peak_memory_gb": peak_memory_gb(), "compile_seconds": steps[-1].get("compile_seconds", 0.0)}
 
 
 def run_trl(args, options: dict) -> dict:
@@ -76,10 +111,14 @@ def run_trl(args, options: dict) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.start = time.perf_counter()
             step_tokens.append(0)
 
         def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.start)
 
     class CountingDPOTrainer(DPOTrainer):
@@ -98,7 +137,8 @@ def run_trl(args, options: dict) -> dict:
                                  processing_class=AutoTokenizer.from_pretrained(args.model), callbacks=[Timer()])
     trainer.train()
     rates = [n / t for n, t in zip(step_tokens, step_times)]
-    return {"tokens_per_s": statistics.median(rates[1:]), "peak_memory_gb": peak_memory_gb()}
+    return {"tokens_per_s": statistics.median(rates[2:] or rates), "peak_memory_gb": peak_memory_gb(),
+            "compile_seconds": 0.0}
 
 
 def child(args) -> None:
@@ -111,8 +151,9 @@ def child(args) -> None:
     os.write(1, line.encode())  # one write: the ranks share stdout, and a short write is not interleaved
 
 
-def launch(args, side: str, processes: int) -> dict:
-    """One side in fresh processes; tokens/s summed over them (treg: rank 0's total), memory of the largest."""
+def launch(args, side: str, processes: int, timeout: float | None = None) -> dict:
+    """One side in fresh processes; tokens/s summed over them (treg: rank 0's total), memory of the largest;
+    for treg, the checkpointing and the peak its memory plan chose. An error or a timeout is a row too."""
     command = [str(HERE), "--side", side, "--model", args.model, "--data", args.data, "--work", args.work,
                "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
                "--processes", str(processes)]
@@ -123,19 +164,30 @@ def launch(args, side: str, processes: int) -> dict:
     else:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
         bin_dir = Path(sys.executable).parent
-        command = ([str(bin_dir / "torchrun"), "--standalone", f"--nproc-per-node={processes}", *command]
-                   if side in TREG_SIDES else
+        command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                    *command] if side in TREG_SIDES else
                    # accelerate's --cpu starts one process (its multi-CPU mode expects MPI); --multi_gpu starts
                    # them with torch.distributed, and Accelerate picks gloo where there is no GPU.
                    [str(bin_dir / "accelerate"), "launch", "--multi_gpu", f"--num_processes={processes}",
                     "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", *command])
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout:.0f} s"}
     results = [json.loads(line[len("RESULT "):]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if len(results) != processes:
-        sys.exit(f"{side} on {processes} process(es) failed:\n{done.stderr[-3000:]}")
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        return {"error": (lines[-1] if lines else f"exit code {done.returncode}")[-300:]}
     rates = [r["tokens_per_s"] for r in results]
-    return {"tokens_per_s": rates[0] if side in TREG_SIDES else sum(rates),
-            "peak_memory_gb": max(r["peak_memory_gb"] for r in results)}
+    out = {"tokens_per_s": rates[0] if side in TREG_SIDES else sum(rates),
+           "peak_memory_gb": max(r["peak_memory_gb"] for r in results),
+           "compile_seconds": max(r["compile_seconds"] for r in results)}
+    if side in TREG_SIDES:
+        plan = re.search(r"memory plan: ([\d.]+) GB.*checkpointing: ([a-z ]+)\)", done.stderr)
+        out["planned_gb"], out["checkpointing"] = float(plan.group(1)), plan.group(2)
+    else:
+        out["checkpointing"] = TRL_CONFIGS[side][2]
+    return out
 
 
 def prepare(args) -> None:
@@ -153,6 +205,43 @@ def prepare(args) -> None:
                 dtype="float32", max_length=args.max_length, max_prompt_length=args.max_length // 2, overwrite=True))
 
 
+def sides_to_run(names: str) -> list[str]:
+    import torch
+
+    known = {**{k: v[3] for k, v in TRL_CONFIGS.items()}, **{k: v[2] for k, v in TREG_SIDES.items()}}
+    return [name for name in names.split(",") if name and (torch.cuda.is_available() or not known[name])]
+
+
+def table(results: dict[str, dict], processes: int, flops_per_token: float | None = None,
+          peak_flops: float | None = None) -> list[str]:
+    """One line per side: its figures, against TRL's fastest row at the same checkpointing and TRL's fastest."""
+    trl = {side: r for side, r in results.items() if side in TRL_CONFIGS and "error" not in r}
+    best = max(trl, key=lambda side: trl[side]["tokens_per_s"]) if trl else None
+    lines = [f"{'proc':<5}{'trainer':<80}{'checkpointing':<19}{'tokens/s':>9}{'peak GB':>9}"
+             + (f"{'MFU':>6}" if peak_flops else "") + f"{'compile s':>10}{'plan GB':>9}"
+             + f"{'vs TRL same ckpt':>19}{'vs TRL best':>15}"]
+    for side, r in results.items():
+        label = TRL_CONFIGS[side][0] if side in TRL_CONFIGS else TREG_SIDES[side][0]
+        if "error" in r:
+            lines.append(f"{processes:<5}{label:<80}failed: {r['error']}")
+            continue
+        same = [s for s in trl if trl[s]["checkpointing"] == r["checkpointing"]]
+        match = max(same, key=lambda s: trl[s]["tokens_per_s"]) if same else None
+        mfu = (f"{r['tokens_per_s'] * flops_per_token / peak_flops:>6.0%}" if peak_flops else "")
+        lines.append(f"{processes:<5}{label + (' (TRL best)' if side == best else ''):<80}{r['checkpointing']:<19}"
+                     f"{r['tokens_per_s']:>9,.0f}{r['peak_memory_gb']:>9.2f}{mfu}{r['compile_seconds']:>10.0f}"
+                     f"{format(r['planned_gb'], '.2f') if 'planned_gb' in r else '-':>9}{ratio(r, trl.get(match)):>19}"
+                     f"{ratio(r, trl.get(best)):>15}")
+    return lines
+
+
+def ratio(row: dict, other: dict | None) -> str:
+    """Speed and memory of `row` against `other`'s."""
+    if other is None:
+        return "-"
+    return f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}x {row['peak_memory_gb'] / other['peak_memory_gb']:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder or Hub id (default: build a local Llama of --size)")
@@ -164,7 +253,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="global batch in pairs")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--processes", default="1", help="process counts to run, e.g. 1,2")
-    parser.add_argument("--trl", default=",".join(TRL_CONFIGS), help=f"TRL configurations among {list(TRL_CONFIGS)}")
+    parser.add_argument("--sides", default=DEFAULT_SIDES, help=f"rows among {[*TRL_CONFIGS, *TREG_SIDES]}")
     parser.add_argument("--side", choices=[*TRL_CONFIGS, *TREG_SIDES], help=argparse.SUPPRESS)
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -172,23 +261,14 @@ def main() -> None:
         args.processes = int(args.processes)
         return child(args)
     prepare(args)
-    trl_sides = [name for name in args.trl.split(",") if name]
     print(f"\nmodel {args.model} | data {args.data} | global batch {args.batch} pairs | max length {args.max_length} | "
           f"{args.steps} steps | fp32 on CPU unless a GPU is present | {os.cpu_count()} CPU cores")
-    print(f"{'processes':<10}{'trainer':<50}{'tokens/s':>10}{'peak GB':>9}{'speed vs TRL best':>19}"
-          f"{'memory vs TRL best':>20}")
     for processes in [int(p) for p in args.processes.split(",")]:
-        results = {side: launch(args, side, processes) for side in [*trl_sides, *TREG_SIDES]}
-        best = max(trl_sides, key=lambda side: results[side]["tokens_per_s"])
-        for side, r in results.items():
-            label = TRL_CONFIGS[side][0] if side in TRL_CONFIGS else TREG_SIDES[side]
-            print(f"{processes:<10}{label + (' (best)' if side == best else ''):<50}{r['tokens_per_s']:>10,.0f}"
-                  f"{r['peak_memory_gb']:>9.2f}{r['tokens_per_s'] / results[best]['tokens_per_s']:>18.2f}x"
-                  f"{r['peak_memory_gb'] / results[best]['peak_memory_gb']:>19.2f}x", flush=True)
-    print("TRL best = its fastest configuration here. TRL: padded batches and full [batch, seq, vocab] logits; the "
-          "reference model resident and run every step unless precomputed (then one pass over the data first, not "
-          "timed). treg: reference log-probs read from the shards, chunked selected-token log-probs, length-grouped "
-          "micro-batches.")
+        results = {}
+        for side in sides_to_run(args.sides):
+            results[side] = launch(args, side, processes)
+            print(table({side: results[side]}, processes)[-1], file=sys.stderr, flush=True)  # progress
+        print("\n".join(table(results, processes)), flush=True)
 
 
 if __name__ == "__main__":

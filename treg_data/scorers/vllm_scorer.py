@@ -12,6 +12,8 @@ the prefix, which is most of each sequence (the revision prompts quote the whole
   are left unset by vLLM and never read; a prefix evicted from the cache is simply run again, and
   the response's token ids are checked against what vLLM returns, so the cache changes the time
   only, never the values.
+Neither is trusted on faith: a scorer's first sequences also go through the plain path (every row's
+log-prob, no prefix cache), and a disagreement stops the run (`check_against_every_row`).
 """
 
 from __future__ import annotations
@@ -20,10 +22,16 @@ import os
 
 import numpy as np
 
+from treg_core.errors import UserError
 from treg_data.scorers.base import EngineOptions, ScoreRequest
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+CHECKED_SEQUENCES = 8
+# Largest difference allowed between the fast path and the every-row path on the same engine. Both run the same
+# model in the same precision; what they may differ in is kernel order (batch shapes, cached KV), a fraction of
+# the precision's resolution. A path reading the wrong rows is off by nats.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05, "auto": 0.1}
 
 
 class VLLMScorer:
@@ -50,18 +58,46 @@ class VLLMScorer:
         # sequences that read them take the other half (an evicted prefix costs time, never values).
         cache = config.cache_config
         self.chunk_tokens = max(cache.block_size, (cache.num_gpu_blocks or 2**14) * cache.block_size // 2)
+        self.tolerance = TOLERANCE.get(options.dtype, 0.1)
+        self.checked = False  # the fast path agreed with the every-row path (check_against_every_row)
         self.cached_tokens = 0  # prompt tokens the prefix cache served, over all score() calls
         self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        if self.scoring_path == "token_id_rows":
-            return self.score_token_id_rows(requests)
-        return self.score_cached_prefix_rows(requests)
+        scored = (self.score_token_id_rows if self.scoring_path == "token_id_rows"
+                  else self.score_cached_prefix_rows)(requests)
+        if not self.checked:
+            self.check_against_every_row(requests[:CHECKED_SEQUENCES], scored[:CHECKED_SEQUENCES])
+        return scored
+
+    def check_against_every_row(self, requests: list[ScoreRequest], scored: list[np.ndarray]) -> None:
+        """The fast path's first sequences against the plain one (every row's log-prob, no prefix cache), which
+        does not depend on the features the fast path reads: a vLLM where they behave otherwise stops the run
+        before a wrong log-prob is written."""
+        import vllm
+
+        outputs = self.llm.generate(_prompts(requests), self.flat_params(read_cache=False), use_tqdm=False)
+        plain = [flat_response_logprobs(out.prompt_logprobs, prefix, response)
+                 for (prefix, response), out in zip(requests, outputs, strict=True)]
+        largest = max((float(np.abs(a - b).max()) for a, b in zip(scored, plain, strict=True) if len(a)), default=0.0)
+        if not largest <= self.tolerance:  # NaN fails too
+            raise UserError(f"vLLM {vllm.__version__}: the {self.scoring_path} path disagrees with the every-row path "
+                            f"on the first {len(requests)} sequences by up to {largest:.3g} (tolerance "
+                            f"{self.tolerance:g}); nothing was written: score with --backend hf, or another vLLM")
+        self.checked = True
 
     def score_token_id_rows(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         """One request per sequence that asks for exactly its response rows (V2 model runner)."""
         params = [self._row_params(prefix, response) for prefix, response in requests]
         outputs = self.llm.generate(_prompts(requests), params, use_tqdm=False)
+        dropped = [i for i, out in enumerate(outputs) if out.prompt_token_id_logprobs is None]
+        if dropped:  # vLLM drops the rows of a request it had to resume (preemption): run those again
+            again = self.llm.generate(_prompts([requests[i] for i in dropped]), [params[i] for i in dropped],
+                                      use_tqdm=False)
+            for i, out in zip(dropped, again, strict=True):
+                outputs[i] = out
+        if any(out.prompt_token_id_logprobs is None for out in outputs):
+            raise RuntimeError("vLLM returned no prompt_token_id_logprobs for a request, twice; report this as a bug")
         return [out.prompt_token_id_logprobs[:, 0].astype(np.float32) for out in outputs]
 
     def score_cached_prefix_rows(self, requests: list[ScoreRequest]) -> list[np.ndarray]:

@@ -1,0 +1,199 @@
+"""The memory a run needs on each device, worked out from the model's config and the settings alone,
+before any weight or data is loaded, and the activation checkpointing that makes it fit.
+
+Parts of the peak (per device, GiB):
+- parameters: every weight in fp32 (the master copy), sharded over the processes;
+- gradients and optimizer: fp32 gradients and AdamW's two moments of the trainable weights, sharded;
+- gathered layers: FSDP2's unsharded copies in the compute dtype: the root (embeddings, output layer)
+  for the whole step, two decoder layers (one computing, one prefetched), and one layer's gradients;
+- activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
+  and decoder layer), less what checkpointing recomputes;
+- log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient;
+- on a CPU the whole process counts (peak RSS): the process itself, and rank 0 holding a full fp32
+  copy of the checkpoint while it scatters the shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+MODES = ("none", "every other layer", "every layer")  # what auto tries, in order
+FIT_SHARE = 0.85  # of the device's memory, the most a plan may take
+
+# Bytes kept for the backward per token and decoder layer, by architecture and compute dtype: coefficients of
+# (hidden, intermediate, 2 x kv heads x head dim, attention heads, 1). Measured by counting the storages a layer
+# saves for its backward (`pipelines/bench/memory_plan.py --calibrate`), attention by sdpa/flex (no [L, L] matrix).
+ACTIVATION_BYTES = {
+    ("llama", "float32"): (32.05, 16.0, 4.0, 0.5, 520.0),
+    ("llama", "bfloat16"): (20.06, 8.0, 2.0, 0.31, 264.0),
+    ("gemma2", "float32"): (48.05, 16.0, 4.0, 0.75, 528.0),
+    ("gemma2", "bfloat16"): (40.05, 8.0, 2.0, 0.63, 272.0),
+}
+LAYER_FAMILY = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gemma2": "gemma2"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the plan needs of a model, counted on the meta device (no memory)."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_dim: int  # 2 x key-value heads x head dim
+    vocab: int
+    total_params: int
+    trainable_params: int
+    layer_params: int  # one decoder layer
+
+    @classmethod
+    def of(cls, lm: torch.nn.Module, layers: list[torch.nn.Module]) -> ModelShape:
+        config = lm.config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return cls(config.model_type, len(layers), config.hidden_size, config.intermediate_size,
+                   config.num_attention_heads, 2 * kv_heads * head_dim, config.vocab_size,
+                   sum(p.numel() for p in lm.parameters()),
+                   sum(p.numel() for p in lm.parameters() if p.requires_grad),
+                   sum(p.numel() for p in layers[0].parameters()))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a run uses a device: processes, precision, tokens per forward, checkpointing."""
+
+    world_size: int
+    compute_dtype: torch.dtype
+    tokens: int  # the most tokens one forward holds
+    chunk_rows: int
+    device_type: str
+    checkpointing: str = "none"  # one of MODES
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    parts: dict[str, float]  # GiB
+    checkpointing: str
+
+    @property
+    def peak_memory_gb(self) -> float:
+        return sum(self.parts.values())
+
+    def line(self) -> str:
+        shown = ", ".join(f"{name} {gb:.2f}" for name, gb in self.parts.items() if gb >= 0.005)
+        return f"memory plan: {self.peak_memory_gb:.2f} GB per device ({shown}; checkpointing: {self.checkpointing})"
+
+    def table(self) -> str:
+        rows = [f"  {name:<22} {gb:10.2f} GB" for name, gb in self.parts.items()]
+        return "\n".join(["memory plan, per device:", *rows, f"  {'peak':<22} {self.peak_memory_gb:10.2f} GB",
+                          f"  checkpointing: {self.checkpointing}"])
+
+    def json(self) -> str:
+        return json.dumps({"peak_memory_gb": round(self.peak_memory_gb, 3), "checkpointing": self.checkpointing,
+                           "parts": {k: round(v, 3) for k, v in self.parts.items()}})
+
+
+def activation_bytes_per_token(shape: ModelShape, dtype: torch.dtype, checkpointing: str) -> float:
+    """What a forward keeps for its backward per token at the backward's start, and what the backward adds:
+    each decoder layer kept whole or, where checkpointed, only its input; one layer's worth of gradients in
+    flight; a recomputed layer where the last layer is checkpointed (the others recompute once later layers
+    have been freed); and the head (final norm, response hidden states)."""
+    name = str(dtype).removeprefix("torch.")
+    coefficients = ACTIVATION_BYTES[(LAYER_FAMILY.get(shape.model_type, "llama"), name if name == "float32"
+                                     else "bfloat16")]
+    layer = sum(c * d for c, d in zip(coefficients, (shape.hidden, shape.intermediate, shape.kv_dim, shape.heads, 1)))
+    checkpointed = {"none": set(), "every other layer": set(range(0, shape.layers, 2)),
+                    "every layer": set(range(shape.layers))}[checkpointing]
+    kept = (shape.layers - len(checkpointed)) * layer + len(checkpointed) * dtype.itemsize * shape.hidden
+    recompute = layer if shape.layers - 1 in checkpointed else 0.0
+    head = (4 + 2 * dtype.itemsize) * shape.hidden
+    return kept + layer + recompute + head
+
+
+def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPlan:
+    """The expected per-device peak; `process_gb` is the process's own resident memory before loading (CPU)."""
+    world, width = budget.world_size, budget.compute_dtype.itemsize
+    root = shape.total_params - shape.layers * shape.layer_params
+    trained = shape.trainable_params / max(shape.total_params, 1)
+    parts = {
+        "parameters": shape.total_params * 4 / world,
+        "gradients": shape.trainable_params * 4 / world,
+        "optimizer": shape.trainable_params * 8 / world,
+        "gathered layers": (root * (1 + trained) + shape.layer_params * (2 + trained)) * width,
+        "activations": activation_bytes_per_token(shape, budget.compute_dtype, budget.checkpointing) * budget.tokens,
+        "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width),
+        "process and loading": 0.0,
+    }
+    if budget.device_type == "cpu":  # peak RSS: the process, and rank 0's full copy of the checkpoint while loading
+        loading = shape.total_params * 8 + shape.total_params * 4 / world
+        training = sum(parts.values())
+        parts["process and loading"] = process_gb * GIB + max(0.0, loading - training)
+    return MemoryPlan({name: value / GIB for name, value in parts.items()}, budget.checkpointing)
+
+
+def device_memory_gb(device: torch.device) -> float:
+    """What one process may use: the GPU's total, or on a CPU the memory available now shared by the processes
+    of this machine."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    available = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable")),
+                     0)
+    return available / GIB / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def process_memory_gb() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def model_shape(config) -> ModelShape:
+    """The policy's shape for these settings (LoRA's adapters included), counted on the meta device."""
+    from treg_train.lora import LoraSettings, add_adapters
+    from treg_train.model import decoder_layers, empty_causal_lm
+
+    lm = empty_causal_lm(config.model, config.attn_implementation)
+    lora = LoraSettings.of(config)
+    if lora is not None:
+        lm = add_adapters(lm, lora, config.model)
+    return ModelShape.of(lm, decoder_layers(lm))
+
+
+def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype,
+             shape: ModelShape | None = None) -> tuple[MemoryPlan, str | None]:
+    """The plan for these settings and the checkpointing they ask for; with --gradient-checkpointing auto, the
+    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). Raises a
+    UserError when nothing fits."""
+    from treg_core.errors import UserError
+    from treg_train.config import CHECKPOINTING
+
+    shape = shape or model_shape(config)
+    tokens = min(config.micro_batch_tokens, config.global_batch_size // world_size * 2 * config.max_length)
+    process = process_memory_gb() if device.type == "cpu" else 0.0
+
+    def for_mode(mode: str) -> MemoryPlan:
+        budget = Budget(world_size, compute_dtype, tokens, config.logprob_chunk_rows, device.type, mode)
+        return plan(shape, budget, process)
+
+    available = device_memory_gb(device)
+    plans = {mode: for_mode(mode) for mode in MODES}
+    fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
+    if not fitting:
+        raise UserError(f"the run needs {plans['every layer'].peak_memory_gb:.1f} GB per device even with "
+                        f"activation checkpointing on every layer, more than {FIT_SHARE:.0%} of the {available:.1f} GB "
+                        f"this device has; lower --micro-batch-tokens (now {config.micro_batch_tokens}), train "
+                        "LoRA adapters (--lora-r 16), or run more processes")
+    requested = CHECKPOINTING[config.gradient_checkpointing]
+    if requested is not None:
+        return plans[requested], None
+    chosen = fitting[0]
+    note = None if chosen == "none" else (
+        f"activation checkpointing on {chosen}: without it the plan needs {plans['none'].peak_memory_gb:.1f} GB, "
+        f"more than {FIT_SHARE:.0%} of the {available:.1f} GB of this device (--gradient-checkpointing auto)")
+    return plans[chosen], note
