@@ -90,9 +90,9 @@ def test_the_packed_transformers_scorer_gives_the_padded_scores(tiny_model, monk
     sequences, prompts, _ = _sequences(2)
     requests = [(s[:p].tolist(), s[p:].tolist()) for s, p in zip(sequences, prompts)]
     options = EngineOptions(model=tiny_model, dtype="float32", batch_tokens=150)
+    packs = hf_scorer.HFScorer(options)  # the default: varlen where the model allows it
+    monkeypatch.setattr(hf_scorer, "default_attention", lambda *args: (None, "the model's own"))
     padded = hf_scorer.HFScorer(options)
-    monkeypatch.setattr(hf_scorer, "default_attention", lambda *args: (VARLEN, "forced"))
-    packs = hf_scorer.HFScorer(options)
     assert packs.packed and not padded.packed and packs.scoring_path.endswith("packed")
     for got, want in zip(packs.score(requests), padded.score(requests), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)

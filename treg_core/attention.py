@@ -95,12 +95,13 @@ def supported(config) -> bool:
 
 
 def default_attention(config, device: torch.device, dtype: torch.dtype) -> tuple[str | None, str]:
-    """(attention implementation, why): `varlen` on CUDA where it computes what the model would and its kernel
-    passed the check; otherwise None, the model's own."""
-    if device.type != "cuda":
-        return None, "the model's own attention"
+    """(attention implementation, why): `varlen` where it computes what the model would (on CUDA once its kernel
+    passed the check); otherwise None, the model's own. Packing saves the padding's compute everywhere: on a
+    CPU too, where each sequence's causal sdpa in turn costs little beside the layers' matrix products."""
     if not supported(config):
         return None, "the model's own attention (it soft-caps its logits or slides a window)"
+    if device.type != "cuda":
+        return VARLEN, "varlen: causal sdpa over each packed sequence, no padding"
     problem = cuda_varlen_problem(dtype)
     if problem:
         return None, f"the model's own attention ({problem})"

@@ -38,9 +38,15 @@ class MetricWindow:
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory; on a CPU, this process's peak resident memory since it started. That is
+    VmHWM: ru_maxrss would also count the parent's memory at the fork that started this process."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20  # KiB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def read_metrics_file(path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ Parts of the peak (per device, GiB):
 - activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
   and decoder layer), less what checkpointing recomputes;
 - log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient;
+- reference model (--ref-model): its fp32 weights, sharded, and its gathered layers;
 - on a CPU the whole process counts (peak RSS): the process itself, and rank 0 holding a full fp32
   copy of the checkpoint while it scatters the shards.
 """
@@ -57,7 +58,8 @@ class ModelShape:
         config = lm.config.get_text_config()
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return cls(config.model_type, len(layers), config.hidden_size, config.intermediate_size,
+        intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+        return cls(config.model_type, len(layers), config.hidden_size, intermediate or 4 * config.hidden_size,
                    config.num_attention_heads, 2 * kv_heads * head_dim, config.vocab_size,
                    sum(p.numel() for p in lm.parameters()),
                    sum(p.numel() for p in lm.parameters() if p.requires_grad),
@@ -74,6 +76,7 @@ class Budget:
     chunk_rows: int
     device_type: str
     checkpointing: str = "none"  # one of MODES
+    reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         "gathered layers": (root * (1 + trained) + shape.layer_params * (2 + trained)) * width,
         "activations": activation_bytes_per_token(shape, budget.compute_dtype, budget.checkpointing) * budget.tokens,
         "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width),
+        "reference model": (shape.total_params * 4 / world + (root + 2 * shape.layer_params) * width
+                            if budget.reference else 0.0),
         "process and loading": 0.0,
     }
     if budget.device_type == "cpu":  # peak RSS: the process, and rank 0's full copy of the checkpoint while loading
@@ -166,32 +171,41 @@ def model_shape(config) -> ModelShape:
 
 
 def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype,
-             shape: ModelShape | None = None) -> tuple[MemoryPlan, str | None]:
+             strict: bool = True) -> tuple[MemoryPlan, str | None]:
     """The plan for these settings and the checkpointing they ask for; with --gradient-checkpointing auto, the
-    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). Raises a
-    UserError when nothing fits."""
+    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). When nothing
+    fits: a UserError, or without `strict` the smallest plan and a line saying it does not fit."""
     from treg_core.errors import UserError
     from treg_train.config import CHECKPOINTING
 
-    shape = shape or model_shape(config)
+    shape = model_shape(config)
     tokens = min(config.micro_batch_tokens, config.global_batch_size // world_size * 2 * config.max_length)
     process = process_memory_gb() if device.type == "cpu" else 0.0
 
     def for_mode(mode: str) -> MemoryPlan:
-        budget = Budget(world_size, compute_dtype, tokens, config.logprob_chunk_rows, device.type, mode)
+        budget = Budget(world_size, compute_dtype, tokens, config.logprob_chunk_rows, device.type, mode,
+                        reference=bool(config.ref_model))
         return plan(shape, budget, process)
 
     available = device_memory_gb(device)
     plans = {mode: for_mode(mode) for mode in MODES}
     fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
     if not fitting:
-        raise UserError(f"the run needs {plans['every layer'].peak_memory_gb:.1f} GB per device even with "
-                        f"activation checkpointing on every layer, more than {FIT_SHARE:.0%} of the {available:.1f} GB "
-                        f"this device has; lower --micro-batch-tokens (now {config.micro_batch_tokens}), train "
-                        "LoRA adapters (--lora-r 16), or run more processes")
+        least = min(plans.values(), key=lambda p: p.peak_memory_gb)
+        problem = (f"the run needs {least.peak_memory_gb:.1f} GB per device even with activation checkpointing on "
+                   f"{least.checkpointing}, more than {FIT_SHARE:.0%} of the {available:.1f} GB this device has; lower "
+                   f"--micro-batch-tokens (now {config.micro_batch_tokens}), train LoRA adapters (--lora-r 16), or run "
+                   "more processes")
+        if strict:
+            raise UserError(problem)
+        return least, problem
     requested = CHECKPOINTING[config.gradient_checkpointing]
     if requested is not None:
-        return plans[requested], None
+        note = None if requested in fitting else (
+            f"warning: with checkpointing on {requested} the plan needs {plans[requested].peak_memory_gb:.1f} GB, more "
+            f"than {FIT_SHARE:.0%} of the {available:.1f} GB of this device; --gradient-checkpointing auto would "
+            f"checkpoint {fitting[0]}")
+        return plans[requested], note
     chosen = fitting[0]
     note = None if chosen == "none" else (
         f"activation checkpointing on {chosen}: without it the plan needs {plans['none'].peak_memory_gb:.1f} GB, "

@@ -97,7 +97,7 @@ def _attention(config: TrainConfig, rt: Runtime, compute_dtype: torch.dtype) -> 
     from transformers import AutoConfig
 
     attention, why = default_attention(AutoConfig.from_pretrained(config.model), rt.device, compute_dtype)
-    if rt.is_main and rt.device.type == "cuda":
+    if rt.is_main:
         print(f"treg-train: attention: {why}", file=sys.stderr)
     return attention
 
@@ -210,7 +210,7 @@ def _log_window(run: Run, window: LogWindow, bar: tqdm, grad_norm: torch.Tensor,
     window.compiled += window.compiling
     window.metrics.add("grad_norm", float(grad_norm), 1)
     window.metrics.add("tokens_per_second_per_device", window.tokens / max(elapsed, 1e-9), 1)
-    if window.compiled:
+    if run.config.compile or run.batching.pack_lengths:  # on every rank alike: each must reduce the same names
         window.metrics.add("compile_seconds", window.compiled, 1)
     window.metrics.add("peak_memory_gb", peak_memory_gb(run.rt.device), 1)
     last = {**window.metrics.reduce(run.rt.device), "learning_rate": run.scheduler.get_last_lr()[0], "epoch": epoch}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 
@@ -39,4 +38,9 @@ def pairs_file(work: Path, n: int) -> Path:
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory, as treg-train logs it on a CPU."""
+    import torch
+
+    from treg_train.metrics import peak_memory_gb
+
+    return peak_memory_gb(torch.device("cpu"))

@@ -12,7 +12,7 @@ What each side runs (TRL 1.16, read from its source):
   only) swaps in Liger's RMSNorm, SwiGLU and RoPE kernels.
 - treg-train reads the reference log-probs from the shards, computes the response tokens' log-probs only,
   in chunks, and cuts each batch into forwards of --micro-batch-tokens (its default unless a row says
-  otherwise). On CUDA its attention defaults to varlen flash attention over packed sequences.
+  otherwise). Its attention defaults to `varlen` over packed sequences (no padding).
 
 Needs `pip install trl` (not a treg dependency). CPU by default; on a GPU both sides use it, in bf16.
 tokens/s counts real (unpadded) tokens of [prompt+chosen; prompt+rejected] over all processes, median over
@@ -62,7 +62,7 @@ TREG_SIDES = {
     "selective": ("treg-train dpo_reg, --gradient-checkpointing selective",
                   {"gradient_checkpointing": "selective"}, False),
     "sdpa": ("treg-train dpo_reg, --attn-implementation sdpa (padded), --gradient-checkpointing false",
-             {"attn_implementation": "sdpa", "gradient_checkpointing": "false"}, True),
+             {"attn_implementation": "sdpa", "gradient_checkpointing": "false"}, False),
     "compile": ("treg-train dpo_reg, defaults + --compile", {"compile": True}, False),
     "compile_liger": ("treg-train dpo_reg, defaults + --compile --use-liger-kernel",
                       {"compile": True, "use_liger_kernel": True}, True),

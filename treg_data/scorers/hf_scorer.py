@@ -1,8 +1,8 @@
 """Reference scorer: a plain transformers forward with the same interface as the vLLM scorer,
 through the kernel the training policy uses (treg_core.forward). Sequences are sorted by length
 and batched to a token budget: packed back to back without padding where the attention runs
-variable-length (on CUDA, treg_core.attention's varlen), else right-padded. Only the response
-rows go through the output projection.
+variable-length (treg_core.attention's varlen, the default where the model allows it), else
+right-padded. Only the response rows go through the output projection.
 """
 
 from __future__ import annotations
