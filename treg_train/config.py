@@ -43,8 +43,8 @@ class TrainConfig:
     micro_batch_tokens: int = setting(
         16384, MEMORY, "Tokens per forward ([chosen; rejected] of several pairs).")
     padding_free: bool | None = setting(
-        None, MEMORY, "Pack sequences without padding (position ids mark them, a document mask keeps them apart) "
-        "instead of length-grouped padding. Default: pack where attention runs variable-length (flex, flash); "
+        None, MEMORY, "Pack sequences back to back without padding (position ids mark them) instead of "
+        "length-grouped padding. Default: pack where the attention runs variable-length (varlen, flex, flash); "
         "with sdpa or eager a pack would need a [tokens, tokens] mask.")
     gradient_checkpointing: str = setting(
         "auto", MEMORY, "Recompute activations in the backward to save memory: auto (every other layer, then every "
@@ -52,8 +52,9 @@ class TrainConfig:
         "other layer) or false.")
     dtype: str = setting("auto", MEMORY, "auto (bf16 compute on GPU, fp32 on CPU), float32 or bfloat16.")
     attn_implementation: str | None = setting(
-        None, MEMORY, "Attention kernel, as transformers names it (sdpa, eager, flash_attention_2, flex_attention). "
-        "Default: the model's own (sdpa for most).")
+        None, MEMORY, "Attention kernel: varlen (over packed sequences: flash on CUDA, sdpa per sequence "
+        "elsewhere), or one transformers names (sdpa, eager, flash_attention_2, flex_attention). Default: "
+        "varlen where the model allows it (no soft-capped logits, no sliding window), else the model's own.")
     compile: bool = setting(False, MEMORY, "torch.compile each decoder layer (regional compilation): one compiled "
                             "graph serves every layer; the first steps pay the compilation.")
     use_liger_kernel: bool = setting(
