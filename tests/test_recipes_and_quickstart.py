@@ -23,7 +23,9 @@ def test_training_recipes_load_and_validate(path):
     config = build_config(str(path), {"output": "runs/x"})
     settings = config.loss_settings()
     assert config.global_batch_size == 128 and config.max_length == 2048 and config.warmup_ratio == 0.1
-    if config.loss.startswith("simpo"):
+    if config.loss in ("d2po", "confpo"):  # the methods' authors' published settings
+        assert (settings.beta, settings.gamma, settings.weighting) in ((0.1, 0.0, "d2po"), (1.5, 1.6, "confpo"))
+    elif config.loss.startswith("simpo"):
         assert settings.beta == 10.0 and settings.gamma / settings.beta in (0.3, 0.5)
     else:
         assert settings.beta == 0.01 and 5e-7 <= config.learning_rate <= 1e-6

@@ -1,5 +1,6 @@
 """WPO and WPO + T-REG: the weight by hand, the kernel's statistic against a full softmax, the loss
-against TRL's DPOTrainer with use_weighting=True, and a real run at initialisation."""
+against TRL's DPOTrainer with use_weighting=True (treg's --no-wpo-clamp-weight), and a real run at
+initialisation. The official, clamped weight is tested in test_token_weighting.py."""
 
 import math
 
@@ -131,7 +132,7 @@ def test_wpo_matches_trl_use_weighting(tiny_model, tmp_path):
     n = len(pairs)
     sides = [SideTokens(logps[r], ref_logps[r], inputs.rewards[r], inputs.token_mask[r], log_sum_sq[r])
              for r in (slice(0, n), slice(n, 2 * n))]
-    losses, metrics = preference_loss(*sides, LossSettings("wpo", beta=0.1))
+    losses, metrics = preference_loss(*sides, LossSettings("wpo", beta=0.1, wpo_clamp=False))  # TRL's form
     assert np.abs(trl_weights - 1).max() > 1e-3  # the weights are not trivially one
     assert metrics["wpo_weight"].numpy() == pytest.approx(trl_weights, abs=1e-5)
     assert losses.numpy() == pytest.approx(trl_losses, abs=1e-5)
@@ -141,7 +142,7 @@ def test_wpo_matches_trl_use_weighting(tiny_model, tmp_path):
 
 
 def test_wpo_at_initialisation_is_the_weighted_ln2(tiny_model, learnable_shards, tmp_path):
-    """With policy = reference every DPO margin is 0, so the first logged loss is mean(ω_w·ω_l)·ln 2,
+    """With policy = reference every DPO margin is 0, so the first logged loss is mean(min(1, ω_w·ω_l))·ln 2,
     with ω computed here from a plain transformers forward over all pairs of the one global batch."""
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
@@ -163,6 +164,8 @@ def test_wpo_at_initialisation_is_the_weighted_ln2(tiny_model, learnable_shards,
         chosen = logp.gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
         return math.exp(float((chosen - torch.logsumexp(2 * logp, dim=-1)).mean()))
 
-    weights = [omega(r["prompt_ids"], r["chosen_ids"]) * omega(r["prompt_ids"], r["rejected_ids"]) for r in rows]
+    # WPO's official weight, treg's default: the product clamped at 1
+    weights = [min(1.0, omega(r["prompt_ids"], r["chosen_ids"]) * omega(r["prompt_ids"], r["rejected_ids"]))
+               for r in rows]
     assert logged["wpo_weight"] == pytest.approx(np.mean(weights), rel=1e-4)
     assert logged["loss"] == pytest.approx(np.mean(weights) * math.log(2), rel=1e-4)

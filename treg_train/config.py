@@ -7,7 +7,7 @@ from pathlib import Path
 
 from treg_core.command_line import REQUIRED, load_settings, require, setting
 from treg_core.errors import UserError
-from treg_train.losses import LOSS_TYPES, LossSettings
+from treg_train.losses import LOSS_TYPES, OWN_WEIGHTING, TOKEN_WEIGHTINGS, LossSettings
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -18,10 +18,21 @@ class TrainConfig:
     model: str = setting(REQUIRED, RUN, "Policy to train (and the reference): Hub id or local folder.")
     data: str = setting(REQUIRED, RUN, "treg-score output folder, or a Hub dataset id of shards.")
     output: str = setting(REQUIRED, RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
-    loss: str = setting("dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg or sft_chosen.")
-    beta: float | None = setting(None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses).")
+    loss: str = setting(
+        "dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg, sft_chosen, d2po (D²PO: "
+        "DPO with earlier tokens weighted more) or confpo (ConfPO: SimPO over the policy's low-confidence tokens).")
+    beta: float | None = setting(
+        None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses, 0.1 for d2po, 1.5 for confpo).")
     alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
-    gamma: float | None = setting(None, OBJECTIVE, "SimPO target margin (default 0.3 x beta).")
+    gamma: float | None = setting(
+        None, OBJECTIVE, "SimPO target margin (default 0.3 x beta; 1.6 for confpo).")
+    token_weighting: str | None = setting(
+        None, OBJECTIVE, "Token weights of the margin: none, d2po or confpo (default: the loss's own, none for the "
+        "others). With dpo_reg, simpo_reg or wpo_reg it combines a method's weighting with T-REG.")
+    d2po_discount: float = setting(0.98, OBJECTIVE, "D²PO's discount γ: token t of a response weighs γ^t.")
+    wpo_clamp_weight: bool = setting(
+        True, OBJECTIVE, "WPO's pair weight clamped at 1, min(1, ·), as WPO's official code computes it; off: "
+        "TRL's use_weighting (unclamped).")
     static_weight: bool = setting(
         False, OBJECTIVE, "Ablation: pair weight w = 1 instead of the detached DPO weight.")
     reward_column: str = setting(
@@ -93,10 +104,15 @@ class TrainConfig:
         "evaluated after its last step).")
 
     def loss_settings(self) -> LossSettings:
+        """β and γ resolved from the loss where not given: the paper's (DPO, SimPO) or the method's authors'."""
         simpo = self.loss.startswith("simpo")
-        beta = self.beta if self.beta is not None else (10.0 if simpo else 0.01)
-        gamma = self.gamma if self.gamma is not None else (0.3 * beta if simpo else 0.0)
-        return LossSettings(self.loss, beta=beta, alpha=self.alpha, gamma=gamma, static_weight=self.static_weight)
+        beta = self.beta if self.beta is not None else {"d2po": 0.1, "confpo": 1.5}.get(
+            self.loss, 10.0 if simpo else 0.01)
+        gamma = self.gamma if self.gamma is not None else (
+            1.6 if self.loss == "confpo" else 0.3 * beta if simpo else 0.0)
+        weighting = self.token_weighting or OWN_WEIGHTING.get(self.loss, "none")
+        return LossSettings(self.loss, beta=beta, alpha=self.alpha, gamma=gamma, static_weight=self.static_weight,
+                            weighting=weighting, d2po_discount=self.d2po_discount, wpo_clamp=self.wpo_clamp_weight)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +132,12 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.gradient_checkpointing in CHECKPOINTING,
          f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {config.gradient_checkpointing!r}"),
         (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
+        (config.token_weighting in (None, *TOKEN_WEIGHTINGS),
+         f"--token-weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {config.token_weighting!r}"),
+        (config.loss not in OWN_WEIGHTING or config.token_weighting in (None, OWN_WEIGHTING[config.loss]),
+         f"--loss {config.loss} weights tokens its own way; leave --token-weighting out, or use --loss dpo_reg / "
+         "simpo_reg with --token-weighting to combine a weighting with T-REG"),
+        (0 < config.d2po_discount <= 1, "--d2po-discount must be in (0, 1]"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),
          "--lr-scheduler-type must be cosine, linear or constant"),
         (config.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb"),

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen")
+LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen", "d2po", "confpo")
 REGULARIZED = ("dpo_reg", "simpo_reg", "wpo_reg")
 WEIGHTED = ("wpo", "wpo_reg")  # need log Σ_v π(v)² per position from the policy's forward
+SIMPO_STYLE = ("simpo", "simpo_reg", "confpo")  # reference-free, a weighted mean of log π_θ over tokens
+# Token weightings (`token_weights`), and the objective each method is when used on its own.
+TOKEN_WEIGHTINGS = ("none", "d2po", "confpo")
+OWN_WEIGHTING = {"d2po": "d2po", "confpo": "confpo"}
 
 
 @dataclass
@@ -42,23 +46,42 @@ class LossSettings:
     alpha: float = 0.25
     gamma: float = 0.0  # SimPO's target margin
     static_weight: bool = False  # ablation: w ≡ 1 instead of the detached DPO pair weight
+    weighting: str = "none"  # token weights a_t of the margin (TOKEN_WEIGHTINGS)
+    d2po_discount: float = 0.98  # D²PO's γ: a_t = γ^t
+    wpo_clamp: bool = True  # WPO's official pair weight min(1, ·); False: TRL's use_weighting, unclamped
+
+
+def token_weights(side: SideTokens, settings: LossSettings) -> torch.Tensor | None:
+    """Detached per-token weights a_t [pairs, tokens] of the margin, zero off the mask; None: every token 1.
+
+    - d2po (D²PO, `LotuSrc/D2PO`): a_t = γ^t, t = 1 at the first response token.
+    - confpo (ConfPO, `hee-suk-yoon/ConfPO`): 1 on the tokens the policy finds less likely than its mean
+      probability over the response, log π_θ(y_t) < log mean_t π_θ(y_t) (strictly); 0 elsewhere.
+    """
+    if settings.weighting == "none":
+        return None
+    mask = side.mask.to(side.logps.dtype)
+    if settings.weighting == "d2po":
+        return settings.d2po_discount ** torch.cumsum(mask, dim=-1) * mask
+    if settings.weighting == "confpo":
+        logps = side.logps.detach()
+        mean_prob = side.sum(logps.exp()) / side.length
+        return (logps < mean_prob.log()[:, None]).to(logps.dtype) * mask
+    raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
 
 
 def preference_loss(chosen: SideTokens, rejected: SideTokens,
                     settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-pair losses [pairs] and per-pair metrics (each [pairs], to be averaged by the caller)."""
-    beta, alpha = settings.beta, settings.alpha
-    if settings.loss_type in ("simpo", "simpo_reg"):
-        # r_S(y) = (β/|y|) log π_θ(y|x): reference-free, length-normalised.
-        token_scale_w, token_scale_l = beta / chosen.length, beta / rejected.length
-        reward_w = token_scale_w * chosen.sum(chosen.logps)
-        reward_l = token_scale_l * rejected.sum(rejected.logps)
-        margin = reward_w - reward_l - settings.gamma
-    else:
-        token_scale_w = token_scale_l = torch.full_like(chosen.length, beta, dtype=chosen.logps.dtype)
-        reward_w = beta * chosen.sum(chosen.logps - chosen.ref_logps)
-        reward_l = beta * rejected.sum(rejected.logps - rejected.ref_logps)
-        margin = reward_w - reward_l
+    """Per-pair losses [pairs] and per-pair metrics (each [pairs], to be averaged by the caller).
+
+    The margin is z = β (Σ_t a^w_t x^w_t / N_w − Σ_t a^l_t x^l_t / N_l) − γ with detached token weights a_t
+    (`token_weights`; 1 without a weighting): x = log π_θ − log π_ref and N = 1 for the DPO family, x = log π_θ
+    and N = Σ_t a_t for the SimPO family. A SimPO-family pair whose weights are all zero on a side (ConfPO
+    selected no token) contributes nothing."""
+    alpha = settings.alpha
+    (reward_w, token_scale_w, kept_w), (reward_l, token_scale_l, kept_l) = (
+        side_reward(side, settings) for side in (chosen, rejected))
+    margin = reward_w - reward_l - settings.gamma if settings.loss_type in SIMPO_STYLE else reward_w - reward_l
 
     preference = -F.logsigmoid(margin)
     weight = torch.sigmoid(-margin).detach()  # the preference gradient's own pair weight, sg[·]
@@ -68,6 +91,8 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     if settings.loss_type in WEIGHTED:
         # WPO: the preference loss of each pair weighted by how likely the policy finds the pair.
         pair_weight = wpo_weight(chosen) * wpo_weight(rejected)
+        if settings.wpo_clamp:
+            pair_weight = pair_weight.clamp(max=1.0)
         preference = pair_weight * preference
 
     if settings.loss_type in REGULARIZED:
@@ -77,10 +102,13 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         regularizer = alpha * weight * (reg_w + reg_l)
     elif settings.loss_type == "sft_chosen":
         regularizer = alpha * -chosen.sum(chosen.logps)
-    elif settings.loss_type in ("dpo", "simpo", "wpo"):
+    elif settings.loss_type in ("dpo", "simpo", "wpo", "d2po", "confpo"):
         regularizer = torch.zeros_like(preference)
     else:
         raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
+    losses = preference + regularizer
+    if kept_w is not None:
+        losses = torch.where(kept_w & kept_l, losses, torch.zeros_like(losses))
 
     metrics = {
         "dpo_loss": preference.detach(),
@@ -94,7 +122,24 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         "logps/chosen": chosen.sum(chosen.logps).detach(),
         "logps/rejected": rejected.sum(rejected.logps).detach(),
     }
-    return preference + regularizer, metrics
+    return losses, metrics
+
+
+def side_reward(side: SideTokens, settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For one side of every pair: β Σ_t a_t x_t / N; the scale β / N that T-REG's regularizer uses; and, for a
+    weighted SimPO-family objective, whether any token kept a weight (else None)."""
+    weights = token_weights(side, settings)
+    if settings.loss_type in SIMPO_STYLE:
+        # r_S(y) = (β/N) Σ_t a_t log π_θ(y_t|x): reference-free, a (weighted) mean over tokens.
+        if weights is None:
+            scale = settings.beta / side.length
+            return scale * side.sum(side.logps), scale, None
+        total = side.sum(weights)
+        scale = settings.beta / total.clamp(min=1e-12)
+        return scale * side.sum(weights * side.logps), scale, total > 0
+    scale = torch.full_like(side.length, settings.beta, dtype=side.logps.dtype)
+    ratios = side.logps - side.ref_logps
+    return settings.beta * side.sum(ratios if weights is None else weights * ratios), scale, None
 
 
 def wpo_weight(side: SideTokens) -> torch.Tensor:
