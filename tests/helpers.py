@@ -158,7 +158,7 @@ def perturbed_copy(model, destination, seed: int = 0, scale: float = 0.02) -> st
     return str(destination)
 
 
-def perturbed_policy_logps(model, shards, pairs: int = 6, seed: int = 0):
+def perturbed_policy_logps(model, shards, pairs: int = 6, seed: int = 0, signal: tuple[str, str] | None = None):
     """(chosen, rejected) SideTokens of the first `pairs` pairs of `shards`: log-probs of `model` with its
     weights moved by seeded noise (so they differ from the stored reference's), through treg's kernel."""
     import torch
@@ -166,11 +166,11 @@ def perturbed_policy_logps(model, shards, pairs: int = 6, seed: int = 0):
 
     from treg_core.forward import TokenLogprobs
     from treg_train.collate import collate, scatter_tokens
-    from treg_train.index import ShardIndex
+    from treg_train.index import Reading, ShardIndex
     from treg_train.losses import SideTokens
     from treg_train.readers import EvalReader
 
-    reader = EvalReader(ShardIndex(str(shards)))
+    reader = EvalReader(ShardIndex(str(shards), Reading(signal=signal)))
     batch = collate([reader.read(0, row) for row in range(pairs)], padding_free=False)
     network = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -180,7 +180,8 @@ def perturbed_policy_logps(model, shards, pairs: int = 6, seed: int = 0):
         logps = TokenLogprobs(network).eval()(batch.input_ids, batch.position_ids, batch.predict_index,
                                              batch.targets).logps
     logps = scatter_tokens(logps, batch.token_mask)
-    return tuple(SideTokens(logps[rows], batch.ref_logps[rows], batch.rewards[rows], batch.token_mask[rows])
+    return tuple(SideTokens(logps[rows], batch.ref_logps[rows], batch.rewards[rows], batch.token_mask[rows],
+                            signal=None if batch.signal is None else batch.signal[rows])
                  for rows in (slice(0, pairs), slice(pairs, 2 * pairs)))
 
 

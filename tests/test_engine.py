@@ -141,24 +141,27 @@ def test_two_data_parallel_workers_match_one_row_for_row_at_the_default_dtype(ti
 
 @pytest.fixture(scope="module")
 def dpo_scored(tiny_model, tmp_path_factory):
-    """A few pairs scored with --dpo-model (a perturbed copy of the tiny model) by vLLM, which
-    then runs two engines, and by the reference scorer."""
+    """A few pairs scored with --dpo-model and --reverse-dpo-model (perturbed copies of the tiny model) by vLLM,
+    which then runs three engines, and by the reference scorer."""
     root = tmp_path_factory.mktemp("engine-dpo")
     dpo_model = perturbed_copy(tiny_model, root / "tiny-dpo", seed=1)
+    reverse_model = perturbed_copy(tiny_model, root / "tiny-reverse-dpo", seed=2)
     data = write_jsonl(root / "pairs.jsonl", make_pairs(8))
     for name, extra in (("vllm", []), ("hf", ["--backend", "hf"])):
-        result = run(_command(tiny_model, data, root / name, "--dpo-model", dpo_model, "--batch-size", "4", *extra))
+        result = run(_command(tiny_model, data, root / name, "--dpo-model", dpo_model, "--reverse-dpo-model",
+                              reverse_model, "--batch-size", "4", *extra))
         assert result.returncode == 0, result.stderr[-3000:]
     return root
 
 
-def test_vllm_dpo_rewards_match_the_reference_scorer(dpo_scored):
+def test_vllm_dpo_columns_match_the_reference_scorer(dpo_scored):
     vllm_rows, hf_rows = read_shard_rows(dpo_scored / "vllm"), read_shard_rows(dpo_scored / "hf")
     assert len(vllm_rows) == 8 and [r["id"] for r in vllm_rows] == [r["id"] for r in hf_rows]
     worst = largest = 0.0
     for a, b in zip(vllm_rows, hf_rows):
-        for column in ("chosen_dpo_rewards", "rejected_dpo_rewards"):
-            assert len(a[column]) == len(a[column.replace("dpo_rewards", "ids")])
+        for column in (f"{side}_{name}" for side in ("chosen", "rejected")
+                       for name in ("dpo_rewards", "dpo_logps", "rev_dpo_logps")):
+            assert len(a[column]) == len(a[column.split("_")[0] + "_ids"])
             worst = max(worst, float(np.abs(np.subtract(a[column], b[column])).max()))
             largest = max(largest, float(np.abs(a[column]).max()))
     assert worst <= 1e-4, worst

@@ -50,14 +50,16 @@ def test_card_of_a_folder_with_dpo_rewards_lists_them_and_loads(tiny_model, tmp_
 
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(6))
     folder = tmp_path / "scored"
-    pipeline.run(hf_score_config(tiny_model, data, folder, dpo_model=tiny_model))
+    pipeline.run(hf_score_config(tiny_model, data, folder, dpo_model=tiny_model, reverse_dpo_model=tiny_model))
     text = write_card(folder, "treg/with-dpo").read_text()
     front = yaml.safe_load(text.split("---")[1])
-    assert [f["name"] for f in front["dataset_info"]["features"]] == shard_schema(dpo_rewards=True).names
+    schema = shard_schema(dpo=True, reverse_dpo=True)
+    assert [f["name"] for f in front["dataset_info"]["features"]] == schema.names
     assert "| `*_dpo_rewards` | `sigmoid(dpo_logps - ref_logps) - 0.5`" in text
+    assert "| `*_dpo_logps` |" in text and "| `*_rev_dpo_logps` |" in text
     loaded = datasets.load_dataset(str(folder), split="train")
     assert loaded.num_rows == 6
-    assert loaded.features == datasets.Features.from_arrow_schema(shard_schema(dpo_rewards=True))
+    assert loaded.features == datasets.Features.from_arrow_schema(schema)
 
 
 def test_card_shows_how_the_rewards_are_distributed(folder):

@@ -22,9 +22,13 @@ TRAIN_RECIPES = [p for p in RECIPES if p not in SCORE_RECIPES]
 def test_training_recipes_load_and_validate(path):
     config = build_config(str(path), {"output": "runs/x"})
     settings = config.loss_settings()
-    assert config.global_batch_size == 128 and config.max_length == 2048 and config.warmup_ratio == 0.1
-    if config.loss in ("d2po", "confpo"):  # the methods' authors' published settings
-        assert (settings.beta, settings.gamma, settings.weighting) in ((0.1, 0.0, "d2po"), (1.5, 1.6, "confpo"))
+    assert config.global_batch_size == 128 and config.max_length == 2048
+    assert config.warmup_ratio == (0.03 if config.loss == "sepo" else 0.1)
+    authors = {"d2po": (0.1, 0.0), "confpo": (1.5, 1.6), "tgdpo": (0.1, 0.0), "tis_dpo": (0.1, 0.0), "sepo": (1.0, 0.0)}
+    if config.loss in authors:  # the methods' authors' published settings, the loss's own weighting
+        assert (settings.beta, settings.gamma, settings.weighting) == (*authors[config.loss], config.loss)
+    elif config.swap_pairs:  # TIS-DPO's reverse-DPO model
+        assert (config.loss, settings.beta) == ("dpo", 0.1)
     elif config.loss.startswith("simpo"):
         assert settings.beta == 10.0 and settings.gamma / settings.beta in (0.3, 0.5)
     else:

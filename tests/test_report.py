@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import render_in_chromium
@@ -100,3 +101,30 @@ def test_report_shows_the_reward_distribution(learnable_shards, tmp_path):
         bars = [float(s) for s in
                 re.findall(rf'class="bar" data-side="{side}" data-bin="\d+" data-share="([^"]+)"', dom)]
         assert len(bars) == 10 and sum(bars) == pytest.approx(1.0)
+
+
+def test_report_shows_the_dpo_models_token_signals(tiny_model, tmp_path):
+    """With the shards of --dpo-model and --reverse-dpo-model, each response also shows log π_dpo/π_ref (TGDPO's and
+    SePO's signal) and log π_dpo/π_rev (TIS-DPO's), token by token."""
+    from helpers import hf_score_config, make_pairs, perturbed_copy, write_jsonl
+
+    from treg_data import pipeline
+
+    folder = tmp_path / "scored"
+    pipeline.run(hf_score_config(tiny_model, write_jsonl(tmp_path / "pairs.jsonl", make_pairs(3)), folder,
+                                 dpo_model=perturbed_copy(tiny_model, tmp_path / "dpo", seed=1),
+                                 reverse_dpo_model=perturbed_copy(tiny_model, tmp_path / "reverse", seed=2)))
+    page = tmp_path / "report.html"
+    assert _inspect(str(folder), "--random", "3", "--output", str(page)).returncode == 0
+    dom = render_in_chromium(page, tmp_path)
+    for row in pq.read_table(folder / "data").to_pylist():
+        section = dom.split(f'data-id="{row["id"]}"')[1].split("</section>")[0]
+        for side in ("chosen", "rejected"):
+            block = section.split(f'data-side="{side}"')[1]
+            for kind, symbol, values in (
+                    ("dpo", "log π_dpo/π_ref", np.subtract(row[f"{side}_dpo_logps"], row[f"{side}_ref_logps"])),
+                    ("contrast", "log π_dpo/π_rev",
+                     np.subtract(row[f"{side}_dpo_logps"], row[f"{side}_rev_dpo_logps"]))):
+                tokens = re.search(rf'<div class="tokens" data-kind="{kind}">(.*?)</div>', block).group(1)
+                shown = [float(v) for v in re.findall(rf'title="{re.escape(symbol)} = ([-+0-9.]+)"', tokens)]
+                assert shown == pytest.approx(values, abs=1e-4) and np.abs(values).max() > 1e-3

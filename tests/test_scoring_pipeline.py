@@ -13,8 +13,11 @@ from helpers import (
     hf_score_config,
     make_pairs,
     perturbed_copy,
+    read_metrics,
     read_shard_rows,
+    run,
     token_logprobs,
+    train_command,
     write_jsonl,
 )
 
@@ -193,20 +196,49 @@ def dpo_model(tiny_model, tmp_path_factory):
     return perturbed_copy(tiny_model, tmp_path_factory.mktemp("dpo") / "tiny-dpo", seed=1)
 
 
-def test_dpo_rewards_are_the_sigmoid_of_the_dpo_models_log_ratio(tiny_model, dpo_model, tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(10))
-    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "out", dpo_model=dpo_model))
-    rows = read_shard_rows(tmp_path / "out")
-    shard = sorted((tmp_path / "out" / "data").glob("*.parquet"))[0]
-    assert pq.read_schema(shard).remove_metadata() == shard_schema(dpo_rewards=True)
-    assert read_shard_metadata(shard).provenance.dpo_model == dpo_model
+@pytest.fixture(scope="module")
+def contrastive_scored(tiny_model, dpo_model, tmp_path_factory):
+    """16 pairs scored with --dpo-model and --reverse-dpo-model (two perturbed copies of the tiny model)."""
+    root = tmp_path_factory.mktemp("contrastive")
+    reverse = perturbed_copy(tiny_model, root / "tiny-reverse-dpo", seed=2)
+    data = write_jsonl(root / "d.jsonl", make_pairs(16))
+    pipeline.run(hf_score_config(tiny_model, data, root / "out", dpo_model=dpo_model, reverse_dpo_model=reverse))
+    return root / "out", reverse
+
+
+def test_dpo_columns_are_the_models_own_log_probs_and_their_rewards(dpo_model, contrastive_scored):
+    folder, reverse = contrastive_scored
+    rows = read_shard_rows(folder)
+    shard = sorted((folder / "data").glob("*.parquet"))[0]
+    assert pq.read_schema(shard).remove_metadata() == shard_schema(dpo=True, reverse_dpo=True)
+    provenance = read_shard_metadata(shard).provenance
+    assert (provenance.dpo_model, provenance.reverse_dpo_model) == (dpo_model, reverse)
     largest = 0.0
     for side in SIDES:
-        for row, logps in zip(rows, token_logprobs(dpo_model, rows, side)):
+        for row, logps, reverse_logps in zip(rows, token_logprobs(dpo_model, rows, side),
+                                             token_logprobs(reverse, rows, side)):
+            np.testing.assert_allclose(row[f"{side}_dpo_logps"], logps, atol=1e-5)  # lossless: the raw log-probs
+            np.testing.assert_allclose(row[f"{side}_rev_dpo_logps"], reverse_logps, atol=1e-5)
             expected = 1 / (1 + np.exp(-(logps - np.array(row[f"{side}_ref_logps"], dtype=np.float64)))) - 0.5
             np.testing.assert_allclose(row[f"{side}_dpo_rewards"], expected, atol=1e-5)
             largest = max(largest, float(np.abs(row[f"{side}_dpo_rewards"]).max()))
     assert largest > 1e-3  # the two models differ, so their log-ratio does too
+
+
+@pytest.mark.parametrize("loss", ["tgdpo", "sepo", "tis_dpo"])
+def test_the_dpo_model_methods_train_on_those_columns(tiny_model, contrastive_scored, loss, tmp_path):
+    extra = ["--tis-dpo-weights", "models"] if loss == "tis_dpo" else []
+    result = run(train_command("--model", tiny_model, "--data", contrastive_scored[0], "--output", tmp_path / loss,
+                               "--loss", loss, "--global-batch-size", "8", "--max-steps", "2", "--logging-steps", "1",
+                               "--save-steps", "0", "--learning-rate", "1e-4", *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path / loss)
+    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+
+
+def test_a_reverse_dpo_model_alone_is_refused(tiny_model, dpo_model, tmp_path):
+    with pytest.raises(UserError, match="--reverse-dpo-model is one half of a contrastive pair"):
+        pipeline.run(hf_score_config(tiny_model, "unused", tmp_path / "out", reverse_dpo_model=dpo_model))
 
 
 def test_dpo_rewards_of_the_model_itself_are_zero(tiny_model, tmp_path):

@@ -1,7 +1,9 @@
-"""The token-weighted margin: the objectives from before it are unchanged bit for bit, and D²PO, ConfPO and
-WPO's official weight equal a hand computation of their authors' code (`LotuSrc/D2PO` trainer_utils.py
-get_batch_logps; `hee-suk-yoon/ConfPO` cpo_trainer.py cpo_loss_confpo; `wzhouad/WPO` run_wpo.py), on random
-tensors and on one real batch."""
+"""The token-weighted margin: the objectives from before it are unchanged bit for bit, and D²PO, ConfPO, TGDPO,
+TIS-DPO, SePO and WPO's official weight equal a hand computation of their authors' code (`LotuSrc/D2PO`
+trainer_utils.py get_batch_logps; `hee-suk-yoon/ConfPO` cpo_trainer.py cpo_loss_confpo; `dvlab-research/TGDPO`
+train/tgdpo/trainer.py; `exlaw/TIS-DPO` preference_datasets.py rank_based_transform and trainers.py tisdpo_loss;
+`SteveKGYang/SePO` token_score.py get_topK and utils_selective.py; `wzhouad/WPO` run_wpo.py), on random tensors
+and on one real batch."""
 
 import math
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run, train_command
+from helpers import assert_one_line_error, read_metrics, run, train_command
 
 from treg_train.losses import LossSettings, SideTokens, preference_loss
 
@@ -25,6 +27,89 @@ def random_sides(seed: int = 0, pairs: int = 5, tokens: int = 9, dtype=torch.flo
         return SideTokens(logps, ref, (values[3] - 0.5) * mask, mask, log_sum_sq)
 
     return side(), side()
+
+
+def with_signal(sides, seed: int, quantum: float = 0.0):
+    """The sides with a random token signal s_t; rounded to multiples of `quantum` (ties) when given."""
+    generator = torch.Generator().manual_seed(seed)
+    for side in sides:
+        signal = torch.randn(side.logps.shape, generator=generator, dtype=side.logps.dtype)
+        side.signal = (torch.round(signal / quantum) * quantum if quantum else signal) * side.mask
+    return sides
+
+
+def log1p_exp(x: float) -> float:
+    """−log σ(−x), computed as the authors' F.logsigmoid does for both signs."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def lengths(side, pair) -> int:
+    return int(side.mask[pair].sum())
+
+
+def values(side, tensor, pair) -> list[float]:
+    return [float(v) for v in tensor[pair, : lengths(side, pair)]]
+
+
+def tgdpo_by_hand(chosen, rejected, beta, alpha):
+    """dvlab-research/TGDPO: −log σ(Σ_t β(1 + αβ r_t) ρ^w_t − Σ_t β(1 − αβ r_t) ρ^l_t), r = log π_dpo − log π_ref,
+    ρ = log π_θ − log π_ref, summed over the response tokens."""
+    losses = []
+    for pair in range(chosen.logps.shape[0]):
+        margin = 0.0
+        for side, sign in ((chosen, 1), (rejected, -1)):
+            for p, r, s in zip(values(side, side.logps, pair), values(side, side.ref_logps, pair),
+                               values(side, side.signal, pair)):
+                margin += sign * beta * (1 + sign * alpha * beta * s) * (p - r)
+        losses.append(log1p_exp(-margin))
+    return np.array(losses)
+
+
+def rank_based_transform(nums: list[float], low: float = 0.7, high: float = 1.3) -> list[float]:
+    """exlaw/TIS-DPO's rank_based_transform: ascending ranks by a stable sort, mapped linearly to [low, high]."""
+    if len(nums) == 1:
+        return [1.0]
+    result = [0.0] * len(nums)
+    for rank, index in enumerate(sorted(range(len(nums)), key=lambda k: nums[k])):
+        result[index] = low + rank / (len(nums) - 1) * (high - low)
+    return result
+
+
+def tis_dpo_by_hand(chosen, rejected, beta):
+    """exlaw/TIS-DPO: the weights file stores round(log p_bad − log p_good, 2) for every response token but the
+    appended EOS; chosen ranks their negation, rejected the stored values; the EOS weighs 0. Then
+    −log σ(β(Σ_t w^w_t ρ^w_t − Σ_t w^l_t ρ^l_t))."""
+    losses = []
+    for pair in range(chosen.logps.shape[0]):
+        margin = 0.0
+        for side, negate in ((chosen, True), (rejected, False)):
+            stored = [round(-s, 2) for s in values(side, side.signal, pair)[:-1]]  # s = log p_good − log p_bad
+            weights = (rank_based_transform([-v if negate else v for v in stored]) if stored else []) + [0.0]
+            ratios = [p - r for p, r in zip(values(side, side.logps, pair), values(side, side.ref_logps, pair))]
+            margin += (1 if negate else -1) * sum(w * x for w, x in zip(weights, ratios))
+        losses.append(log1p_exp(-beta * margin))
+    return np.array(losses)
+
+
+def sepo_by_hand(chosen, rejected, ratio):
+    """SteveKGYang/SePO: per response of L tokens, scores for tokens 1..L−1 (the first is never scored);
+    int(ratio·(L − 1)) picks by repeated argmax (chosen) or argmin (rejected), the earliest of ties first; then
+    −log σ(mean log π_θ over chosen's picks − mean over rejected's). A side with no pick: the pair gives 0."""
+    losses = []
+    for pair in range(chosen.logps.shape[0]):
+        means = []
+        for side, pick in ((chosen, max), (rejected, min)):
+            scores = values(side, side.signal, pair)[1:]
+            remaining, picked = list(range(len(scores))), []
+            for _ in range(int(ratio * len(scores))):
+                best = pick(scores[i] for i in remaining)
+                first = next(i for i in remaining if scores[i] == best)
+                picked.append(first + 1)
+                remaining.remove(first)
+            logps = values(side, side.logps, pair)
+            means.append(sum(logps[t] for t in picked) / len(picked) if picked else None)
+        losses.append(0.0 if None in means else log1p_exp(-(means[0] - means[1])))
+    return np.array(losses)
 
 
 def reference_loss(chosen: SideTokens, rejected: SideTokens, s: LossSettings) -> torch.Tensor:
@@ -122,6 +207,53 @@ def test_confpo_selects_without_a_gradient_and_its_loss_has_one():
     assert chosen.logps.grad.abs().sum() > 0 and torch.isfinite(chosen.logps.grad).all()
 
 
+def test_tgdpo_is_its_authors_formula():
+    chosen, rejected = with_signal(random_sides(7, pairs=8, tokens=12), seed=7)
+    got, _ = preference_loss(chosen, rejected, LossSettings("tgdpo", beta=0.1, tgdpo_alpha=0.5, weighting="tgdpo"))
+    np.testing.assert_allclose(got.numpy(), tgdpo_by_hand(chosen, rejected, 0.1, 0.5), rtol=1e-12)
+
+
+@pytest.mark.parametrize("quantum", [0.0, 0.05])
+def test_tis_dpo_is_its_authors_formula_ties_included(quantum):
+    chosen, rejected = with_signal(random_sides(8, pairs=10, tokens=12), seed=8, quantum=quantum)
+    chosen.mask[0], rejected.mask[1] = torch.arange(12) < 2, torch.arange(12) < 1  # one ranked token; EOS only
+    got, _ = preference_loss(chosen, rejected, LossSettings("tis_dpo", beta=0.1, weighting="tis_dpo"))
+    np.testing.assert_allclose(got.numpy(), tis_dpo_by_hand(chosen, rejected, 0.1), rtol=1e-12)
+
+
+def test_tis_dpo_weights_rank_within_each_response_from_0_7_to_1_3():
+    from treg_train.losses import tis_dpo_rank_weights
+
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    keys = torch.tensor([[0.3, -1.0, 2.0, 0.1, 9.0], [5.0, -5.0, 7.0, 0.0, 0.0]])
+    weights = tis_dpo_rank_weights(keys, mask)
+    torch.testing.assert_close(weights.float(), torch.tensor([[1.1, 0.7, 1.3, 0.9, 0.0], [1.3, 0.7, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("quantum", [0.0, 0.5])
+def test_sepo_is_its_authors_formula_ties_included(quantum):
+    chosen, rejected = with_signal(random_sides(9, pairs=10, tokens=14), seed=9, quantum=quantum)
+    chosen.mask[0] = torch.arange(14) < 3  # ⌊0.3 · 2⌋ = 0 tokens: the pair contributes nothing
+    got, _ = preference_loss(chosen, rejected, LossSettings("sepo", beta=1.0, gamma=0.0, weighting="sepo"))
+    want = sepo_by_hand(chosen, rejected, 0.3)
+    assert want[0] == 0 and got[0] == 0 and (want > 0).sum() >= 5
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12)
+
+
+def test_the_shard_signal_reaches_the_weights_detached():
+    chosen, rejected = with_signal(random_sides(10), seed=10)
+    for side in (chosen, rejected):
+        side.logps.requires_grad_(True)
+        side.signal.requires_grad_(True)
+    for method in ("tgdpo", "tis_dpo", "sepo"):
+        loss, _ = preference_loss(chosen, rejected, LossSettings(method, beta=0.1, weighting=method))
+        loss.sum().backward()
+        assert chosen.signal.grad is None and chosen.logps.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs the shards' token signal"):
+        chosen.signal = None
+        preference_loss(chosen, rejected, LossSettings("tgdpo", weighting="tgdpo"))
+
+
 def test_wpo_weight_is_clamped_at_one_as_its_authors_compute_it_and_trls_is_not():
     chosen, rejected = random_sides(5)
     for side in (chosen, rejected):  # responses likelier than the policy's agreement with itself: ω > 1
@@ -159,14 +291,43 @@ def test_the_methods_on_one_real_batch(tiny_model, learnable_shards):
     np.testing.assert_allclose(got.double().numpy(), d2po_by_hand(chosen, rejected, 0.1, 0.98), rtol=1e-5)
     got, _ = preference_loss(chosen, rejected, LossSettings("confpo", beta=1.5, gamma=1.6, weighting="confpo"))
     np.testing.assert_allclose(got.double().numpy(), confpo_by_hand(chosen, rejected, 1.5, 1.6), rtol=1e-5)
+    # The signal of TIS-DPO with T-REG's prompts as its contrastive pair, read from the shards; it stands in for
+    # a DPO model's log-ratio for TGDPO and SePO, whose formulas do not depend on where s_t comes from.
+    chosen, rejected = perturbed_policy_logps(tiny_model, learnable_shards, pairs=6,
+                                              signal=("better_logps", "worse_logps"))
+    # SePO at k = 0.5: the rejected answers here are a few tokens long, too short for 30% to pick one.
+    for method, by_hand in (("tgdpo", lambda w, r: tgdpo_by_hand(w, r, 0.1, 0.5)),
+                            ("tis_dpo", lambda w, r: tis_dpo_by_hand(w, r, 0.1)),
+                            ("sepo", lambda w, r: sepo_by_hand(w, r, 0.5))):
+        got, _ = preference_loss(chosen, rejected, LossSettings(method, beta=1.0 if method == "sepo" else 0.1,
+                                                                weighting=method, sepo_ratio=0.5))
+        want = by_hand(chosen, rejected)
+        assert (want > 0).all(), method
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=1e-5, err_msg=method)
+
+
+def _train(tiny_model, shards, output, *args):
+    return run(train_command("--model", tiny_model, "--data", shards, "--output", output, "--global-batch-size", "8",
+                             "--max-steps", "2", "--logging-steps", "1", "--save-steps", "0", *args))
 
 
 def test_the_new_objectives_train_and_refuse_a_mixed_weighting(tiny_model, learnable_shards, tmp_path):
-    for loss in ("d2po", "confpo"):
-        result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / loss,
-                                   "--loss", loss, "--global-batch-size", "8", "--max-steps", "2",
-                                   "--logging-steps", "1", "--save-steps", "0"))
+    for loss in ("d2po", "confpo", "tis_dpo"):  # tis_dpo's default pair: T-REG's prompts, in every shard
+        result = _train(tiny_model, learnable_shards, tmp_path / loss, "--loss", loss)
         assert result.returncode == 0, result.stderr[-2000:]
-    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "mixed",
-                               "--loss", "d2po", "--token-weighting", "confpo"))
+        assert all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / loss))
+    result = _train(tiny_model, learnable_shards, tmp_path / "mixed", "--loss", "d2po", "--token-weighting", "confpo")
     assert result.returncode == 2 and "weights tokens its own way" in result.stderr
+    result = _train(tiny_model, learnable_shards, tmp_path / "no-dpo", "--loss", "tgdpo")
+    assert_one_line_error(result, "chosen_dpo_logps", "treg-score writes them with --dpo-model")
+
+
+def test_swap_pairs_trains_on_the_reversed_preference(tiny_model, learnable_shards, tmp_path):
+    """The first step's metrics come before any update: swapped, chosen's are the plain run's rejected's."""
+    first = {}
+    for name, extra in (("plain", []), ("swapped", ["--swap-pairs"])):
+        result = _train(tiny_model, learnable_shards, tmp_path / name, "--loss", "dpo", "--max-steps", "1", *extra)
+        assert result.returncode == 0, result.stderr[-2000:]
+        first[name] = read_metrics(tmp_path / name)[0]
+    assert first["swapped"]["logps/chosen"] == pytest.approx(first["plain"]["logps/rejected"], rel=1e-5)
+    assert first["swapped"]["logps/rejected"] == pytest.approx(first["plain"]["logps/chosen"], rel=1e-5)

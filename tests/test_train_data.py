@@ -15,7 +15,7 @@ from treg_core.contract import METADATA_KEY
 from treg_core.errors import UserError
 from treg_core.forward import TokenLogprobs
 from treg_train.collate import collate, micro_batches, scatter_tokens
-from treg_train.index import ShardIndex
+from treg_train.index import Reading, ShardIndex
 from treg_train.model import load_causal_lm
 from treg_train.readers import EvalReader, TrainingStream, rank_slice
 
@@ -127,8 +127,8 @@ def test_packed_padded_and_single_sequence_log_probs_agree(tiny_model, learnable
 
 def test_reward_column_and_missing_columns(learnable_shards):
     with pytest.raises(UserError, match="chosen_dpo_rewards"):
-        ShardIndex(learnable_shards, reward_column="dpo_rewards")
-    pair = EvalReader(ShardIndex(learnable_shards, reward_column="better_logps")).read(0, 0)
+        ShardIndex(learnable_shards, Reading(reward_column="dpo_rewards"))
+    pair = EvalReader(ShardIndex(learnable_shards, Reading(reward_column="better_logps"))).read(0, 0)
     assert pair.chosen_rewards[0] < 0 and len(pair.chosen_rewards) == len(pair.chosen_ids)
 
 

@@ -12,8 +12,9 @@ form with an explicit prompt (message lists of role and content), so every shard
 whatever the input's format; plain-string inputs become one message each. Per side (`chosen_`,
 `rejected_`), the response token ids and one float32 per token of each TOKEN_FLOAT_COLUMNS: every
 per-token list has exactly the length of its `*_ids`. The token sequence a model sees is
-`prompt_ids + {side}_ids`. OPTIONAL_TOKEN_FLOAT_COLUMNS are there only when the run asked for them
-(`dpo_rewards`: treg-score --dpo-model), so a folder's schema is its provenance's `schema`.
+`prompt_ids + {side}_ids`. The optional columns are there only when the run asked for them (DPO_COLUMNS:
+treg-score --dpo-model; REVERSE_DPO_COLUMNS: --reverse-dpo-model), so a folder's schema is its provenance's
+`schema`.
 
 The records (Provenance, ShardMetadata, WorkerManifest, Manifest) are dataclasses written as JSON and
 read back by `from_dict`, which names any missing or unknown key: a field renamed in one stage fails
@@ -36,7 +37,10 @@ from treg_core.errors import UserError
 SIDES = ("chosen", "rejected")
 CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
 TOKEN_FLOAT_COLUMNS = tuple(f"{context}_logps" for context in CONTEXTS) + ("rewards",)
-OPTIONAL_TOKEN_FLOAT_COLUMNS = ("dpo_rewards",)  # written only with treg-score --dpo-model
+DPO_COLUMNS = ("dpo_logps", "dpo_rewards")  # treg-score --dpo-model: its log-probs after the policy prompt
+REVERSE_DPO_COLUMNS = ("rev_dpo_logps",)  # treg-score --reverse-dpo-model: the same, of a reverse-DPO model
+COLUMN_SOURCES = {**{name: "--dpo-model" for name in DPO_COLUMNS}, **{name: "--reverse-dpo-model"
+                                                                      for name in REVERSE_DPO_COLUMNS}}
 METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata
 FORMAT = "treg-shards/1"
 
@@ -90,9 +94,9 @@ def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLU
     return [column(side, name) for name in names]
 
 
-def shard_schema(dpo_rewards: bool = False) -> pa.Schema:
-    """The shards' schema; with `dpo_rewards`, each side's `*_dpo_rewards` follows its `*_rewards`."""
-    names = ("ids",) + TOKEN_FLOAT_COLUMNS + (OPTIONAL_TOKEN_FLOAT_COLUMNS if dpo_rewards else ())
+def shard_schema(dpo: bool = False, reverse_dpo: bool = False) -> pa.Schema:
+    """The shards' schema; each side's optional columns follow its `*_rewards`."""
+    names = ("ids",) + TOKEN_FLOAT_COLUMNS + (DPO_COLUMNS if dpo else ()) + (REVERSE_DPO_COLUMNS if reverse_dpo else ())
     return pa.schema(
         [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
          ("prompt_ids", TOKEN_IDS)]
@@ -140,7 +144,8 @@ class Provenance(Record):
     model: str
     model_revision: str | None
     scorer_model: str
-    dpo_model: str | None  # not None: the shards hold *_dpo_rewards
+    dpo_model: str | None  # not None: the shards hold DPO_COLUMNS
+    reverse_dpo_model: str | None  # not None: the shards hold REVERSE_DPO_COLUMNS
     tokenizer_hash: str  # tokenizer_fingerprint of --model's tokenizer
     dataset: str
     dataset_config: str | None
@@ -167,7 +172,7 @@ class Provenance(Record):
     @property
     def schema(self) -> pa.Schema:
         """The schema of shards written with this provenance."""
-        return shard_schema(dpo_rewards=self.dpo_model is not None)
+        return shard_schema(dpo=self.dpo_model is not None, reverse_dpo=self.reverse_dpo_model is not None)
 
 
 @dataclass(frozen=True)

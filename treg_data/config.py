@@ -38,8 +38,12 @@ class ScoreConfig:
     scorer_model: str | None = setting(
         None, MODEL, "Model that computes the token rewards (default: --model). Needs the same vocabulary.")
     dpo_model: str | None = setting(
-        None, MODEL, "A DPO-trained model (same vocabulary): also write *_dpo_rewards, sigmoid(its token log-prob - "
-        "*_ref_logps) - 0.5. It runs in a second engine; with vLLM each engine gets half the GPU memory fraction.")
+        None, MODEL, "A DPO-trained model (same vocabulary): also write its token log-probs *_dpo_logps and "
+        "*_dpo_rewards, sigmoid(*_dpo_logps - *_ref_logps) - 0.5. It runs in an engine of its own; with vLLM the "
+        "engines share the GPU memory fraction equally.")
+    reverse_dpo_model: str | None = setting(
+        None, MODEL, "With --dpo-model: a model trained with chosen and rejected swapped (treg-train --swap-pairs); "
+        "also write its token log-probs *_rev_dpo_logps, for TIS-DPO's weights.")
     model_revision: str | None = setting(None, MODEL, "Revision of --model on the Hub (branch, tag or commit).")
     chat_template: str | None = setting(None, MODEL, "Jinja chat template file, for tokenizers without one.")
     dtype: str = setting(
@@ -77,20 +81,26 @@ class ScoreConfig:
     def columns(self) -> Columns:
         return Columns(self.prompt_column, self.chosen_column, self.rejected_column, self.id_column)
 
+    @property
+    def other_models(self) -> dict[str, str]:
+        """The models scored after the policy prompt besides the reference, by the column name they write
+        (`{side}_{name}_logps`)."""
+        return {name: model for name, model in (("dpo", self.dpo_model), ("rev_dpo", self.reverse_dpo_model))
+                if model}
+
     def engine_options(self, dtype: str, max_model_len: int) -> EngineOptions:
         """The engine's settings, with the dtype and context length resolved for this model. With
-        --dpo-model two engines share the GPU, so each gets half of --gpu-memory-utilization."""
+        --dpo-model the engines share the GPU, each getting an equal part of --gpu-memory-utilization."""
         engine = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("engine")}
-        engine["gpu_memory_utilization"] /= 2 if self.dpo_model else 1
+        engine["gpu_memory_utilization"] /= 1 + len(self.other_models)
         return EngineOptions(model=self.scorer_model or self.model, revision=self.model_revision, dtype=dtype,
                              max_model_len=max_model_len, engine=engine)
 
-    def dpo_engine_options(self, dtype: str, max_model_len: int) -> EngineOptions | None:
-        """The DPO model's engine: the main one's settings (one dtype for both sides of the
-        log-ratio), another model; None without --dpo-model."""
-        if not self.dpo_model:
-            return None
-        return replace(self.engine_options(dtype, max_model_len), model=self.dpo_model, revision=None)
+    def other_engine_options(self, dtype: str, max_model_len: int) -> dict[str, EngineOptions]:
+        """The engines of `other_models`: the main one's settings (one dtype for both sides of every
+        log-ratio), another model."""
+        main = self.engine_options(dtype, max_model_len)
+        return {name: replace(main, model=model, revision=None) for name, model in self.other_models.items()}
 
 
 def validate(config: ScoreConfig) -> ScoreConfig:
@@ -107,4 +117,7 @@ def validate(config: ScoreConfig) -> ScoreConfig:
     if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
         raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
                         "them; score the DPO rewards in a run without --scorer-model")
+    if config.reverse_dpo_model and not config.dpo_model:
+        raise UserError("--reverse-dpo-model is one half of a contrastive pair: give the DPO model too, "
+                        "--dpo-model")
     return config

@@ -54,14 +54,19 @@ def front_matter(manifest: Manifest, license: str | None, num_bytes: int) -> str
 def dataset_card(manifest: Manifest, repo_id: str, license: str | None, num_bytes: int,
                  distribution: RewardDistribution) -> str:
     provenance, counts = manifest.provenance, manifest.counts
-    dpo_row = (f"| `*_dpo_rewards` | `{DPO_REWARD_TRANSFORM}` per token, `dpo_logps` being the log-prob under the "
-               f"DPO-trained model `{provenance.dpo_model}` after the policy prompt |\n"
-               if provenance.dpo_model else "")
+    optional_rows = ""
+    if provenance.dpo_model:
+        optional_rows += (f"| `*_dpo_logps` | log-prob of each response token after the policy prompt under the "
+                          f"DPO-trained model `{provenance.dpo_model}` |\n"
+                          f"| `*_dpo_rewards` | `{DPO_REWARD_TRANSFORM}` per token |\n")
+    if provenance.reverse_dpo_model:
+        optional_rows += (f"| `*_rev_dpo_logps` | the same under `{provenance.reverse_dpo_model}`, trained with "
+                          "chosen and rejected swapped (TIS-DPO's contrastive pair, with `*_dpo_logps`) |\n")
     return Template(CARD.read_text(encoding="utf-8")).substitute(
         front_matter=front_matter(manifest, license, num_bytes), repo_id=repo_id, dataset=provenance.dataset,
         split=provenance.split, scorer_model=provenance.scorer_model, model=provenance.model,
         reward_transform=REWARD_TRANSFORM, distribution_summary=summary_line(distribution),
-        distribution_table=markdown_table(distribution), optional_column_rows=dpo_row,
+        distribution_table=markdown_table(distribution), optional_column_rows=optional_rows,
         better_prompt=provenance.revision_prompts["better"], worse_prompt=provenance.revision_prompts["worse"],
         pairs_read=counts.pairs_read, pairs_scored=counts.pairs_scored, pairs_skipped=counts.pairs_skipped,
         skipped_by_reason=", ".join(f"{k}: {v}" for k, v in counts.skipped_by_reason.items()) or "none",

@@ -70,9 +70,10 @@ def run(config: ScoreConfig) -> Summary:
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, needs_chat_template=True),
                               config.scorer_model)
-    if config.dpo_model:
-        check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, chat_template=config.chat_template,
-                                                        needs_chat_template=True), config.dpo_model, flag="--dpo-model")
+    for name, model in config.other_models.items():
+        flag = "--dpo-model" if name == "dpo" else "--reverse-dpo-model"
+        check_same_vocabulary(tokenizer, load_tokenizer(model, chat_template=config.chat_template,
+                                                        needs_chat_template=True), model, flag=flag)
     revision_prompts = load_revision_prompts(config.revision_prompts)
     model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
     dtype = resolve_dtype(config.dtype, model_config)
@@ -87,7 +88,7 @@ def run(config: ScoreConfig) -> Summary:
                        provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
     progress = store.resume(start, config.overwrite)
     engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
-                     config.dpo_engine_options(dtype, max_model_len))
+                     config.other_engine_options(dtype, max_model_len))
     tokens_before, rows_before = progress.tokens, progress.rows
     if progress.finished:
         print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
@@ -121,6 +122,7 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
         model_revision=config.model_revision,
         scorer_model=config.scorer_model or config.model,
         dpo_model=config.dpo_model,
+        reverse_dpo_model=config.reverse_dpo_model,
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         dataset=str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
         dataset_config=config.dataset_config,
@@ -141,13 +143,13 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
 
 
 class _Engine:
-    """The scorer (and, with --dpo-model, the DPO model's), started on the first pair to score (so
-    bad input is reported before the engine's long start), and the time spent inside them."""
+    """The scorer (and those of the other models: --dpo-model, --reverse-dpo-model), started on the first
+    pair to score (so bad input is reported before the engines' long start), and the time spent inside them."""
 
-    def __init__(self, backend: str, options: EngineOptions, dpo_options: EngineOptions | None = None):
-        self.backend, self.options, self.dpo_options = backend, options, dpo_options
+    def __init__(self, backend: str, options: EngineOptions, other_options: dict[str, EngineOptions]):
+        self.backend, self.options, self.other_options = backend, options, other_options
         self.scorer: Scorer | None = None
-        self.dpo_scorer: Scorer | None = None
+        self.others: dict[str, Scorer] = {}
         self.seconds = 0.0
 
     @property
@@ -158,22 +160,27 @@ class _Engine:
         if self.scorer is None:
             self.scorer = build_scorer(self.backend, self.options)
             tqdm.write(f"scoring path: {self.scoring_path}", file=sys.stderr)
-        if self.dpo_options is not None and self.dpo_scorer is None:
-            self.dpo_scorer = build_scorer(self.backend, self.dpo_options)
-            tqdm.write(f"DPO model {self.dpo_options.model}: {self.backend}:{self.dpo_scorer.scoring_path}",
-                       file=sys.stderr)
+        for name, options in self.other_options.items():
+            if name not in self.others:
+                self.others[name] = build_scorer(self.backend, options)
+                tqdm.write(f"{name} model {options.model}: {self.backend}:{self.others[name].scoring_path}",
+                           file=sys.stderr)
         started = time.perf_counter()
-        rows = score_pairs(self.scorer, pairs, self.dpo_scorer)
+        rows = score_pairs(self.scorer, pairs, self.others)
         self.seconds += time.perf_counter() - started
         return rows
 
     def close(self) -> None:
-        try:
-            if self.scorer is not None:
-                self.scorer.close()
-        finally:
-            if self.dpo_scorer is not None:
-                self.dpo_scorer.close()
+        """Every engine is closed, even when closing one fails; the first failure is raised."""
+        failure = None
+        for scorer in [self.scorer, *self.others.values()]:
+            try:
+                if scorer is not None:
+                    scorer.close()
+            except Exception as err:  # noqa: BLE001 - close the others, then raise
+                failure = failure or err
+        if failure is not None:
+            raise failure
 
 
 def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, engine: _Engine,

@@ -1,7 +1,8 @@
 """The token-reward report of `treg-inspect`: each response's tokens coloured by r̂ (blue for
-positive, red for negative), chosen and rejected side by side, like the paper's Figure 3; with a
-trained checkpoint, its implicit token rewards β·log π_θ/π_ref beside them. One self-contained
-HTML file: inline CSS, no scripts, no network."""
+positive, red for negative), chosen and rejected side by side, like the paper's Figure 3; with the
+shards of treg-score --dpo-model (and --reverse-dpo-model), the DPO model's token log-ratio (and the
+contrast of the two) that TGDPO, SePO and TIS-DPO weight tokens by; with a trained checkpoint, its
+implicit token rewards β·log π_θ/π_ref. One self-contained HTML file: inline CSS, no scripts, no network."""
 
 from __future__ import annotations
 
@@ -20,13 +21,24 @@ from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_li
 
 COLUMNS = ["id", "prompt", "prompt_ids"] + [name for side in SIDES
                                            for name in side_columns(side, ("ids", "rewards", "ref_logps"))]
+OPTIONAL = [name for side in SIDES for name in side_columns(side, ("dpo_logps", "rev_dpo_logps"))]
+# The rows a response can show, by kind: what each is, and the symbol of its values.
+KINDS = {
+    "rhat": ("self-generated token reward r̂", "r̂"),
+    "dpo": ("DPO model's token log-ratio (TGDPO's and SePO's signal)", "log π_dpo/π_ref"),
+    "contrast": ("DPO vs reverse-DPO model (TIS-DPO's signal)", "log π_dpo/π_rev"),
+    "implicit": ("implicit token reward of the trained policy", "β·log π_θ/π_ref"),
+}
 
 
 @dataclass
 class ResponseView:
     tokens: list[str]
-    rewards: np.ndarray
-    implicit: np.ndarray | None = None
+    rows: dict[str, np.ndarray]  # kind (KINDS) -> one value per token; "rhat" always
+
+    @property
+    def rewards(self) -> np.ndarray:
+        return self.rows["rhat"]
 
 
 @dataclass
@@ -39,7 +51,9 @@ class PairView:
 
 def _rows(files: list[Path]):
     for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=COLUMNS):
+        parquet = pq.ParquetFile(file)
+        columns = COLUMNS + [name for name in OPTIONAL if name in parquet.schema_arrow.names]
+        for batch in parquet.iter_batches(batch_size=256, columns=columns):
             yield from batch.to_pylist()
 
 
@@ -93,12 +107,16 @@ def build_views(rows: list[dict], tokenizer, implicit: list[tuple[np.ndarray, np
     for n, row in enumerate(rows):
         sides = []
         for k, side in enumerate(SIDES):
-            ids = row[column(side, "ids")]
-            sides.append(ResponseView(
-                tokens=token_texts(tokenizer, row["prompt_ids"], ids),
-                rewards=np.asarray(row[column(side, "rewards")], dtype=np.float64),
-                implicit=implicit[n][k] if implicit else None,
-            ))
+            values = {name: np.asarray(row[column(side, name)], dtype=np.float64)
+                      for name in ("rewards", "ref_logps", "dpo_logps", "rev_dpo_logps") if column(side, name) in row}
+            rows = {"rhat": values["rewards"]}
+            if "dpo_logps" in values:
+                rows["dpo"] = values["dpo_logps"] - values["ref_logps"]
+            if "rev_dpo_logps" in values:
+                rows["contrast"] = values["dpo_logps"] - values["rev_dpo_logps"]
+            if implicit:
+                rows["implicit"] = implicit[n][k]
+            sides.append(ResponseView(token_texts(tokenizer, row["prompt_ids"], row[column(side, "ids")]), rows))
         views.append(PairView(row["id"], row["prompt"], *sides))
     return views
 
@@ -149,14 +167,11 @@ def _tokens_html(tokens: list[str], values: np.ndarray, scale: float, kind: str,
 
 
 def _side_html(label: str, view: ResponseView, scales: dict[str, float]) -> str:
-    heading = f"{label} · Σ r̂ = " + element("span", f"{view.rewards.sum():+.4f}", class_="sum", data_kind="rhat")
-    parts = [element("div", "self-generated token reward r̂", class_="label"),
-             _tokens_html(view.tokens, view.rewards, scales["rhat"], "rhat", "r̂")]
-    if view.implicit is not None:
-        heading += " · Σ β·log π_θ/π_ref = " + element("span", f"{view.implicit.sum():+.4f}", class_="sum",
-                                                          data_kind="implicit")
-        parts += [element("div", "implicit token reward of the trained policy", class_="label"),
-                  _tokens_html(view.tokens, view.implicit, scales["implicit"], "implicit", "β·log π_θ/π_ref")]
+    heading, parts = label, []
+    for kind, values in view.rows.items():
+        what, symbol = KINDS[kind]
+        heading += f" · Σ {symbol} = " + element("span", f"{values.sum():+.4f}", class_="sum", data_kind=kind)
+        parts += [element("div", what, class_="label"), _tokens_html(view.tokens, values, scales[kind], kind, symbol)]
     return element("div", element("h3", heading) + "".join(parts), class_="side", data_side=label)
 
 
@@ -172,19 +187,17 @@ def render_html(views: list[PairView], title: str, meta: dict[str, str],
     """The report as one HTML string. Colours saturate at the 99th percentile of |value|."""
 
     def scale(kind: str) -> float:
-        values = [np.abs(getattr(v, side).rewards if kind == "rhat" else getattr(v, side).implicit)
-                  for v in views for side in SIDES
-                  if kind == "rhat" or getattr(v, side).implicit is not None]
+        values = [np.abs(getattr(v, side).rows[kind]) for v in views for side in SIDES if kind in getattr(v, side).rows]
         values = np.concatenate(values) if values else np.zeros(1)
         return float(np.quantile(values, 0.99)) if values.size else 0.0
 
-    scales = {"rhat": scale("rhat"), "implicit": scale("implicit")}
+    scales = {kind: scale(kind) for kind in KINDS}
+    shown = [kind for kind in KINDS if views and kind in views[0].chosen.rows]
     meta_html = "".join(element("div", escape(f"{k}: {v}"), class_="meta") for k, v in meta.items())
     swatch = lambda value, text: element("span", text, class_="swatch", style=f"background:{_colour(value, 1)}")  # noqa: E731
+    saturation = ", ".join(f"|{KINDS[kind][1]}| ≥ {scales[kind]:.4f}" for kind in shown or ["rhat"])
     legend = element("div", f"colour: {swatch(1, 'positive')}{swatch(-1, 'negative')} · full colour at "
-                     f"|r̂| ≥ {scales['rhat']:.4f}"
-                     + (f", |implicit| ≥ {scales['implicit']:.4f}" if views and views[0].chosen.implicit is not None
-                        else "") + " · hover a token for its value", class_="legend")
+                     f"{saturation} · hover a token for its value", class_="legend")
     overview = (element("section", element("h2", "r̂ over the whole dataset") + element(
         "p", escape(summary_line(distribution))) + histogram_svg(distribution), class_="distribution")
                 if distribution else "")

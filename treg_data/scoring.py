@@ -1,7 +1,8 @@
 """One scorer call for a chunk of encoded pairs, and the shard rows it becomes (treg_core.contract):
 six sequences per pair (each response after the policy prompt, x_better and x_worse), then
-r̂ per response token from the two revision contexts (treg_data.rewards). With a DPO scorer, its
-call on the two policy-prompt sequences of every pair gives `*_dpo_rewards` against `*_ref_logps`."""
+r̂ per response token from the two revision contexts (treg_data.rewards). Each other model (treg-score
+--dpo-model, --reverse-dpo-model) scores the two policy-prompt sequences of every pair in one call of its own
+scorer: `*_{name}_logps`, and for the DPO model also `*_dpo_rewards` against `*_ref_logps`."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from treg_data.scorers import Scorer
 PER_PAIR = len(SIDES) * len(CONTEXTS)  # sequences scored per pair: EncodedPair.requests()
 
 
-def score_pairs(scorer: Scorer, pairs: list[EncodedPair], dpo_scorer: Scorer | None = None) -> list[dict]:
-    """One scorer call for all six sequences of every pair (and one DPO-scorer call for the two
-    policy-prompt ones), then one shard row per pair."""
+def score_pairs(scorer: Scorer, pairs: list[EncodedPair], others: dict[str, Scorer] | None = None) -> list[dict]:
+    """One scorer call for all six sequences of every pair (and one call of each other model's scorer,
+    by column name, for the two policy-prompt ones), then one shard row per pair."""
     logps = _score(scorer, [request for p in pairs for request in p.requests()])
-    dpo_logps = _score(dpo_scorer, [r for p in pairs for r in p.requests(("ref",))]) if dpo_scorer else None
+    policy_prompt_requests = [r for p in pairs for r in p.requests(("ref",))]
+    other_logps = {name: _score(other, policy_prompt_requests) for name, other in (others or {}).items()}
     rows = []
     for n, p in enumerate(pairs):
         row = {"id": p.pair.id, "prompt": p.pair.prompt, "chosen": [p.pair.chosen], "rejected": [p.pair.rejected],
@@ -29,8 +31,11 @@ def score_pairs(scorer: Scorer, pairs: list[EncodedPair], dpo_scorer: Scorer | N
             for context, values in by_context.items():
                 row[column(side, f"{context}_logps")] = values
             row[column(side, "rewards")] = contrastive_rewards(by_context["better"], by_context["worse"])
-            if dpo_logps is not None:  # σ(log π_dpo − log π_ref) − 0.5: the same transform (METHOD.md §3)
-                row[column(side, "dpo_rewards")] = contrastive_rewards(dpo_logps[n * len(SIDES) + s], by_context["ref"])
+            for name, values in other_logps.items():
+                row[column(side, f"{name}_logps")] = values[n * len(SIDES) + s]
+            if "dpo" in other_logps:  # σ(log π_dpo − log π_ref) − 0.5: the same transform (METHOD.md §3)
+                dpo_logps = row[column(side, "dpo_logps")]
+                row[column(side, "dpo_rewards")] = contrastive_rewards(dpo_logps, by_context["ref"])
         rows.append(row)
     return rows
 

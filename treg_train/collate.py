@@ -22,6 +22,7 @@ class ModelInputs:
     token_mask: torch.Tensor  # [2 * pairs, longest response]: where the N tokens go, row-major
     ref_logps: torch.Tensor | None  # [2 * pairs, longest response]
     rewards: torch.Tensor  # [2 * pairs, longest response]
+    signal: torch.Tensor | None  # [2 * pairs, longest response]: a token weighting's s_t, if it reads one
     num_pairs: int
     num_tokens: int  # real tokens in the forward
 
@@ -80,6 +81,7 @@ def collate(pairs: list[TrainingPair], padding_free: bool, pack_to: int | None =
         predict_index=predict_index, targets=targets, token_mask=token_mask,
         ref_logps=padded([p.chosen_ref_logps for p in pairs] + [p.rejected_ref_logps for p in pairs]),
         rewards=padded([p.chosen_rewards for p in pairs] + [p.rejected_rewards for p in pairs]),
+        signal=padded([p.chosen_signal for p in pairs] + [p.rejected_signal for p in pairs]),
         num_pairs=len(pairs), num_tokens=sum(lengths),
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from treg_core.command_line import REQUIRED, load_settings, require, setting
 from treg_core.errors import UserError
-from treg_train.losses import LOSS_TYPES, OWN_WEIGHTING, TOKEN_WEIGHTINGS, LossSettings
+from treg_train.losses import LOSS_TYPES, TOKEN_METHODS, TOKEN_WEIGHTINGS, LossSettings
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -19,17 +19,31 @@ class TrainConfig:
     data: str = setting(REQUIRED, RUN, "treg-score output folder, or a Hub dataset id of shards.")
     output: str = setting(REQUIRED, RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
     loss: str = setting(
-        "dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg, sft_chosen, d2po (D²PO: "
-        "DPO with earlier tokens weighted more) or confpo (ConfPO: SimPO over the policy's low-confidence tokens).")
+        "dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg, sft_chosen, or a token-level "
+        "method: d2po (D²PO: DPO with earlier tokens weighted more), confpo (ConfPO: SimPO over the policy's "
+        "low-confidence tokens), tgdpo (TGDPO: DPO weighted by a DPO model's token rewards), tis_dpo (TIS-DPO: "
+        "DPO weighted by ranked contrastive token scores) or sepo (SePO: SimPO over the tokens a DPO model "
+        "rewards most in chosen, least in rejected).")
     beta: float | None = setting(
-        None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses, 0.1 for d2po, 1.5 for confpo).")
+        None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses, 0.1 for d2po, tgdpo and tis_dpo, "
+        "1.5 for confpo, 1 for sepo).")
     alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
     gamma: float | None = setting(
-        None, OBJECTIVE, "SimPO target margin (default 0.3 x beta; 1.6 for confpo).")
+        None, OBJECTIVE, "SimPO target margin (default 0.3 x beta; 1.6 for confpo, 0 for sepo).")
     token_weighting: str | None = setting(
-        None, OBJECTIVE, "Token weights of the margin: none, d2po or confpo (default: the loss's own, none for the "
-        "others). With dpo_reg, simpo_reg or wpo_reg it combines a method's weighting with T-REG.")
+        None, OBJECTIVE, "Token weights of the margin: none, d2po, confpo, tgdpo, tis_dpo or sepo (default: the "
+        "loss's own, none for the others). With dpo_reg, simpo_reg or wpo_reg it combines a method's weighting "
+        "with T-REG.")
     d2po_discount: float = setting(0.98, OBJECTIVE, "D²PO's discount γ: token t of a response weighs γ^t.")
+    tgdpo_alpha: float = setting(0.5, OBJECTIVE, "TGDPO's α: token weights 1 ± α·β·(log π_dpo − log π_ref), from "
+                                 "the shards of treg-score --dpo-model.")
+    tis_dpo_weights: str = setting(
+        "prompts", OBJECTIVE, "TIS-DPO's contrastive pair: prompts (log-probs after T-REG's better and worse "
+        "revision prompts, in every shard) or models (a DPO and a reverse-DPO model: treg-score --dpo-model "
+        "--reverse-dpo-model).")
+    sepo_ratio: float = setting(0.3, OBJECTIVE, "SePO's k: the share of each response's tokens it trains on.")
+    swap_pairs: bool = setting(
+        False, OBJECTIVE, "Train on every pair with chosen and rejected swapped: the reverse-DPO model of TIS-DPO.")
     wpo_clamp_weight: bool = setting(
         True, OBJECTIVE, "WPO's pair weight clamped at 1, min(1, ·), as WPO's official code computes it; off: "
         "TRL's use_weighting (unclamped).")
@@ -106,13 +120,29 @@ class TrainConfig:
     def loss_settings(self) -> LossSettings:
         """β and γ resolved from the loss where not given: the paper's (DPO, SimPO) or the method's authors'."""
         simpo = self.loss.startswith("simpo")
-        beta = self.beta if self.beta is not None else {"d2po": 0.1, "confpo": 1.5}.get(
-            self.loss, 10.0 if simpo else 0.01)
-        gamma = self.gamma if self.gamma is not None else (
-            1.6 if self.loss == "confpo" else 0.3 * beta if simpo else 0.0)
-        weighting = self.token_weighting or OWN_WEIGHTING.get(self.loss, "none")
+        beta = self.beta if self.beta is not None else {"d2po": 0.1, "confpo": 1.5, "tgdpo": 0.1, "tis_dpo": 0.1,
+                                                        "sepo": 1.0}.get(self.loss, 10.0 if simpo else 0.01)
+        gamma = self.gamma if self.gamma is not None else {"confpo": 1.6, "sepo": 0.0}.get(
+            self.loss, 0.3 * beta if simpo else 0.0)
         return LossSettings(self.loss, beta=beta, alpha=self.alpha, gamma=gamma, static_weight=self.static_weight,
-                            weighting=weighting, d2po_discount=self.d2po_discount, wpo_clamp=self.wpo_clamp_weight)
+                            weighting=self.weighting, d2po_discount=self.d2po_discount, wpo_clamp=self.wpo_clamp_weight,
+                            tgdpo_alpha=self.tgdpo_alpha, sepo_ratio=self.sepo_ratio)
+
+    @property
+    def weighting(self) -> str:
+        """The token weighting: --token-weighting, else the loss's own (a token-level method's), else none."""
+        return self.token_weighting or (self.loss if self.loss in TOKEN_METHODS else "none")
+
+    @property
+    def signal_columns(self) -> tuple[str, str] | None:
+        """The two per-token shard columns whose difference s_t = first − second the weighting reads; None if it
+        reads none."""
+        if self.weighting in ("tgdpo", "sepo"):
+            return "dpo_logps", "ref_logps"
+        if self.weighting == "tis_dpo":
+            return ("better_logps", "worse_logps") if self.tis_dpo_weights == "prompts" else ("dpo_logps",
+                                                                                             "rev_dpo_logps")
+        return None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -134,10 +164,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
         (config.token_weighting in (None, *TOKEN_WEIGHTINGS),
          f"--token-weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {config.token_weighting!r}"),
-        (config.loss not in OWN_WEIGHTING or config.token_weighting in (None, OWN_WEIGHTING[config.loss]),
+        (config.loss not in TOKEN_METHODS or config.token_weighting in (None, config.loss),
          f"--loss {config.loss} weights tokens its own way; leave --token-weighting out, or use --loss dpo_reg / "
          "simpo_reg with --token-weighting to combine a weighting with T-REG"),
         (0 < config.d2po_discount <= 1, "--d2po-discount must be in (0, 1]"),
+        (config.tgdpo_alpha >= 0, "--tgdpo-alpha must be non-negative"),
+        (config.tis_dpo_weights in ("prompts", "models"), "--tis-dpo-weights must be prompts or models"),
+        (0 < config.sepo_ratio <= 1, "--sepo-ratio must be in (0, 1]"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),
          "--lr-scheduler-type must be cosine, linear or constant"),
         (config.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb"),

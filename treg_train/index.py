@@ -10,7 +10,7 @@ no row content: an index of one side of the split lists only that side's rows.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from treg_core.contract import SIDES, column, output_root, read_manifest, read_shard_metadata, shard_files, side_columns
+from treg_core.contract import (
+    COLUMN_SOURCES,
+    SIDES,
+    column,
+    output_root,
+    read_manifest,
+    read_shard_metadata,
+    shard_files,
+    side_columns,
+)
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
 
@@ -35,6 +44,8 @@ class TrainingPair:
     rejected_ref_logps: np.ndarray | None
     chosen_rewards: np.ndarray
     rejected_rewards: np.ndarray
+    chosen_signal: np.ndarray | None = None  # Reading.signal's s_t
+    rejected_signal: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -48,9 +59,21 @@ class TrainingPair:
 
     def cut_to_one_token(self) -> TrainingPair:
         """One token of prompt and of each response: the cheapest forward, for a dummy micro-batch."""
-        return TrainingPair(self.id, *(None if values is None else values[:1] for values in (
-            self.prompt_ids, self.chosen_ids, self.rejected_ids, self.chosen_ref_logps, self.rejected_ref_logps,
-            self.chosen_rewards, self.rejected_rewards)))
+        arrays = [getattr(self, f.name) for f in fields(self) if f.name != "id"]
+        return TrainingPair(self.id, *(None if values is None else values[:1] for values in arrays))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What training reads of each pair besides its token ids."""
+
+    reward_column: str = "rewards"  # r̂
+    ref_logps: bool = True  # the reference log-probs (not needed with an online reference model)
+    signal: tuple[str, str] | None = None  # s_t = first − second, of a token weighting (TrainConfig.signal_columns)
+    swap: bool = False  # chosen and rejected exchanged (treg-train --swap-pairs)
+
+    def side_names(self) -> tuple[str, ...]:
+        return ("ids", self.reward_column) + (("ref_logps",) if self.ref_logps else ()) + (self.signal or ())
 
 
 def resolve_shards(data: str) -> tuple[Path, list[Path]]:
@@ -118,11 +141,10 @@ class ShardIndex:
     split: the pairs kept for training, or with `held_out` the ones held out for evaluation. Row r of row
     group g is row `first_row[g] + r` of the whole folder. Reads nothing but metadata until asked."""
 
-    def __init__(self, data: str, reward_column: str = "rewards", with_ref_logps: bool = True,
-                 holdout: float = 0.0, held_out: bool = False):
+    def __init__(self, data: str, reading: Reading = Reading(), holdout: float = 0.0, held_out: bool = False):
         root, self.files = resolve_shards(data)
-        self.holdout, self.held_out, self.reward_column = holdout, held_out, reward_column
-        per_side = ("ids", reward_column) + (("ref_logps",) if with_ref_logps else ())
+        self.holdout, self.held_out, self.reading = holdout, held_out, reading
+        per_side = tuple(dict.fromkeys(reading.side_names()))
         self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]
         self.groups: list[tuple[int, int, int]] = []  # (file index, row group, rows)
         provenances = [self._add_file(index, file) for index, file in enumerate(self.files)]
@@ -145,7 +167,11 @@ class ShardIndex:
             raise UserError(f"{file} is not a readable Parquet shard: {first_line(err)}") from None
         missing = [c for c in self.columns if c not in parquet.schema_arrow.names]
         if missing:
-            raise UserError(f"{file} lacks the column(s) {missing}; was it written by treg-score?")
+            sources = sorted({COLUMN_SOURCES[c.split("_", 1)[1]] for c in missing
+                              if c.split("_", 1)[-1] in COLUMN_SOURCES})
+            raise UserError(f"{file} lacks the column(s) {missing}; " + (
+                f"treg-score writes them with {' and '.join(sources)}: score the data with it" if sources
+                else "was it written by treg-score?"))
         self.groups += [(index, g, parquet.metadata.row_group(g).num_rows) for g in range(parquet.num_row_groups)]
         return meta.provenance
 
@@ -180,7 +206,16 @@ class ShardIndex:
             offsets, values = array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
             return [values[offsets[row]:offsets[row + 1]].copy() for row in rows]
 
-        names = ["prompt_ids"] + [column(side, "ids") for side in SIDES] + [column(side, "ref_logps") for side in SIDES]
-        names += [column(side, self.reward_column) for side in SIDES]
+        sides = SIDES[::-1] if self.reading.swap else SIDES  # the order TrainingPair's chosen, rejected are read in
+
+        def per_side(name: str) -> list:
+            return [lists(column(side, name)) for side in sides]
+
+        signal = [[None] * len(rows)] * 2
+        if self.reading.signal:
+            first, second = self.reading.signal
+            signal = [[a - b for a, b in zip(*pair)] for pair in zip(per_side(first), per_side(second))]
+        arrays = [lists("prompt_ids"), *per_side("ids"), *per_side("ref_logps"), *per_side(self.reading.reward_column),
+                  *signal]
         ids = table.column("id").take(rows).to_pylist()
-        return [TrainingPair(id, *arrays) for id, *arrays in zip(ids, *map(lists, names))]
+        return [TrainingPair(id, *values) for id, *values in zip(ids, *arrays)]

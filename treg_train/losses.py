@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen", "d2po", "confpo")
+# The token-level methods: each is an objective (its own `--loss`) and a weighting (`token_weights`) of the margin.
+TOKEN_METHODS = ("d2po", "confpo", "tgdpo", "tis_dpo", "sepo")
+LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen") + TOKEN_METHODS
 REGULARIZED = ("dpo_reg", "simpo_reg", "wpo_reg")
 WEIGHTED = ("wpo", "wpo_reg")  # need log Σ_v π(v)² per position from the policy's forward
-SIMPO_STYLE = ("simpo", "simpo_reg", "confpo")  # reference-free, a weighted mean of log π_θ over tokens
-# Token weightings (`token_weights`), and the objective each method is when used on its own.
-TOKEN_WEIGHTINGS = ("none", "d2po", "confpo")
-OWN_WEIGHTING = {"d2po": "d2po", "confpo": "confpo"}
+SIMPO_STYLE = ("simpo", "simpo_reg", "confpo", "sepo")  # reference-free, a weighted mean of log π_θ over tokens
+TOKEN_WEIGHTINGS = ("none",) + TOKEN_METHODS
+TIS_DPO_RANGE = (0.7, 1.3)  # TIS-DPO's rank weights run linearly from the lowest to the highest
 
 
 @dataclass
@@ -30,6 +31,7 @@ class SideTokens:
     rewards: torch.Tensor  # r̂_t (or another per-token column)
     mask: torch.Tensor  # True on response tokens
     log_sum_sq_probs: torch.Tensor | None = None  # log Σ_v π_θ(v | x, y_<t)², for WPO's weight
+    signal: torch.Tensor | None = None  # a token-level contrast from the shards, for a weighting that needs one
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         return (values * self.mask).sum(-1)
@@ -48,15 +50,24 @@ class LossSettings:
     static_weight: bool = False  # ablation: w ≡ 1 instead of the detached DPO pair weight
     weighting: str = "none"  # token weights a_t of the margin (TOKEN_WEIGHTINGS)
     d2po_discount: float = 0.98  # D²PO's γ: a_t = γ^t
+    tgdpo_alpha: float = 0.5  # TGDPO's α: a_t = 1 ± αβ s_t
+    sepo_ratio: float = 0.3  # SePO's k: the share of a response's tokens selected
     wpo_clamp: bool = True  # WPO's official pair weight min(1, ·); False: TRL's use_weighting, unclamped
 
 
-def token_weights(side: SideTokens, settings: LossSettings) -> torch.Tensor | None:
+def token_weights(side: SideTokens, settings: LossSettings, chosen: bool) -> torch.Tensor | None:
     """Detached per-token weights a_t [pairs, tokens] of the margin, zero off the mask; None: every token 1.
+    `side.signal` s_t is the weighting's token-level contrast of two shard columns (TrainConfig.signal_columns).
 
     - d2po (D²PO, `LotuSrc/D2PO`): a_t = γ^t, t = 1 at the first response token.
     - confpo (ConfPO, `hee-suk-yoon/ConfPO`): 1 on the tokens the policy finds less likely than its mean
       probability over the response, log π_θ(y_t) < log mean_t π_θ(y_t) (strictly); 0 elsewhere.
+    - tgdpo (TGDPO, `dvlab-research/TGDPO`): a_t = 1 + αβ s_t on the chosen side, 1 − αβ s_t on the rejected,
+      s = log π_dpo − log π_ref; unbounded.
+    - tis_dpo (TIS-DPO, `exlaw/TIS-DPO`): `tis_dpo_rank_weights` of s = log π_good − log π_bad (chosen) or of −s
+      (rejected).
+    - sepo (SePO, `SteveKGYang/SePO`): 1 on `sepo_selection` of s = log π_dpo − log π_ref (chosen: the highest,
+      rejected: the lowest); 0 elsewhere.
     """
     if settings.weighting == "none":
         return None
@@ -67,7 +78,49 @@ def token_weights(side: SideTokens, settings: LossSettings) -> torch.Tensor | No
         logps = side.logps.detach()
         mean_prob = side.sum(logps.exp()) / side.length
         return (logps < mean_prob.log()[:, None]).to(logps.dtype) * mask
-    raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
+    if settings.weighting not in TOKEN_WEIGHTINGS:
+        raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
+    if side.signal is None:
+        raise ValueError(f"the {settings.weighting} weighting needs the shards' token signal (SideTokens.signal)")
+    signal = side.signal.detach().to(side.logps.dtype) * (1 if chosen else -1)  # larger: more credit
+    if settings.weighting == "tgdpo":
+        return (1 + settings.tgdpo_alpha * settings.beta * signal) * mask
+    if settings.weighting == "tis_dpo":
+        return tis_dpo_rank_weights(signal, side.mask).to(side.logps.dtype)
+    return sepo_selection(signal, side.mask, settings.sepo_ratio).to(side.logps.dtype)
+
+
+def _ranks(keys: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+    """Each position's place (0 = first) in its row when the `ranked` positions are sorted by ascending key, ties
+    to the earlier position (Python's stable sort, as the authors' code has); the others come after them."""
+    order = torch.argsort(keys.masked_fill(~ranked, torch.inf), dim=-1, stable=True)
+    places = torch.arange(keys.shape[-1], device=keys.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, places)
+
+
+def tis_dpo_rank_weights(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """TIS-DPO's `rank_based` transform (exlaw/TIS-DPO, preference_datasets.py): within each response, the
+    tokens but the last ranked by their key rounded to two decimals (the weights file stores them so), mapped
+    linearly to [0.7, 1.3] from the lowest to the highest; one such token weighs 1. The last token, the
+    end of the response, weighs 0, as the appended EOS does there."""
+    lengths = mask.sum(-1, keepdim=True)
+    ranked = torch.arange(mask.shape[-1], device=mask.device)[None] < lengths - 1
+    keys = torch.round(keys.double() * 100) / 100
+    count = (lengths - 1).clamp(min=1).double()
+    low, high = TIS_DPO_RANGE
+    weights = low + _ranks(keys, ranked).double() / (count - 1).clamp(min=1) * (high - low)
+    return torch.where(count == 1, torch.ones_like(weights), weights) * ranked
+
+
+def sepo_selection(keys: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """SePO's token selection (SteveKGYang/SePO, token_score.py get_topK): within each response of L tokens, the
+    ⌊ratio·(L − 1)⌋ tokens with the largest key among all but the first (its scores are shifted by one token),
+    ties to the earlier token. True on the selected tokens."""
+    lengths = mask.sum(-1, keepdim=True)
+    positions = torch.arange(mask.shape[-1], device=mask.device)[None]
+    candidates = (positions >= 1) & (positions < lengths)
+    count = torch.floor(ratio * (lengths - 1).double())
+    return (_ranks(-keys, candidates) < count) & candidates
 
 
 def preference_loss(chosen: SideTokens, rejected: SideTokens,
@@ -80,7 +133,7 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     selected no token) contributes nothing."""
     alpha = settings.alpha
     (reward_w, token_scale_w, kept_w), (reward_l, token_scale_l, kept_l) = (
-        side_reward(side, settings) for side in (chosen, rejected))
+        side_reward(side, settings, is_chosen) for side, is_chosen in ((chosen, True), (rejected, False)))
     margin = reward_w - reward_l - settings.gamma if settings.loss_type in SIMPO_STYLE else reward_w - reward_l
 
     preference = -F.logsigmoid(margin)
@@ -102,7 +155,7 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         regularizer = alpha * weight * (reg_w + reg_l)
     elif settings.loss_type == "sft_chosen":
         regularizer = alpha * -chosen.sum(chosen.logps)
-    elif settings.loss_type in ("dpo", "simpo", "wpo", "d2po", "confpo"):
+    elif settings.loss_type in ("dpo", "simpo", "wpo") + TOKEN_METHODS:
         regularizer = torch.zeros_like(preference)
     else:
         raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
@@ -125,10 +178,11 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     return losses, metrics
 
 
-def side_reward(side: SideTokens, settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def side_reward(side: SideTokens, settings: LossSettings,
+                chosen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """For one side of every pair: β Σ_t a_t x_t / N; the scale β / N that T-REG's regularizer uses; and, for a
     weighted SimPO-family objective, whether any token kept a weight (else None)."""
-    weights = token_weights(side, settings)
+    weights = token_weights(side, settings, chosen)
     if settings.loss_type in SIMPO_STYLE:
         # r_S(y) = (β/N) Σ_t a_t log π_θ(y_t|x): reference-free, a (weighted) mean over tokens.
         if weights is None:

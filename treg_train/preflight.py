@@ -18,7 +18,7 @@ from treg_core.precision import DTYPES, dtype_name
 from treg_core.sources import load_tokenizer
 from treg_train.checkpoint import latest_checkpoint
 from treg_train.config import TrainConfig, changed_on_resume
-from treg_train.index import ShardIndex
+from treg_train.index import Reading, ShardIndex
 from treg_train.plan import MemoryPlan, plan_run
 
 
@@ -42,8 +42,7 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
                         f"{world_size} processes")
     checkpoint = check_output(Path(config.output), config)
     tokenizer = load_tokenizer(config.model, what="--model")
-    index = ShardIndex(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                       holdout=config.eval_fraction)
+    index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction)
     check_scored_for_the_model(config, tokenizer, index, config.data)
     dtype = compute_dtype(config.dtype, device)
     if is_main and config.ref_model is None:
@@ -51,6 +50,12 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     held_out, total_steps = eval_index(config, tokenizer), count_steps(config, index)
     memory, note = plan_run(config, world_size, device, dtype)
     return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note)
+
+
+def reading(config: TrainConfig) -> Reading:
+    """The columns this run reads of each pair."""
+    return Reading(config.reward_column, ref_logps=config.ref_model is None, signal=config.signal_columns,
+                   swap=config.swap_pairs)
 
 
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -101,12 +106,11 @@ def eval_index(config: TrainConfig, tokenizer) -> ShardIndex | None:
     """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
     holds out of --data; None without either."""
     if config.eval_data:
-        index = ShardIndex(config.eval_data, config.reward_column, with_ref_logps=config.ref_model is None)
+        index = ShardIndex(config.eval_data, reading(config))
         check_scored_for_the_model(config, tokenizer, index, config.eval_data)
         return index
     if config.eval_fraction:
-        index = ShardIndex(config.data, config.reward_column, with_ref_logps=config.ref_model is None,
-                           holdout=config.eval_fraction, held_out=True)
+        index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction, held_out=True)
         if index.num_pairs == 0:
             raise UserError(f"--eval-fraction {config.eval_fraction} holds out none of the "
                             f"{index.total_rows} pairs in {config.data}; raise it")

@@ -74,7 +74,8 @@ class Objective:
             ref_logps = inputs.ref_logps
         n = inputs.num_pairs
         sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows],
-                            None if log_sum_sq is None else log_sum_sq[rows])
+                            None if log_sum_sq is None else log_sum_sq[rows],
+                            None if inputs.signal is None else inputs.signal[rows])
                  for rows in (slice(0, n), slice(n, 2 * n))]
         losses, metrics = preference_loss(*sides, self.settings)
         metrics["token_reward_agreement"] = token_reward_agreement(*sides, self.settings.beta) * n
