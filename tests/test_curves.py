@@ -88,3 +88,20 @@ def test_a_folder_without_metrics_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(tmp_path)],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "no metrics.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_page_never_replaces_a_file_treg_reads(run, learnable_shards):
+    folder, _ = run
+    metrics = (folder / "metrics.jsonl").read_bytes()
+    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(folder), "--output",
+                             str(folder / "metrics.jsonl")], capture_output=True, text=True)
+    assert result.returncode == 2 and "give the path of an .html file" in result.stderr
+    assert (folder / "metrics.jsonl").read_bytes() == metrics
+    from pathlib import Path
+
+    manifest = Path(learnable_shards) / "manifest.json"
+    before = manifest.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "treg_data.inspect_cli", learnable_shards, "--output",
+                             str(manifest)], capture_output=True, text=True)
+    assert result.returncode == 2 and "give the path of an .html file" in result.stderr
+    assert manifest.read_bytes() == before and "Traceback" not in result.stderr

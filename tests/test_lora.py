@@ -121,9 +121,9 @@ def test_the_merged_export_scores_in_vllm(lora_run, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--lora-r", "-1"], "--lora-r must be >= 0"),
-        (["--lora-alpha", "0"], "--lora-alpha must be positive"),
-        (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1)"),
+        (["--lora-r", "-1"], "--lora-r -1: it must be an integer >= 0"),
+        (["--lora-alpha", "0"], "--lora-alpha 0.0: it must be a positive number"),
+        (["--lora-dropout", "1"], "--lora-dropout 1.0: it must be in [0, 1)"),
         (["--lora-r", "0"], "--export-adapter needs --lora-r above 0"),
         (["--lora-target-modules", "no_such_proj"], "--lora-target-modules 'no_such_proj'"),
         (["--lora-target-modules", "embed_tokens"], "not linear"),

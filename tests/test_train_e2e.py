@@ -162,7 +162,7 @@ def test_exported_model_scores_in_vllm(single, tmp_path):
     "extra, message",
     [
         (["--loss", "ipo"], "--loss must be one of"),
-        (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+        (["--global-batch-size", "0"], "--global-batch-size 0: it must be at least 1"),
         (["--learning-rate", "abc"], "'abc' is not a valid float"),
         (["--no-such-flag"], "No such option"),
         (["--max-length", "4096"], "--micro-batch-tokens must hold one pair"),

@@ -147,7 +147,7 @@ def test_eval_settings_that_would_mix_two_runs_are_refused_on_resume():
 
 @pytest.mark.parametrize("extra, message", [
     (["--eval-data", "x", "--eval-fraction", "0.1"], "--eval-data or --eval-fraction, not both"),
-    (["--eval-fraction", "1"], "--eval-fraction must be in [0, 1)"),
+    (["--eval-fraction", "1"], "--eval-fraction 1.0: it must be in [0, 1)"),
     (["--eval-steps", "5"], "--eval-steps needs pairs to evaluate on"),
     (["--eval-fraction", "0.0001"], "--eval-fraction 0.0001 holds out none of the 96 pairs"),
 ], ids=["both", "fraction-1", "steps-alone", "fraction-too-small"])

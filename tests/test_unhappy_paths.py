@@ -2,6 +2,7 @@
 never in a wrong result that says "finished", and never cost the user a file."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,15 @@ def test_a_nan_token_reward_stops_the_run_naming_its_shard_and_pair(tiny_model, 
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_nan_in_the_eval_data_stops_the_run_before_its_first_step(tiny_model, learnable_shards, tmp_path):
+    shard, pair_id = _with_a_nan_reward(learnable_shards, tmp_path / "held-out")
+    result = _train(tiny_model, learnable_shards, tmp_path / "run", "--eval-data", tmp_path / "held-out",
+                    "--max-steps", "4", "--save-steps", "0")
+    assert_one_line_error(result, shard.name, pair_id, "chosen_rewards", "NaN or infinite")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # found before any step, not after the last
+
+
 def test_a_diverging_run_stops_at_its_step_and_exports_nothing(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "12", "--save-steps", "1",
                     "--learning-rate", "1e9")
@@ -82,15 +92,35 @@ def test_resume_may_extend_the_run_and_change_logging(tiny_model, learnable_shar
     result = _train(tiny_model, learnable_shards, extended, "--max-steps", "6", "--save-steps", "3", "--resume",
                     "--logging-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
-    steps = [json.loads(line)["step"] for line in (extended / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 4, 6]
+    lines = [json.loads(line) for line in (extended / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 4, 6]
+    # The schedule spans the new total from the resumed step on (cosine over 6 steps, no warmup), and says so.
+    assert "the learning-rate schedule now spans 6 steps instead of 4" in result.stderr
+    assert lines[2]["learning_rate"] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
+
+
+def test_resume_says_what_it_does(tiny_model, learnable_shards, finished_run, tmp_path):
+    before = (finished_run / "metrics.jsonl").read_text()
+    result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "2", "--resume")
+    assert_one_line_error(result, "finished at step 4", "nothing to resume")
+    assert (finished_run / "metrics.jsonl").read_text() == before
+    killed = tmp_path / "killed"  # a run killed after its checkpoint at step 2
+    shutil.copytree(finished_run, killed)
+    shutil.rmtree(killed / "final")
+    (killed / "finished.json").unlink()
+    result = _train(tiny_model, learnable_shards, killed, "--max-steps", "1", "--save-steps", "2", "--resume")
+    assert_one_line_error(result, "--max-steps 1 is below the step 2 of the newest checkpoint")
+    assert not (killed / "final").exists()
 
 
 def test_an_output_folder_holding_a_run_is_refused_without_resume(tiny_model, learnable_shards, finished_run):
-    before = {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")}
+    def files():  # the lock file names the latest process that held it: not the run's
+        return {p: p.stat().st_mtime_ns for p in finished_run.rglob("*") if not p.name.startswith(".treg-lock")}
+
+    before = files()
     result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "0")
     assert_one_line_error(result, "already holds a run", "--resume")
-    assert {p: p.stat().st_mtime_ns for p in finished_run.rglob("*")} == before
+    assert files() == before
 
 
 def test_an_output_folder_of_other_files_is_refused(tiny_model, learnable_shards, tmp_path):
@@ -218,3 +248,19 @@ def test_a_data_parallel_worker_error_is_one_line(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4))
     with pytest.raises(UserError, match=r"worker \d: model folder .* does not exist"):
         run_data_parallel(hf_score_config("./no-such-model", data, tmp_path / "out"), 2)
+
+
+@pytest.mark.parametrize("column, value", [("chosen_ref_logps", 0.5), ("rejected_better_logps", -1e30),
+                                           ("chosen_rewards", 0.75)])
+def test_shard_values_outside_their_range_are_named(tiny_model, learnable_shards, tmp_path, column, value):
+    shutil.copytree(learnable_shards, tmp_path / "scored")
+    shard = sorted((tmp_path / "scored" / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    rows[5][column][1] = value
+    pq.write_table(type(table).from_pylist(rows, schema=table.schema), shard, row_group_size=1000)
+    loss = "tis_dpo" if "better" in column else "dpo_reg"  # TIS-DPO reads better_logps by default
+    result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "12", "--save-steps", "0",
+                    "--loss", loss)
+    assert_one_line_error(result, shard.name, rows[5]["id"], column, "outside its range")
+    assert not (tmp_path / "run" / "final").exists()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import typing
 from dataclasses import Field, field, fields
@@ -163,3 +164,40 @@ def run_cli(command: click.Command, name: str, interrupted: str = "interrupted")
     if code == 130:
         print(f"{name}: {interrupted}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+# ---- numeric ranges: checks for `check_ranges` tables ----------------------------------------------
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low):
+    return lambda v: finite(v) and v >= low
+
+
+def above(low):
+    return lambda v: finite(v) and v > low
+
+
+def within(low, high):
+    """In [low, high)."""
+    return lambda v: finite(v) and low <= v < high
+
+
+def share(value) -> bool:
+    """In (0, 1]."""
+    return finite(value) and 0 < value <= 1
+
+
+def optional(check):
+    return lambda v: v is None or check(v)
+
+
+def check_ranges(config, ranges: dict) -> None:
+    """Each numeric setting in its range (NaN and infinities never are), or one line naming the flag and the fix."""
+    for name, (ok, what) in ranges.items():
+        value = getattr(config, name)
+        if not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: it must be {what}")

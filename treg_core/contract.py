@@ -11,10 +11,10 @@ One row per preference pair. `prompt`, `chosen` and `rejected` are stored in TRL
 form with an explicit prompt (message lists of role and content), so every shard has one schema
 whatever the input's format; plain-string inputs become one message each. Per side (`chosen_`,
 `rejected_`), the response token ids and one float32 per token of each TOKEN_FLOAT_COLUMNS: every
-per-token list has exactly the length of its `*_ids`. The token sequence a model sees is
-`prompt_ids + {side}_ids`. The optional columns are there only when the run asked for them (DPO_COLUMNS:
-treg-score --dpo-model; REVERSE_DPO_COLUMNS: --reverse-dpo-model), so a folder's schema is its provenance's
-`schema`.
+per-token list has exactly the length of its `*_ids`, and its values in the column's COLUMN_RANGES.
+The token sequence a model sees is `prompt_ids + {side}_ids`. The optional columns are there only
+when the run asked for them (DPO_COLUMNS: treg-score --dpo-model; REVERSE_DPO_COLUMNS:
+--reverse-dpo-model), so a folder's schema is its provenance's `schema`.
 
 The records (Provenance, ShardMetadata, WorkerManifest, Manifest) are dataclasses written as JSON and
 read back by `from_dict`, which names any missing or unknown key: a field renamed in one stage fails
@@ -39,6 +39,12 @@ CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is sco
 TOKEN_FLOAT_COLUMNS = tuple(f"{context}_logps" for context in CONTEXTS) + ("rewards",)
 DPO_COLUMNS = ("dpo_logps", "dpo_rewards")  # treg-score --dpo-model: its log-probs after the policy prompt
 REVERSE_DPO_COLUMNS = ("rev_dpo_logps",)  # treg-score --reverse-dpo-model: the same, of a reverse-DPO model
+# The range of each per-token float column, checked where training reads it: log-probs are at most 0 (a little
+# rounding above is allowed) and never below -1e4, token rewards lie in the transform's (-0.5, 0.5).
+LOGPROB_RANGE, REWARD_RANGE = (-1e4, 1e-4), (-0.5, 0.5)
+COLUMN_RANGES = {**{name: LOGPROB_RANGE for name in ("ref_logps", "better_logps", "worse_logps", "dpo_logps",
+                                                      "rev_dpo_logps")},
+                 **{name: REWARD_RANGE for name in ("rewards", "dpo_rewards")}}
 COLUMN_SOURCES = {**{name: "--dpo-model" for name in DPO_COLUMNS}, **{name: "--reverse-dpo-model"
                                                                       for name in REVERSE_DPO_COLUMNS}}
 METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata

@@ -40,3 +40,13 @@ def load_tokenizer(name: str, revision: str | None = None, chat_template: str | 
     if needs_chat_template and not tokenizer.chat_template:
         raise UserError(f"the tokenizer of {label} has no chat template; pass one with --chat-template FILE")
     return tokenizer
+
+
+def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str, flag: str = "--scorer-model") -> None:
+    """Token rewards compare log-probs of the very same token ids, so every model that scores
+    them (`flag` names which) must share --model's vocabulary."""
+    if policy_tokenizer.get_vocab() != scorer_tokenizer.get_vocab():
+        raise UserError(
+            f"{flag} {scorer_name} has a different vocabulary from --model; token rewards need "
+            "identical token ids, so use a model from the same model family and tokenizer"
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from treg_core.command_line import REQUIRED, require, setting
+from treg_core.command_line import REQUIRED, above, at_least, check_ranges, optional, require, setting, share
 from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES
 from treg_data.pairs import Columns
@@ -103,6 +103,17 @@ class ScoreConfig:
         return {name: replace(main, model=model, revision=None) for name, model in self.other_models.items()}
 
 
+# Every numeric setting's meaningful range, checked before any work.
+RANGES = {
+    **{name: (at_least(1), "at least 1") for name in ("max_length", "max_prompt_length", "batch_size", "shard_size",
+                                                      "num_workers", "data_parallel_size", "tensor_parallel_size")},
+    "max_model_len": (optional(above(0)), "a positive number of tokens (leave it out for the default)"),
+    "worker_index": (at_least(0), "an integer >= 0"),
+    "seed": (at_least(0), "an integer >= 0"),
+    "gpu_memory_utilization": (share, "in (0, 1]: the share of the GPU's memory vLLM may take"),
+}
+
+
 def validate(config: ScoreConfig) -> ScoreConfig:
     """Settings that cannot work, refused before anything is read or started; each message says the fix."""
     require(config, ("dataset", "model", "output"))
@@ -110,10 +121,10 @@ def validate(config: ScoreConfig) -> ScoreConfig:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
     if config.backend not in BACKENDS:
         raise UserError(f"--backend must be 'vllm' or 'hf', got {config.backend!r}")
-    for name in ("max_length", "max_prompt_length", "batch_size", "shard_size", "num_workers", "data_parallel_size",
-                 "tensor_parallel_size"):
-        if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    check_ranges(config, RANGES)
+    if config.worker_index >= config.num_workers:
+        raise UserError(f"--worker-index {config.worker_index} must be below --num-workers {config.num_workers} "
+                        "(workers count from 0)")
     if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
         raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
                         "them; score the DPO rewards in a run without --scorer-model")

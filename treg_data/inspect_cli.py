@@ -8,9 +8,18 @@ import click
 
 from treg_core.atomic import write_text
 from treg_core.command_line import CONTEXT, GroupedCommand, HelpedArgument, grouped, run_cli
-from treg_core.contract import MANIFEST, Provenance, output_root, read_manifest, read_shard_metadata, shard_files
+from treg_core.contract import (
+    MANIFEST,
+    Provenance,
+    output_root,
+    read_manifest,
+    read_shard_metadata,
+    shard_files,
+    tokenizer_fingerprint,
+)
 from treg_core.errors import UserError
-from treg_core.sources import load_tokenizer
+from treg_core.html import page_path
+from treg_core.sources import check_same_vocabulary, load_tokenizer
 
 PAIRS, REWARDS, OUTPUT = "Pairs to show", "Rewards", "Output"
 
@@ -39,8 +48,11 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
 
     if sum(x not in (None, ()) for x in (id, random, extreme)) > 1:
         raise UserError("choose pairs with one of --id, --random or --extreme")
+    target = page_path(output) if output else Path(data) / "report.html"
     provenance = _provenance(data)
     tok = load_tokenizer(tokenizer or checkpoint or provenance.model)
+    if checkpoint:
+        check_checkpoint(checkpoint, provenance)
     rows = report.select_rows(data, ids=list(id) or None, sample=random, extreme=extreme, seed=seed)
     implicit = report.implicit_rewards(checkpoint, rows, beta) if checkpoint else None
     views = report.build_views(rows, tok, implicit)
@@ -48,10 +60,23 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
             "reward": provenance.reward_transform, "pairs shown": str(len(views))}
     if checkpoint:
         meta["checkpoint"] = f"{checkpoint} (β = {beta})"
-    target = Path(output) if output else Path(data) / "report.html"
     distribution = reward_distribution(shard_files(data))
     write_text(target, report.render_html(views, "treg token rewards", meta, distribution))
     print(f"treg-inspect: {len(views)} pair(s) written to {target}")
+
+
+def check_checkpoint(checkpoint: str, provenance: Provenance) -> None:
+    """The checkpoint's implicit rewards are log-probs of the shards' token ids: its vocabulary must be theirs."""
+    ours = load_tokenizer(checkpoint, what="--checkpoint")
+    if tokenizer_fingerprint(ours) == provenance.tokenizer_hash:
+        return
+    try:
+        scored = load_tokenizer(provenance.model)
+    except UserError:
+        raise UserError(f"--checkpoint {checkpoint} has another tokenizer than the one the shards were scored with "
+                        f"({provenance.model}, which cannot be loaded here to compare vocabularies); give a "
+                        "checkpoint of that model") from None
+    check_same_vocabulary(scored, ours, checkpoint, flag="--checkpoint")
 
 
 def _provenance(data: str) -> Provenance:

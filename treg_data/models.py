@@ -6,16 +6,6 @@ from __future__ import annotations
 from treg_core.errors import UserError, first_line
 
 
-def check_same_vocabulary(policy_tokenizer, scorer_tokenizer, scorer_name: str, flag: str = "--scorer-model") -> None:
-    """Token rewards compare log-probs of the very same token ids, so every model that scores
-    them (`flag` names which) must share --model's vocabulary."""
-    if policy_tokenizer.get_vocab() != scorer_tokenizer.get_vocab():
-        raise UserError(
-            f"{flag} {scorer_name} has a different vocabulary from --model; token rewards need "
-            "identical token ids, so use a model from the same model family and tokenizer"
-        )
-
-
 def load_model_config(name: str, revision: str | None):
     from transformers import AutoConfig
 

@@ -15,12 +15,12 @@ from treg_core import __version__
 from treg_core.contract import Provenance, tokenizer_fingerprint
 from treg_core.errors import BadRow, UserError
 from treg_core.precision import resolve_dtype
-from treg_core.sources import load_tokenizer
+from treg_core.sources import check_same_vocabulary, load_tokenizer
 from treg_data.config import ScoreConfig, validate
 from treg_data.encoding import EncodedPair, PairEncoder, revision_overhead
 from treg_data.inputs import InvalidRow, open_source, worker_range
 from treg_data.lengths import LengthLimits, resolve_max_model_len
-from treg_data.models import check_same_vocabulary, load_model_config, model_context
+from treg_data.models import load_model_config, model_context
 from treg_data.pairs import Columns, parse_pair, row_id
 from treg_data.revision_prompts import RevisionPrompts, load_revision_prompts
 from treg_data.rewards import REWARD_TRANSFORM

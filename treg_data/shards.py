@@ -47,7 +47,7 @@ from treg_core.contract import (
     worker_prefix,
 )
 from treg_core.errors import UserError
-from treg_core.folders import claim_folder
+from treg_core.folders import check_folder, claim_folder, lock_folder
 
 ROW_GROUP_SIZE = 1000  # the unit readers fetch, so streaming needs little memory
 
@@ -80,7 +80,10 @@ class ShardStore:
     # ---- resume -------------------------------------------------------------------------
 
     def resume(self, start: int, overwrite: bool) -> Progress:
-        """Check the folder holds only compatible work, then return where this worker stands."""
+        """Check the folder holds only compatible work, then return where this worker stands. The worker's lock is
+        held from here on: a second run of the same worker into the folder is refused."""
+        check_folder(self.root, "treg-score")
+        lock_folder(self.root, "treg-score", f"-{self.prefix.rstrip('-')}")
         claim_folder(self.root, "treg-score")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.data_dir.glob(f".{self.prefix}*"):

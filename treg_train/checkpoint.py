@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
 from treg_core.atomic import publish, replacing
 
 PREFIX = "step-"
+FINISHED = "finished.json"  # in the run folder, once final/ is exported: {"step": the last step}
 # Frozen weights (a LoRA run's base model) are not saved: they are the starting checkpoint's, which --resume
 # loads again (it refuses another --model). A full fine-tuning run has none, so it saves everything.
 TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)

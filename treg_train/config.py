@@ -5,7 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from treg_core.command_line import REQUIRED, load_settings, require, setting
+from treg_core.command_line import (
+    REQUIRED,
+    above,
+    at_least,
+    check_ranges,
+    finite,
+    load_settings,
+    optional,
+    require,
+    setting,
+    share,
+    within,
+)
+from treg_core.contract import COLUMN_RANGES, LOGPROB_RANGE
 from treg_core.errors import UserError
 from treg_train.losses import LOSS_TYPES, TOKEN_METHODS, TOKEN_WEIGHTINGS, LossSettings
 
@@ -61,7 +74,7 @@ class TrainConfig:
     lr_scheduler_type: str = setting("cosine", OPTIMISATION, "cosine, linear or constant (after the warmup).")
     warmup_ratio: float = setting(0.1, OPTIMISATION, "Share of the steps spent warming the learning rate up.")
     weight_decay: float = setting(0.0, OPTIMISATION, "AdamW weight decay.")
-    max_grad_norm: float = setting(1.0, OPTIMISATION, "Clip the gradient to this norm.")
+    max_grad_norm: float = setting(1.0, OPTIMISATION, "Clip the gradient to this norm (0: no clipping).")
     seed: int = setting(42, OPTIMISATION, "Seed of the data order and of torch.")
     max_length: int = setting(
         2048, MEMORY, "Longest prompt + response trained on; longer pairs are skipped and counted.")
@@ -156,8 +169,40 @@ def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
 CHECKPOINTING = {"auto": None, "false": "none", "selective": "every other layer", "true": "every layer"}
 
 
+# Every numeric setting's meaningful range, checked before any work: (check, what the value must be, and why).
+RANGES = {
+    "beta": (optional(above(0)), "a positive number: β scales the margin, and a negative β trains towards the "
+                                  "rejected answers"),
+    "alpha": (at_least(0), "a number >= 0 (0: no regularizer)"),
+    "gamma": (optional(finite), "a finite number (SimPO's target margin)"),
+    "d2po_discount": (share, "in (0, 1]"),
+    "tgdpo_alpha": (at_least(0), "a number >= 0"),
+    "sepo_ratio": (share, "in (0, 1]: the share of each response's tokens"),
+    "learning_rate": (above(0), "a positive number"),
+    "global_batch_size": (at_least(1), "at least 1"),
+    "num_train_epochs": (at_least(1), "at least 1"),
+    "max_steps": (optional(at_least(1)), "at least 1 (leave it out to train the epochs)"),
+    "warmup_ratio": (within(0, 1), "in [0, 1)"),
+    "weight_decay": (at_least(0), "a number >= 0"),
+    "max_grad_norm": (at_least(0), "a number >= 0 (0: no clipping)"),
+    "seed": (at_least(0), "an integer >= 0"),
+    "max_length": (at_least(1), "at least 1"),
+    "micro_batch_tokens": (at_least(1), "at least 1"),
+    "shuffle_buffer": (at_least(1), "at least 1 (1: no shuffling within the stream)"),
+    "logprob_chunk_rows": (at_least(1), "at least 1"),
+    "lora_r": (at_least(0), "an integer >= 0 (0: full fine-tuning)"),
+    "lora_alpha": (above(0), "a positive number"),
+    "lora_dropout": (within(0, 1), "in [0, 1)"),
+    "logging_steps": (at_least(1), "at least 1"),
+    "save_steps": (at_least(0), "an integer >= 0 (0: no checkpoints)"),
+    "eval_fraction": (within(0, 1), "in [0, 1)"),
+    "eval_steps": (at_least(0), "an integer >= 0 (0: only at the end)"),
+}
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     require(config, () if config.plan else ("model", "data", "output"))
+    check_ranges(config, RANGES)
     checks = [
         (config.gradient_checkpointing in CHECKPOINTING,
          f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {config.gradient_checkpointing!r}"),
@@ -167,31 +212,23 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.loss not in TOKEN_METHODS or config.token_weighting in (None, config.loss),
          f"--loss {config.loss} weights tokens its own way; leave --token-weighting out, or use --loss dpo_reg / "
          "simpo_reg with --token-weighting to combine a weighting with T-REG"),
-        (0 < config.d2po_discount <= 1, "--d2po-discount must be in (0, 1]"),
-        (config.tgdpo_alpha >= 0, "--tgdpo-alpha must be non-negative"),
         (config.tis_dpo_weights in ("prompts", "models"), "--tis-dpo-weights must be prompts or models"),
-        (0 < config.sepo_ratio <= 1, "--sepo-ratio must be in (0, 1]"),
+        (COLUMN_RANGES.get(config.reward_column) != LOGPROB_RANGE,
+         f"--reward-column {config.reward_column} holds log-probs, not token rewards; give rewards, dpo_rewards or "
+         "a per-token column of your own"),
+        (config.reward_column != "ids", "--reward-column ids holds token ids, not token rewards; give rewards, "
+                                        "dpo_rewards or a per-token column of your own"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),
          "--lr-scheduler-type must be cosine, linear or constant"),
         (config.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb"),
         (config.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
-        (config.global_batch_size >= 1, "--global-batch-size must be at least 1"),
-        (config.learning_rate > 0, "--learning-rate must be positive"),
-        (0 <= config.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-        (config.alpha >= 0, "--alpha must be non-negative"),
         (config.micro_batch_tokens >= 2 * config.max_length,
          "--micro-batch-tokens must hold one pair: at least 2 x --max-length"),
-        (config.logging_steps >= 1 and config.save_steps >= 0, "--logging-steps must be >= 1 and --save-steps >= 0"),
-        (config.lora_r >= 0, "--lora-r must be >= 0 (0: full fine-tuning)"),
-        (config.lora_alpha > 0, "--lora-alpha must be positive"),
-        (0 <= config.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         (bool(config.lora_target_modules.replace(",", "").strip()),
          "--lora-target-modules must name at least one module, or be all-linear"),
         (config.lora_r > 0 or not config.export_adapter, "--export-adapter needs --lora-r above 0"),
         (not (config.eval_data and config.eval_fraction),
          "give --eval-data or --eval-fraction, not both (held-out pairs come from one of them)"),
-        (0 <= config.eval_fraction < 1, "--eval-fraction must be in [0, 1)"),
-        (config.eval_steps >= 0, "--eval-steps must be >= 0"),
         (not config.eval_steps or bool(config.eval_data or config.eval_fraction),
          "--eval-steps needs pairs to evaluate on: --eval-data or --eval-fraction"),
     ]

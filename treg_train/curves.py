@@ -11,7 +11,7 @@ import yaml
 
 from treg_core.atomic import write_text
 from treg_core.errors import UserError
-from treg_core.html import element, escape, page, svg
+from treg_core.html import element, escape, page, page_path, svg
 from treg_train.metrics import read_metrics_file
 
 # Charts in reading order; a metric not named here gets a chart of its own, so none is left out.
@@ -112,7 +112,7 @@ def run_settings(run: str | Path) -> dict:
 
 
 def write_curves(run: str | Path, output: str | Path | None = None) -> Path:
-    target = Path(output) if output else Path(run) / "curves.html"
+    target = page_path(output) if output else Path(run) / "curves.html"
     try:
         write_text(target, render_page(run, read_metrics(run), run_settings(run)))
     except OSError as err:

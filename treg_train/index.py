@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from treg_core.contract import (
+    COLUMN_RANGES,
     COLUMN_SOURCES,
     SIDES,
     column,
@@ -116,11 +117,19 @@ def check_numbers(table: pa.Table, where: str) -> None:
             if (lengths != tokens).any():
                 row = int(np.argmax(lengths != tokens))
                 raise UserError(f"{where}: pair {ids[row]}: {name} has {lengths[row]} values for {tokens[row]} tokens")
-            finite = np.isfinite(values.flatten().to_numpy(zero_copy_only=False))
+            flat = values.flatten().to_numpy(zero_copy_only=False)
+            finite = np.isfinite(flat)
             if not finite.all():
                 row = pc.list_parent_indices(values).to_numpy()[np.argmin(finite)]
                 raise UserError(f"{where}: pair {ids[row]}: {name} holds NaN or infinite values; "
                                 "score the data again or drop that pair")
+            low, high = COLUMN_RANGES.get(name.removeprefix(column(side, "")), (-np.inf, np.inf))
+            outside = (flat < low) | (flat > high)
+            if outside.any():
+                first = int(np.argmax(outside))
+                row = pc.list_parent_indices(values).to_numpy()[first]
+                raise UserError(f"{where}: pair {ids[row]}: {name} holds {flat[first]:.6g}, outside its range "
+                                f"[{low:g}, {high:g}]; score the data again or drop that pair")
 
 
 def held_out_rows(file_name: str, row_group: int, rows: int, fraction: float) -> np.ndarray:
@@ -195,6 +204,13 @@ class ShardIndex:
         check_numbers(table, f"{self.files[file_index]} (row group {row_group})")
         self.groups_read += 1
         return table
+
+    def check_every_group(self) -> None:
+        """Read and check every row group on this index's side of the split now, rather than when it is reached:
+        for held-out pairs, which are read only when the run evaluates, after its steps."""
+        for group in range(len(self.groups)):
+            if len(self.rows(group)):
+                self.table(group)
 
     def pairs(self, table: pa.Table, rows) -> list[TrainingPair]:
         """Rows of a row group's table, their arrays copied so that the table can be dropped."""

@@ -4,19 +4,21 @@ runs it, and a mistake costs seconds rather than a model load."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from treg_core.contract import tokenizer_fingerprint
 from treg_core.errors import UserError
-from treg_core.folders import check_folder
+from treg_core.folders import check_folder, lock_folder
 from treg_core.precision import DTYPES, dtype_name
-from treg_core.sources import load_tokenizer
-from treg_train.checkpoint import latest_checkpoint
+from treg_core.sources import check_same_vocabulary, load_tokenizer
+from treg_train.checkpoint import FINISHED, latest_checkpoint
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.index import Reading, ShardIndex
 from treg_train.plan import MemoryPlan, plan_run
@@ -40,8 +42,12 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     if config.global_batch_size % world_size:
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
                         f"{world_size} processes")
+    check_reporter(config.report_to)
     checkpoint = check_output(Path(config.output), config)
     tokenizer = load_tokenizer(config.model, what="--model")
+    if config.ref_model:
+        check_same_vocabulary(tokenizer, load_tokenizer(config.ref_model, what="--ref-model"), config.ref_model,
+                              flag="--ref-model")
     index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction)
     check_scored_for_the_model(config, tokenizer, index, config.data)
     dtype = compute_dtype(config.dtype, device)
@@ -65,17 +71,42 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_reporter(report_to: str) -> None:
+    """--report-to needs its package, found before the folder is claimed."""
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}, or leave "
+                        "--report-to out (metrics.jsonl is always written)")
+
+
+def lock_output(config: TrainConfig, is_main: bool) -> None:
+    """Before the first write: the main process takes the run folder's lock for the whole run
+    (treg_core.folders.lock_folder) and checks the folder again under it, for another run may have written there
+    since the preflight; every process learns whether it could, and all stop alike if not."""
+    refusal = [None]
+    if is_main:
+        try:
+            lock_folder(config.output, "treg-train")
+            check_output(Path(config.output), config)
+        except UserError as err:
+            refusal = [str(err)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise UserError(refusal[0])
+
+
 def check_output(output: Path, config: TrainConfig) -> Path | None:
-    """The run folder must be new, empty, or this run's own with --resume and the same settings.
-    Returns the checkpoint to resume from."""
+    """The run folder must be new, empty, the folder of a start that failed before its first checkpoint (started
+    again), or this run's own with --resume and the same settings. Returns the checkpoint to resume from."""
     ours = check_folder(output, "treg-train")
+    checkpoint = latest_checkpoint(output) if ours else None
     if not config.resume:
-        if ours:
+        if checkpoint is not None or (output / "final").exists():
             raise UserError(f"{output} already holds a run; add --resume to continue it, or give a new --output")
         return None
-    checkpoint = latest_checkpoint(output) if ours else None
     if checkpoint is None:
-        raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}")
+        raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}"
+                        + ("; run the command without --resume to start again" if ours else ""))
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     if "config" not in saved:
         raise UserError(f"--resume: {checkpoint} does not record the run's settings, "
@@ -85,6 +116,15 @@ def check_output(output: Path, config: TrainConfig) -> Path | None:
         raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
                         "may change only --max-steps, --logging-steps, --save-steps, --report-to and --eval-steps; "
                         "start a new --output")
+    finished = output / FINISHED
+    if finished.is_file():
+        step = json.loads(finished.read_text())["step"]
+        if config.max_steps is None or config.max_steps <= step:
+            raise UserError(f"--resume: the run in {output} finished at step {step} and exported its model to "
+                            f"{output / 'final'}; nothing to resume (a larger --max-steps trains it on)")
+    if config.max_steps is not None and config.max_steps < saved["step"]:
+        raise UserError(f"--resume: --max-steps {config.max_steps} is below the step {saved['step']} of the newest "
+                        f"checkpoint, {checkpoint}; give at least {saved['step']}")
     return checkpoint
 
 
@@ -100,6 +140,17 @@ def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex
     if config.ref_model is None and scorer != scored_for:
         raise UserError(f"the reference log-probs in {data} come from the --scorer-model {scorer}, not from "
                         f"{scored_for}; train with --ref-model {scored_for} to compute them online")
+    if config.ref_model is None and not same_model(scored_for, config.model) and (
+            not dist.is_initialized() or dist.get_rank() == 0):
+        print(f"treg-train: warning: the shards in {data} were scored with {scored_for}, not with --model "
+              f"{config.model} (same tokenizer): their reference log-probs are the other model's, so the policy "
+              "starts away from its reference and the first loss is not ln 2; score the data with --model, or pass "
+              "--ref-model", file=sys.stderr)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two names of one model: equal, or paths of one folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def eval_index(config: TrainConfig, tokenizer) -> ShardIndex | None:
@@ -108,14 +159,15 @@ def eval_index(config: TrainConfig, tokenizer) -> ShardIndex | None:
     if config.eval_data:
         index = ShardIndex(config.eval_data, reading(config))
         check_scored_for_the_model(config, tokenizer, index, config.eval_data)
-        return index
-    if config.eval_fraction:
+    elif config.eval_fraction:
         index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction, held_out=True)
         if index.num_pairs == 0:
             raise UserError(f"--eval-fraction {config.eval_fraction} holds out none of the "
                             f"{index.total_rows} pairs in {config.data}; raise it")
-        return index
-    return None
+    else:
+        return None
+    index.check_every_group()  # a bad held-out value found after the last step would lose the run
+    return index
 
 
 def warn_on_precision_mismatch(scored: str, computed: str, data: str) -> None:

@@ -66,6 +66,7 @@ class Run:
     sink: MetricSink
     step: int = 0
     postfix: dict = field(default_factory=dict)  # the progress bar's latest values, training's and evaluation's
+    probe: list | None = None  # this rank's first micro-batch of the latest step: the weights are checked on it
 
     @property
     def output(self) -> Path:

@@ -8,7 +8,9 @@ collectives that all ranks join, so a rank with fewer pairs runs dummy micro-bat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -137,7 +139,8 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
             tokens += inputs.num_tokens
         add_pair_metrics(metrics, losses.detach(), values, inputs.num_pairs, real)
     trainable = [p for p in objective.policy.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    # --max-grad-norm 0 means no clipping, as in transformers and TRL: the norm is still measured and checked.
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     dist.all_reduce(not_finite)  # every rank decides alike
     return StepResult(grad_norm, bool(not_finite == 0) and bool(torch.isfinite(grad_norm)), tokens)
@@ -149,20 +152,43 @@ def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk
     no random number drawn (dropout off), the data stream untouched, the modules' modes restored."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     metrics = MetricWindow()
-    modes = {module: module.training for module in objective.policy.modules()}
-    objective.policy.eval()
+    with without_training(objective.policy):
+        coordinates = reader.coordinates()
+        while chunk := list(itertools.islice(coordinates, chunk_size)):
+            mine = [reader.read(*c) for c in rank_slice(chunk, rank, world_size)]
+            filler = mine[0] if mine else reader.read(*chunk[0])  # a rank with no pair left repeats the first
+            for batch, real in rank_micro_batches(mine, filler, batching, metrics):
+                inputs = batching.inputs(batch)
+                losses, values = objective.losses(inputs)
+                add_pair_metrics(metrics, losses, values, inputs.num_pairs, real)
+    return metrics.reduce(batching.device)
+
+
+def weights_are_finite(objective: Objective, batching: Batching, pairs: list[TrainingPair] | None) -> bool:
+    """On every rank: every weight finite, and the losses of `pairs` (a micro-batch of the latest step) finite
+    too, for an update can leave finite weights that overflow in the forward (a learning rate of 1e9)."""
+    bad = torch.zeros((), device=batching.device)
+    with without_training(objective.policy):
+        for parameter in objective.policy.parameters():
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            bad += (~torch.isfinite(local)).sum()
+        if pairs is not None:
+            losses, _ = objective.losses(batching.inputs(pairs))
+            bad += (~torch.isfinite(losses)).sum()
+    dist.all_reduce(bad)  # every rank decides alike
+    return bool(bad == 0)
+
+
+@contextlib.contextmanager
+def without_training(policy: torch.nn.Module):
+    """No gradient and no random number drawn (dropout off), the modules' modes restored after; then the gathered
+    weights freed, which the root keeps after a forward without backward."""
+    modes = {module: module.training for module in policy.modules()}
+    policy.eval()
     try:
         with torch.no_grad():
-            coordinates = reader.coordinates()
-            while chunk := list(itertools.islice(coordinates, chunk_size)):
-                mine = [reader.read(*c) for c in rank_slice(chunk, rank, world_size)]
-                filler = mine[0] if mine else reader.read(*chunk[0])  # a rank with no pair left repeats the first
-                for batch, real in rank_micro_batches(mine, filler, batching, metrics):
-                    inputs = batching.inputs(batch)
-                    losses, values = objective.losses(inputs)
-                    add_pair_metrics(metrics, losses, values, inputs.num_pairs, real)
+            yield
     finally:
         for module, training in modes.items():
             module.training = training
-    objective.policy.reshard()  # the root keeps its gathered weights after a forward without backward: free them
-    return metrics.reduce(batching.device)
+    policy.reshard()

@@ -13,16 +13,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from treg_core.atomic import write_json
 from treg_core.attention import default_attention
 from treg_core.errors import UserError
 from treg_core.folders import claim_folder
 from treg_core.precision import DTYPES, checkpoint_dtype, dtype_name
-from treg_train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from treg_train.checkpoint import FINISHED, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from treg_train.config import TrainConfig
 from treg_train.lora import LoraSettings
 from treg_train.metrics import MetricSink, peak_memory_gb
 from treg_train.model import PolicyOptions, load_sharded, use_padding_free
-from treg_train.preflight import Preflight, preflight
+from treg_train.preflight import Preflight, lock_output, preflight
 from treg_train.readers import EvalReader, TrainingStream
 from treg_train.state import LogWindow, Run, Runtime, setup_distributed
 from treg_train.step import (
@@ -33,6 +34,7 @@ from treg_train.step import (
     pack_lengths,
     rank_micro_batches,
     train_step,
+    weights_are_finite,
 )
 
 
@@ -51,7 +53,10 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         if checked.checkpoint is not None:
             _resume(run, checked.checkpoint)
         last = _train_steps(run)
+        _check_weights(run, "final model")
         _export_final_model(run, checked.tokenizer)
+        if rt.is_main:  # written last: a run with it finished, and --resume says so
+            write_json(run.output / FINISHED, {"step": run.step})
     finally:
         run.sink.close(failed=sys.exc_info()[0] is not None)
     return {"steps": run.step, "final": str(run.output / "final"), "metrics": last} if rt.is_main else {}
@@ -73,12 +78,15 @@ def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
     objective = Objective(*_build_models(config, rt, checked.compute_dtype, options), settings=config.loss_settings())
     fused = rt.device.type == "cuda"
     optimizer, scheduler = build_optimizer(config, objective.policy, checked.total_steps, fused=fused)
+    lock_output(config, rt.is_main)
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in "
               f"{dtype_name(checked.compute_dtype)}; {checked.index.num_pairs} pairs, {checked.total_steps} steps of "
               f"{config.global_batch_size}" + (f"; {checked.eval_index.num_pairs} held-out pairs to evaluate on"
                                                if checked.eval_index else ""), file=sys.stderr)
         claim_folder(config.output, "treg-train")  # only now that every check passed, on every rank
+        if checked.checkpoint is None:  # lines of a start that failed before its first checkpoint are not this run's
+            (Path(config.output) / "metrics.jsonl").unlink(missing_ok=True)
     padding_free = use_padding_free(objective.policy.lm, config.padding_free)
     batching = Batching(config.max_length, config.micro_batch_tokens, padding_free, rt.device,
                         pack_lengths(config.micro_batch_tokens) if attention == "flex_attention" else ())
@@ -145,10 +153,23 @@ def _resume(run: Run, checkpoint) -> None:
     """Weights, optimizer and schedule from the checkpoint; the metrics a killed run logged past it are dropped."""
     state = load_checkpoint(checkpoint, run.objective.policy, run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
+    # The learning rate of the next step from this run's schedule (the same as saved, unless --max-steps changed).
+    scheduler = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in run.optimizer.param_groups]
     run.step = state["step"]
     run.sink.truncate_after(run.step)
     if run.rt.is_main:
         print(f"resumed from {checkpoint} at step {run.step}", file=sys.stderr)
+        planned = state.get("total_steps", run.total_steps)
+        if planned != run.total_steps:  # --max-steps changed: the schedule spans the new total, as in transformers
+            config = run.config
+            old = config.learning_rate * lr_lambda(config.lr_scheduler_type, planned,
+                                                   int(config.warmup_ratio * planned))(run.step)
+            print(f"treg-train: the learning-rate schedule now spans {run.total_steps} steps instead of {planned}: "
+                  f"at step {run.step} it is {run.scheduler.get_last_lr()[0]:.3g} where the run's own schedule had "
+                  f"{old:.3g}", file=sys.stderr)
 
 
 # ---- the steps ------------------------------------------------------------------------------
@@ -197,6 +218,7 @@ def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
                         f"the run stopped before that update and nothing was exported; last good checkpoint: "
                         f"{latest_checkpoint(run.output) or 'none'}; lower --learning-rate, or check the data")
     run.optimizer.step()
+    run.probe = micro[0][0]
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -233,10 +255,20 @@ def _evaluate(run: Run, bar: tqdm) -> None:
         bar.set_postfix(run.postfix)
 
 
+def _check_weights(run: Run, what: str) -> None:
+    """Before anything is written that a rerun would trust: the weights after the latest update are usable."""
+    if not weights_are_finite(run.objective, run.batching, run.probe):
+        raise UserError(f"the weights after the update at step {run.step} are not finite, or give a loss that is "
+                        f"not finite; the run stopped before writing its {what} and nothing was exported; last good "
+                        f"checkpoint: {latest_checkpoint(run.output) or 'none'}; lower --learning-rate")
+
+
 def _save_checkpoint(run: Run) -> None:
     """The trainer state records the settings too, so that --resume can refuse other ones."""
+    _check_weights(run, "checkpoint")
     save_checkpoint(run.output, run.step, run.objective.policy, run.optimizer,
-                    {"step": run.step, "scheduler": run.scheduler.state_dict(), "config": run.config.as_dict()})
+                    {"step": run.step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(),
+                     "config": run.config.as_dict()})
 
 
 # ---- the end --------------------------------------------------------------------------------

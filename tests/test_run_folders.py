@@ -1,0 +1,108 @@
+"""One run per folder, held by a lock that a killed run does not leave behind; a start that failed before its
+first checkpoint can be run again; what can be checked is checked before a folder is claimed."""
+
+import subprocess
+import sys
+import time
+
+from helpers import assert_one_line_error, hf_score_config, make_pairs, read_metrics, run, train_command, write_jsonl
+
+TRAIN = ["--global-batch-size", "8", "--logging-steps", "1", "--save-steps", "0"]
+
+
+def _hold_lock(folder, command: str, name: str = "") -> subprocess.Popen:
+    """Another process holding the folder's lock, as a running treg command does."""
+    code = (f"import sys, time; from treg_core.folders import lock_folder; lock_folder({str(folder)!r}, {command!r}, "
+            f"{name!r}); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_training_run_into_a_folder_in_use_is_refused_and_a_killed_one_leaves_no_lock(
+        tiny_model, learnable_shards, tmp_path):
+    folder = tmp_path / "run"
+    holder = _hold_lock(folder, "treg-train")
+    try:
+        result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                                   "--max-steps", "1", *TRAIN))
+        assert_one_line_error(result, f"{folder} is in use by treg-train (pid {holder.pid}")
+        assert not (folder / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                               "--max-steps", "1", *TRAIN))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_second_scoring_run_of_the_same_worker_is_refused(tiny_model, tmp_path):
+    import pytest
+
+    from treg_core.errors import UserError
+    from treg_data import pipeline
+
+    data, folder = write_jsonl(tmp_path / "d.jsonl", make_pairs(4)), tmp_path / "scored"
+    holder = _hold_lock(folder, "treg-score", "-train-00000-of-00002")
+    try:
+        with pytest.raises(UserError, match=f"is in use by treg-score \\(pid {holder.pid}"):
+            pipeline.run(hf_score_config(tiny_model, data, folder, num_workers=2, worker_index=0))
+        pipeline.run(hf_score_config(tiny_model, data, folder, num_workers=2, worker_index=1))  # another worker
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = pipeline.run(hf_score_config(tiny_model, data, folder, num_workers=2, worker_index=0))
+    assert summary.manifest is not None  # both workers finished: the folder is complete
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_be_run_again(tiny_model, learnable_shards, tmp_path):
+    folder = tmp_path / "run"
+    failed = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                               "--max-steps", "2", "--learning-rate", "1e9", "--warmup-ratio", "0", *TRAIN))
+    assert_one_line_error(failed, "not finite")
+    resumed = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                                "--max-steps", "2", "--resume", *TRAIN))
+    assert_one_line_error(resumed, "no complete checkpoint", "without --resume to start again")
+    again = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                              "--max-steps", "2", *TRAIN))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [m["step"] for m in read_metrics(folder)] == [1, 2]  # this run's lines only
+    done = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
+                             "--max-steps", "2", *TRAIN))
+    assert_one_line_error(done, "already holds a run")  # a finished run is never started over
+
+
+def test_a_missing_reporting_package_is_found_before_the_folder_is_claimed(tiny_model, learnable_shards, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        import pytest
+
+        pytest.skip("tensorboard is installed here")
+    started = time.perf_counter()
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",
+                               "--report-to", "tensorboard", *TRAIN))
+    assert_one_line_error(result, "--report-to tensorboard needs the tensorboard package")
+    assert not (tmp_path / "run").exists() and time.perf_counter() - started < 120
+
+
+# ---- every model that meets the shards is checked against them ------------------------------------------------
+
+
+def test_models_that_do_not_match_the_shards_are_refused_or_named(tiny_model, learnable_shards, tmp_path):
+    from helpers import perturbed_copy
+    from tiny_model import build_tiny_model
+
+    other = str(build_tiny_model(tmp_path / "other-vocabulary", vocab_size=600))
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "ref",
+                               "--ref-model", other, "--max-steps", "1", *TRAIN))
+    assert_one_line_error(result, f"--ref-model {other} has a different vocabulary")
+    result = run([sys.executable, "-m", "treg_data.inspect_cli", learnable_shards, "--checkpoint", other,
+                  "--output", str(tmp_path / "page.html")])
+    assert_one_line_error(result, f"--checkpoint {other} has a different vocabulary")
+    sibling = perturbed_copy(tiny_model, tmp_path / "sibling", seed=5)  # same tokenizer, other weights
+    result = run(train_command("--model", sibling, "--data", learnable_shards, "--output", tmp_path / "sibling-run",
+                               "--max-steps", "1", *TRAIN))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"were scored with {tiny_model}, not with --model {sibling}" in result.stderr
+    assert "first loss is not ln 2" in result.stderr

@@ -1,0 +1,95 @@
+"""Every numeric setting in its meaningful range, checked before any work: nothing trains backwards, or not at
+all, while reporting success."""
+
+import math
+
+import pytest
+from helpers import assert_one_line_error, read_metrics, run, train_command
+
+from treg_core.command_line import load_settings
+from treg_core.errors import UserError
+from treg_data.config import RANGES as SCORE_RANGES
+from treg_data.config import ScoreConfig
+from treg_data.config import validate as validate_score
+from treg_train.config import RANGES as TRAIN_RANGES
+from treg_train.config import TrainConfig
+from treg_train.config import validate as validate_train
+
+TRAIN_REQUIRED = {"model": "m", "data": "d", "output": "o"}
+SCORE_REQUIRED = {"dataset": "d", "model": "m", "output": "o"}
+
+
+def _train_config(**settings):
+    return validate_train(load_settings(TrainConfig, None, {**TRAIN_REQUIRED, **settings}))
+
+
+def _score_config(**settings):
+    return validate_score(load_settings(ScoreConfig, None, {**SCORE_REQUIRED, **settings}))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("beta", -0.5), ("beta", 0.0), ("max_grad_norm", -1.0), ("max_steps", 0), ("shuffle_buffer", 0),
+    ("logprob_chunk_rows", 0), ("learning_rate", math.inf), ("alpha", -1.0), ("weight_decay", -0.1),
+    ("num_train_epochs", 0), ("warmup_ratio", 1.0), ("sepo_ratio", 0.0), ("seed", -1),
+])
+def test_a_training_setting_out_of_its_range_is_refused_naming_the_flag(name, value):
+    with pytest.raises(UserError, match=f"--{name.replace('_', '-')} {value!r}: it must be"):
+        _train_config(**{name: value})
+
+
+def _named(name: str) -> str:
+    """The refusal names the flag (a range) or the setting (an integer setting given a float)."""
+    return f"(--{name.replace('_', '-')} |{name} must be int)"
+
+
+@pytest.mark.parametrize("name", sorted(TRAIN_RANGES))
+def test_nan_is_refused_for_every_numeric_training_setting(name):
+    with pytest.raises(UserError, match=_named(name)):
+        _train_config(**{name: math.nan})
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_RANGES))
+def test_nan_and_negative_values_are_refused_for_scoring(name):
+    for value in (math.nan, -1):
+        with pytest.raises(UserError, match=_named(name)):
+            _score_config(**{name: value})
+    with pytest.raises(UserError, match="--worker-index 2 must be below --num-workers 2"):
+        _score_config(worker_index=2, num_workers=2)
+
+
+@pytest.mark.parametrize("column, what", [("ids", "token ids"), ("ref_logps", "log-probs"), ("dpo_logps", "log-probs")])
+def test_a_column_that_is_not_a_token_reward_is_refused_as_one(column, what):
+    with pytest.raises(UserError, match=f"--reward-column {column} holds {what}, not token rewards"):
+        _train_config(reward_column=column)
+
+
+def test_conventional_zeros_keep_their_meaning():
+    config = _train_config(max_grad_norm=0.0, save_steps=0, eval_steps=0, alpha=0.0, lora_r=0, weight_decay=0.0)
+    assert config.max_grad_norm == 0.0
+
+
+def test_max_grad_norm_zero_trains_without_clipping(tiny_model, learnable_shards, tmp_path):
+    """0 means no clipping (transformers, TRL): the model moves, as with a loose clip, and not at all back to the
+    input model."""
+    from transformers import AutoModelForCausalLM
+
+    losses = {}
+    for name, norm in (("none", "0"), ("loose", "1e6")):
+        result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / name,
+                                   "--max-grad-norm", norm, "--global-batch-size", "8", "--max-steps", "3",
+                                   "--learning-rate", "1e-3", "--logging-steps", "1", "--save-steps", "0"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        losses[name] = [m["loss"] for m in read_metrics(tmp_path / name)]
+    assert losses["none"] == pytest.approx(losses["loose"], rel=1e-5) and losses["none"][-1] < losses["none"][0]
+    before = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "none" / "final").state_dict()
+    assert any(not (before[k] == after[k]).all() for k in before)
+
+
+def test_weights_that_overflow_are_never_exported(tiny_model, learnable_shards, tmp_path):
+    """One update at a learning rate of 1e9 leaves finite weights whose logits are not: nothing is exported."""
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",
+                               "--learning-rate", "1e9", "--warmup-ratio", "0", "--global-batch-size", "8",
+                               "--max-steps", "1", "--save-steps", "0"))
+    assert_one_line_error(result, "after the update at step 1", "not finite", "nothing was exported")
+    assert not (tmp_path / "run" / "final").exists()
