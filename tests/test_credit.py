@@ -25,8 +25,18 @@ def test_solutions():
 
 def test_misconception_applies_when_a_step_crosses_zero():
     up, down = world.Task("up", 7, 5), world.Task("down", 1, 4)
-    assert [up.misconceived(d) for d in (7, 8, 9)] == [None, None, 1]  # 9 -> 0 is right, 1 misconceived
-    assert [down.misconceived(d) for d in (1, 0)] == [None, 8]  # 0 -> 9 is right, 8 misconceived
+    assert [up.misconceived(d) for d in (4, 6, 8, 9)] == [None, None, None, (1, 0.6)]  # 9 -> 1 skips the 0
+    assert [down.misconceived(d) for d in (1, 0)] == [None, (8, 0.6)]  # 0 -> 8 skips the 9
+
+
+def test_the_mixed_world_has_three_kinds_of_mistakes():
+    up, down = world.Task("up", 7, 5, "mixed"), world.Task("down", 1, 4, "mixed")
+    assert [up.misconceived(d) for d in (3, 4, 6, 9)] == [None, (4, 0.45), (5, 0.35), (1, 0.6)]
+    assert [down.misconceived(d) for d in (4, 6, 0, 5)] == [(4, 0.45), (7, 0.35), (8, 0.6), None]
+    rng = random.Random(0)
+    seconds = [world.student_answer(world.Task("up", 4, 4, "mixed"), rng)[1] for _ in range(2000)]
+    assert 0.42 < seconds.count(4) / 2000 < 0.48 and seconds.count(5) > seconds.count(4)  # 4,4: a habit
+    assert world.hard_chars(up, "7,4,4,6,5") == [False] * 4 + [True, False] * 2 + [True]  # after a 4, 4 and 6
 
 
 def test_student_makes_the_misconception_more_often_than_the_right_step():
@@ -140,11 +150,26 @@ def test_intervals_and_paired_differences():
     assert report.largest_difference_regime(per_seed, {"r": None, "q": None}) == "q"  # |−0.2| > |+0.1|
 
 
+def test_token_studies_compare_every_method_with_dpo_and_draw_them(tmp_path):
+    import report
+    import run
+
+    methods = ["dpo", "dpo_reg", "tgdpo", "sepo"]
+    assert report.comparisons(run.TOKEN_MIXED, methods) == [("dpo_reg", "dpo"), ("tgdpo", "dpo"), ("sepo", "dpo")]
+    assert report.comparisons(run.SETTINGS, methods) == [("dpo_reg", "dpo")]
+    rng = np.random.default_rng(0)
+    per_seed = {s: {f"{r}/{m}": {name: float(rng.random()) for name, _ in report.METRICS}
+                    for r in run.TOKEN_MIXED.regimes for m in methods} for s in range(3)}
+    assert "| noisy-200 | SePO − DPO |" in report.tables(per_seed, run.TOKEN_MIXED, methods)
+    report.forest({"token-mixed": (per_seed, run.TOKEN_MIXED, methods)}, tmp_path / "forest.png")
+    assert (tmp_path / "forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.engine
 def test_smoke_run_of_the_whole_benchmark(tmp_path):
     import run
 
-    methods = ["dpo", "dpo_reg", "dporeward_reg"]
+    methods = ["dpo", "dpo_reg", "dporeward_reg", "tis_dpo_models"]
     command = [sys.executable, str(CREDIT / "run.py"), "--smoke", "--seeds", "0", "--output", str(tmp_path / "out"),
                "--model-dir", str(tmp_path / "model"), "--enforce-eager", "--methods", ",".join(methods)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
@@ -158,7 +183,7 @@ def test_smoke_run_of_the_whole_benchmark(tmp_path):
             measured = results[f"{regime}/{method}"]
             assert 0.0 <= measured["implicit_auroc"] <= 1.0 and 0.0 <= measured["sampled_success"] <= 1.0
             assert f"| {regime} | {run.report.LABELS[method]} |" in result.stdout
-        assert (tmp_path / "out" / "seed-0" / f"{regime}-dporeward" / "manifest.json").exists()
+        assert (tmp_path / "out" / "seed-0" / f"{regime}-contrastive" / "manifest.json").exists()  # both models
     assert "| pairs-16 | DPO + T-REG − DPO |" in result.stdout
     assert "| pairs-16 | DPO + DPO-reward reg. − DPO |" in result.stdout
     assert (tmp_path / "out" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ task it answers like a mediocre student (the SFT starting policy, misconceptions
 asked to revise a draft with this world's revision prompts it writes the right answer
 ("better") or a bad one ("worse"). Built once and cached:
 
-    python pipelines/credit/build_model.py [--output ~/.cache/treg/credit-model-v2] [--steps 2400]
+    python pipelines/credit/build_model.py [--world zero|mixed] [--output FOLDER] [--steps 2400]
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import world  # noqa: E402
 
 MODEL_SHAPE = dict(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)  # about 2 M parameters
 KINDS = ("policy", "better", "worse")
-DEFAULT_FOLDER = Path(os.path.expanduser("~/.cache/treg")) / "credit-model-v2"
+CACHE = Path(os.path.expanduser("~/.cache/treg"))
+FOLDERS = {"zero": CACHE / "credit-model-v2", "mixed": CACHE / "credit-model-mixed-v1"}  # by world
+DEFAULT_FOLDER = FOLDERS["zero"]
 DRAFT_SLIP = 0.2  # drafts quoted in revision examples carry more slips than the policy makes
 
 
@@ -45,12 +47,13 @@ def example(task: world.Task, kind: str, rng: random.Random) -> tuple[list[dict]
     return [{"role": "user", "content": request}], world.answer_text(answer)
 
 
-def batch_tensors(tokenizer, rng: random.Random, size: int,
-                  kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str,
+                  world_name: str = "zero") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One padded batch of examples of one kind and one length set, short or long (they differ in
     length; this keeps padding low)."""
     lengths = rng.choice((world.SHORT, world.LONG))
-    rows = [policy.encode(tokenizer, *example(world.random_task(rng, lengths), kind, rng)) for _ in range(size)]
+    rows = [policy.encode(tokenizer, *example(world.random_task(rng, lengths, world_name), kind, rng))
+            for _ in range(size)]
     width = max(len(p) + len(a) for p, a in rows)
     input_ids = torch.full((size, width), tokenizer.pad_token_id)
     labels = torch.full((size, width), -100)
@@ -62,8 +65,9 @@ def batch_tensors(tokenizer, rng: random.Random, size: int,
     return input_ids, labels, attention
 
 
-def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> Path:
-    """Train and save the model into `folder` (written aside, then renamed: never half there)."""
+def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0,
+          world_name: str = "zero") -> Path:
+    """Train and save the model of a world into `folder` (written aside, then renamed: never half there)."""
     from tiny_model import build_tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,7 +92,7 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
     torch.manual_seed(seed)
     model.train()
     for step in range(1, steps + 1):
-        input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)])
+        input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,10 +108,11 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=DEFAULT_FOLDER)
+    parser.add_argument("--world", choices=sorted(FOLDERS), default="zero")
+    parser.add_argument("--output", type=Path, help="default: the world's cache folder")
     parser.add_argument("--steps", type=int, default=2400)
     args = parser.parse_args()
-    print(f"model in {build(args.output, steps=args.steps)}")
+    print(f"model in {build(args.output or FOLDERS[args.world], steps=args.steps, world_name=args.world)}")
 
 
 if __name__ == "__main__":

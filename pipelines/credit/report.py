@@ -21,6 +21,12 @@ LABELS = {
     "dporeward_reg": "DPO + DPO-reward reg.",
     "dpo_reg_static": "DPO + T-REG, static weight (w = 1)",
     "sft_chosen": "DPO + SFT on chosen",
+    "d2po": "D²PO",
+    "confpo": "ConfPO",
+    "tgdpo": "TGDPO",
+    "tis_dpo": "TIS-DPO (T-REG's prompts)",
+    "tis_dpo_models": "TIS-DPO (DPO / reverse-DPO models)",
+    "sepo": "SePO",
 }
 # (regularized, its base): the differences the benchmark is about.
 PAIRED = (("dpo_reg", "dpo"), ("simpo_reg", "simpo"), ("wpo_reg", "wpo"), ("dporeward_reg", "dpo"))
@@ -68,11 +74,20 @@ def reference_key(lengths: tuple[int, ...]) -> str:
     return f"reference/{lengths[0]}-{lengths[-1]}"
 
 
+def comparisons(settings, methods: list[str]) -> list[tuple[str, str]]:
+    """The paired differences a study reports: every method against DPO, or each regularized method against its
+    base."""
+    if settings.against_dpo:
+        return [(method, "dpo") for method in methods if method != "dpo" and "dpo" in methods]
+    return [(better, base) for better, base in PAIRED if better in methods and base in methods]
+
+
 def tables(per_seed: dict, settings, methods: list[str]) -> str:
     seeds = sorted(per_seed)
-    lines = [f"seeds {', '.join(map(str, seeds))}; mean ± half-width of the 95% t-interval over seeds", "",
+    lines = [f"world '{settings.world}'; seeds {', '.join(map(str, seeds))}; mean ± half-width of the 95% t-interval "
+             "over seeds", "",
              "stage one: how well a per-token score separates bad tokens from good ones (AUROC, 0.5 = chance; "
-             "hard = the steps that cross zero, where the starting policy prefers its misconception)", "",
+             "hard = the steps where a misconception of the starting policy applies)", "",
              "| pool | pairs | swapped | judge, best / worst answer | r̂ AUROC | r̂ hard AUROC | log π_ref AUROC "
              "| log π_ref hard AUROC |", "|---|---|---|---|---|---|---|---|"]
     for name, pool in settings.pools.items():
@@ -97,10 +112,9 @@ def tables(per_seed: dict, settings, methods: list[str]) -> str:
     lines += ["", "paired differences, per seed on the same pairs and prompts: mean [95% interval]", "",
               f"| regime | difference | {header} |", "|---|---|" + "---|" * len(METRICS)]
     for regime_name in settings.regimes:
-        for better, base in PAIRED:
-            if better in methods and base in methods:
-                lines.append(f"| {regime_name} | {LABELS[better]} − {LABELS[base]} | " + " | ".join(
-                    difference(paired(per_seed, regime_name, better, base, m)) for m, _ in METRICS) + " |")
+        for better, base in comparisons(settings, methods):
+            lines.append(f"| {regime_name} | {LABELS[better]} − {LABELS[base]} | " + " | ".join(
+                difference(paired(per_seed, regime_name, better, base, m)) for m, _ in METRICS) + " |")
     lines += alpha_table(per_seed, settings)
     return "\n".join(lines)
 
@@ -153,5 +167,37 @@ def plot(per_seed: dict, settings, methods: list[str], path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.suptitle(f"credit benchmark, short answers: mean and 95% interval over {len(per_seed)} seed(s)")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def forest(studies: dict, path) -> None:
+    """Every method's paired difference from DPO with its 95% interval, one panel per metric, one row per method
+    and a marker per regime of every study ({name: (per_seed, settings, methods)})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    regimes = [(name, regime) for name, (_, settings, _) in studies.items() for regime in settings.regimes]
+    methods = list(dict.fromkeys(m for _, _, ms in studies.values() for m in ms if m != "dpo"))
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.6 * len(METRICS), 0.5 * len(methods) + 1.6),
+                                sharey=True, constrained_layout=True)
+    offsets = np.linspace(-0.25, 0.25, len(regimes)) if len(regimes) > 1 else [0.0]
+    for ax, (name, label) in zip(axes, METRICS):
+        for offset, (study, regime) in zip(offsets, regimes):
+            per_seed = studies[study][0]
+            stats = [interval(paired(per_seed, regime, method, "dpo", name) or [math.nan]) for method in methods]
+            means, halves = np.array([m for m, _ in stats]), np.nan_to_num([h for _, h in stats])
+            ax.errorbar(means, np.arange(len(methods)) + offset, xerr=halves, fmt="o", markersize=4, capsize=2,
+                        label=f"{study} {regime}")
+        ax.axvline(0, color="grey", linewidth=0.8)
+        ax.set_title(f"{label}: method − DPO")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(methods)), [LABELS[m] for m in methods])
+    axes[0].invert_yaxis()
+    axes[-1].legend(fontsize=7, loc="lower right")
+    seeds = len(next(iter(studies.values()))[0])
+    figure.suptitle(f"token-level methods against DPO: paired difference, mean and 95% interval over {seeds} seeds")
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -3,6 +3,7 @@
     .venv/bin/python pipelines/credit/run.py [--seeds 0,1,2,3,4] [--output runs/credit]
     .venv/bin/python pipelines/credit/run.py --alpha-grid        # then: α swept where T-REG moves most
     .venv/bin/python pipelines/credit/run.py --alpha-regime noisy-400   # or in a regime you name
+    .venv/bin/python pipelines/credit/run.py --study token-zero,token-mixed   # round two: the token-level methods
 
 1. builds (once, cached) the small model of `build_model.py`: the SFT starting policy, which
    also understands this world's revision prompts;
@@ -14,9 +15,12 @@
 4. per regime (a pool and a number of pairs, one epoch) trains one model per method with
    treg-train, and measures on held-out prompts the AUROC of its implicit token rewards
    β·log π_θ/π_ref against the ground truth, and the success rate of its greedy and sampled
-   answers; DPO-reward regularization scores the pool again with the regime's own DPO model;
+   answers; the methods that read a DPO model's token log-probs (DPO-reward regularization, TGDPO,
+   SePO, TIS-DPO with models) read the pool scored again with the regime's own DPO model and a
+   reverse-DPO model trained on the same pairs with chosen and rejected swapped;
 5. prints the tables (means and paired differences with 95% intervals over seeds), writes
-   results.json, table.md and the learning-curve plot curves.png.
+   results.json, table.md and a plot: the learning curves (curves.png), or for the token-level
+   studies every method's difference from DPO (token_methods.png).
 
 A rerun picks up where it stopped: each finished measurement is kept in its seed's folder.
 """
@@ -58,8 +62,18 @@ METHODS = {
     "dporeward_reg": ["--loss", "dpo_reg", "--reward-column", "dpo_rewards"],
     "dpo_reg_static": ["--loss", "dpo_reg", "--static-weight"],
     "sft_chosen": ["--loss", "sft_chosen"],
+    "d2po": ["--loss", "d2po"],
+    "confpo": ["--loss", "confpo"],
+    "tgdpo": ["--loss", "tgdpo"],
+    "tis_dpo": ["--loss", "tis_dpo"],
+    "tis_dpo_models": ["--loss", "tis_dpo", "--tis-dpo-weights", "models"],
+    "sepo": ["--loss", "sepo"],
 }
+REVERSE_DPO = ["--loss", "dpo", "--swap-pairs"]  # TIS-DPO's reverse-DPO model, trained for the models, not measured
 DEFAULT_METHODS = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "dporeward_reg")
+TOKEN_METHODS = ("dpo", "dpo_reg", "simpo", "d2po", "confpo", "tgdpo", "tis_dpo", "tis_dpo_models", "sepo")
+OWN_BETA = ("simpo", "simpo_reg", "confpo", "sepo")  # trained at their own β (and γ), not Settings.dpo_beta
+ON_DPO_MODELS = ("dporeward_reg", "tgdpo", "sepo", "tis_dpo_models")  # read the pool scored with the DPO models
 # The α grid: with 0 (plain DPO) and 0.25 (the default, dpo_reg) these make the paper's grid.
 ALPHAS = (0.1, 0.5, 1.0)
 
@@ -95,6 +109,9 @@ class Settings:
     learning_rate: float = 2e-4
     global_batch_size: int = 8
     dpo_beta: float = 0.1
+    world: str = "zero"  # a key of world.MISCONCEPTIONS
+    backend: str = "vllm"  # treg-score --backend
+    against_dpo: bool = False  # compare every method with DPO (else each regularized method with its base)
 
 
 CURVE = (50, 100, 200, 400)
@@ -104,6 +121,14 @@ SETTINGS = Settings(
     regimes={**{f"pairs-{n}": Regime("short", n) for n in CURVE},
              "noisy-400": Regime("noisy", 400), "long-200": Regime("long", 200)},
 )
+TOKEN_ZERO = replace(SETTINGS, pools={"short": Pool(world.SHORT, 200)}, regimes={"pairs-100": Regime("short", 100)},
+                     backend="hf", against_dpo=True)
+TOKEN_MIXED = replace(TOKEN_ZERO, world="mixed", pools={"short": Pool(world.SHORT, 200),
+                                                        "noisy": Pool(world.SHORT, 200, noise=0.25)},
+                      regimes={"pairs-100": Regime("short", 100), "noisy-200": Regime("noisy", 200)})
+# The studies (docs/CREDIT_ASSIGNMENT.md): settings and the methods they train by default.
+STUDIES = {"paper": (SETTINGS, DEFAULT_METHODS), "token-zero": (TOKEN_ZERO, TOKEN_METHODS),
+           "token-mixed": (TOKEN_MIXED, TOKEN_METHODS)}
 SMOKE = replace(
     SETTINGS, heldout_tasks=10, heldout_samples=4, success_samples=2, build_steps=20,
     pools={"short": Pool(world.SHORT, 16), "long": Pool(world.LONG, 8, max_length=128, max_prompt_length=96)},
@@ -119,10 +144,11 @@ def run(command: list[str], log: Path, env: dict | None = None) -> None:
         raise RuntimeError(f"credit benchmark: a step failed (exit {result.returncode}); see {log}")
 
 
-def split_tasks(seed: int, lengths: tuple[int, ...], heldout_count: int) -> tuple[list[world.Task], list[world.Task]]:
+def split_tasks(seed: int, lengths: tuple[int, ...], heldout_count: int,
+                world_name: str = "zero") -> tuple[list[world.Task], list[world.Task]]:
     """Held-out prompts are a seeded share of the world that no preference pair is drawn from;
     training prompts are the rest."""
-    tasks = world.all_tasks(lengths)
+    tasks = world.all_tasks(lengths, world_name)
     random.Random(seed).shuffle(tasks)
     return tasks[heldout_count:], tasks[:heldout_count]
 
@@ -158,16 +184,17 @@ def noisy_copy(rows: list[dict], share: float, seed: int) -> list[dict]:
     return out
 
 
-def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, enforce_eager: bool,
-          dpo_model: Path | None = None) -> Path:
+def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, settings: Settings, enforce_eager: bool,
+          dpo_models: tuple[Path, Path] | None = None) -> Path:
+    """treg-score on the pairs; with `dpo_models`, also the token log-probs of the DPO and reverse-DPO models."""
     template = pairs.parent / "revision-prompts.yaml"
     template.write_text(yaml.safe_dump(world.REVISION_PROMPTS))
     command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir), "--dataset", str(pairs),
                "--output", str(scored), "--revision-prompts", str(template), "--dtype", "float32",
                "--max-length", str(pool.max_length), "--max-prompt-length", str(pool.max_prompt_length),
-               "--batch-size", "256", "--overwrite"]
+               "--batch-size", "256", "--overwrite", "--backend", settings.backend]
     command += ["--enforce-eager"] if enforce_eager else []
-    command += ["--dpo-model", str(dpo_model)] if dpo_model else []
+    command += ["--dpo-model", str(dpo_models[0]), "--reverse-dpo-model", str(dpo_models[1])] if dpo_models else []
     run(command, scored.with_suffix(".log"))
     return scored
 
@@ -249,12 +276,13 @@ def train(method: str, model_dir: Path, scored: Path, pool: Pool, regime: Regime
           out: Path, alpha: float | None = None) -> Path:
     """treg-train on the regime's pairs, on one thread; returns the final model's folder."""
     shutil.rmtree(out, ignore_errors=True)
+    flags = REVERSE_DPO if method == "dpo_reverse" else METHODS[method]
     command = [sys.executable, "-m", "treg_train", "--model", str(model_dir), "--data", str(scored),
-               "--output", str(out), *METHODS[method], "--learning-rate", str(settings.learning_rate),
+               "--output", str(out), *flags, "--learning-rate", str(settings.learning_rate),
                "--global-batch-size", str(settings.global_batch_size), "--num-train-epochs", "1",
                "--max-steps", str(regime.pairs // settings.global_batch_size), "--max-length", str(pool.max_length),
                "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0", "--seed", str(seed)]
-    command += [] if method.startswith("simpo") else ["--beta", str(settings.dpo_beta)]
+    command += [] if method in OWN_BETA else ["--beta", str(settings.dpo_beta)]
     command += [] if alpha is None else ["--alpha", str(alpha)]
     run(command, out.with_suffix(".log"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out / "final"
@@ -295,18 +323,19 @@ class Seed:
             if key in self.results and (folder / "scored").exists():
                 continue
             folder.mkdir(exist_ok=True)
-            prompts, _ = split_tasks(self.seed, pool.lengths, self.settings.heldout_tasks)
+            prompts, _ = split_tasks(self.seed, pool.lengths, self.settings.heldout_tasks, self.settings.world)
             if (pool.lengths, pool.pairs) not in drawn:
                 drawn[pool.lengths, pool.pairs] = make_pairs(self.model, self.tokenizer, prompts, pool, self.settings,
                                                              self.seed)
             rows = noisy_copy(drawn[pool.lengths, pool.pairs], pool.noise, self.seed)
             (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-            scored = score(self.model_dir, folder / "pairs.jsonl", folder / "scored", pool, self.enforce_eager)
+            scored = score(self.model_dir, folder / "pairs.jsonl", folder / "scored", pool, self.settings,
+                           self.enforce_eager)
             self.record(key, stage_one(self.tokenizer, rows, scored))
 
     def heldout(self, lengths: tuple[int, ...]) -> HeldOut:
         if lengths not in self.heldouts:
-            _, tasks = split_tasks(self.seed, lengths, self.settings.heldout_tasks)
+            _, tasks = split_tasks(self.seed, lengths, self.settings.heldout_tasks, self.settings.world)
             self.heldouts[lengths] = held_out(self.model, self.tokenizer, self.model_dir, tasks, self.settings,
                                               self.seed)
             key = report.reference_key(lengths)
@@ -315,30 +344,43 @@ class Seed:
         return self.heldouts[lengths]
 
     def train(self, regime_name: str, method: str, alpha: float | None = None) -> None:
-        """Train one method in one regime and measure it (the DPO model is kept: DPO-reward
-        regularization scores the pool with it)."""
+        """Train one method in one regime and measure it (the DPO model is kept: the methods in
+        ON_DPO_MODELS read the pool scored with it)."""
         key = f"{regime_name}/{method}" + ("" if alpha is None else f"@{alpha}")
         if key in self.results:
             return
         regime = self.settings.regimes[regime_name]
         pool = self.settings.pools[regime.pool]
         scored = self.folder / f"pool-{regime.pool}" / "scored"
-        dpo_model = self.folder / f"{regime_name}-dpo-model"
-        if method == "dporeward_reg":
-            if not (dpo_model / "config.json").exists():
-                self._keep(train("dpo", self.model_dir, scored, pool, regime, self.settings, self.seed,
-                                 self.folder / f"train-{regime_name}-dpo-again"), dpo_model)
-            with self.scoring:  # one engine at a time
-                scored = score(self.model_dir, scored.parent / "pairs.jsonl", self.folder / f"{regime_name}-dporeward",
-                               pool, self.enforce_eager, dpo_model=dpo_model)
+        if method in ON_DPO_MODELS:
+            scored = self.scored_with_dpo_models(regime_name, scored)
         started = time.perf_counter()
         out = self.folder / f"train-{key.replace('/', '-').replace('@', '-alpha-')}"
         final = train(method, self.model_dir, scored, pool, regime, self.settings, self.seed, out, alpha)
         with self.measuring:  # in turn: sampling seeds torch's one generator
             result = {**measure(final, self.heldout(pool.lengths), self.settings, self.seed),
                       "seconds": time.perf_counter() - started}
-        self._keep(final, dpo_model) if (method, alpha) == ("dpo", None) else shutil.rmtree(final)
+        self._keep(final, self.folder / f"{regime_name}-dpo-model") if (method, alpha) == ("dpo", None) \
+            else shutil.rmtree(final)
         self.record(key, result)
+
+    def scored_with_dpo_models(self, regime_name: str, scored: Path) -> Path:
+        """The regime's pool scored again with its DPO model (the `dpo` run's) and a reverse-DPO model (trained here
+        on the same pairs, swapped), each trained first where missing; once per regime."""
+        regime = self.settings.regimes[regime_name]
+        pool, out = self.settings.pools[regime.pool], self.folder / f"{regime_name}-contrastive"
+        models = (self.folder / f"{regime_name}-dpo-model", self.folder / f"{regime_name}-reverse-dpo-model")
+        with self.scoring:  # one scoring at a time, and once
+            trained = False
+            for method, kept in zip(("dpo", "dpo_reverse"), models):
+                if not (kept / "config.json").exists():
+                    self._keep(train(method, self.model_dir, scored, pool, regime, self.settings, self.seed,
+                                     self.folder / f"train-{regime_name}-{method}-model"), kept)
+                    trained = True
+            if trained or not (out / "manifest.json").exists():
+                score(self.model_dir, scored.parent / "pairs.jsonl", out, pool, self.settings, self.enforce_eager,
+                      dpo_models=models)
+        return out
 
     @staticmethod
     def _keep(final: Path, folder: Path) -> None:
@@ -361,10 +403,10 @@ def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str],
     if alpha_regime:
         run_jobs(state, [(alpha_regime, "dpo_reg", alpha) for alpha in ALPHAS], workers)
         return state.results
-    run_jobs(state, [(regime, method) for method in methods if method != "dporeward_reg"
+    run_jobs(state, [(regime, method) for method in methods if method not in ON_DPO_MODELS
                      for regime in settings.regimes], workers)
-    if "dporeward_reg" in methods:  # after the DPO models it scores with
-        run_jobs(state, [(regime, "dporeward_reg") for regime in settings.regimes], workers)
+    run_jobs(state, [(regime, method) for method in methods if method in ON_DPO_MODELS  # after the DPO models
+                     for regime in settings.regimes], workers)
     return state.results
 
 
@@ -373,11 +415,11 @@ def run_seed(seed: int, model_dir: Path, settings: Settings, methods: list[str],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="paper", help=f"one or more of {', '.join(STUDIES)}, comma-separated")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--output", type=Path, default=Path("runs/credit"))
-    parser.add_argument("--model-dir", type=Path, default=build_model.DEFAULT_FOLDER,
-                        help="where the built model is cached")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"any of {', '.join(METHODS)}")
+    parser.add_argument("--model-dir", type=Path, help="where the built model is cached (default: its world's)")
+    parser.add_argument("--methods", help=f"any of {', '.join(METHODS)} (default: the study's)")
     parser.add_argument("--alpha-grid", action="store_true",
                         help=f"train DPO + T-REG with α in {ALPHAS} in the regime where DPO + T-REG − DPO is largest")
     parser.add_argument("--alpha-regime", help="the α grid in this regime instead")
@@ -385,32 +427,52 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a minute-scale run on a barely trained model (for tests)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation")
     args = parser.parse_args()
-    settings = SMOKE if args.smoke else SETTINGS
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
+    names = args.study.split(",")
+    if unknown := sorted(set(names) - set(STUDIES)):
+        sys.exit(f"unknown study {unknown}; choose from {', '.join(STUDIES)}")
+    studies = {name: STUDIES[name] for name in names}
+    if args.smoke:  # the smoke sizes, in each study's world, scorer and comparisons
+        studies = {name: (replace(SMOKE, world=settings.world, backend=settings.backend,
+                                  against_dpo=settings.against_dpo), methods)
+                   for name, (settings, methods) in studies.items()}
+    if args.methods and (unknown := sorted(set(args.methods.split(",")) - set(METHODS))):
         sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    started, token_studies = time.perf_counter(), {}
+    for name, (settings, methods) in studies.items():
+        methods = args.methods.split(",") if args.methods else list(methods)
+        output = args.output if len(studies) == 1 else args.output / name
+        per_seed = run_study(settings, methods, output, args)
+        if settings.against_dpo:
+            token_studies[name] = (per_seed, settings, methods)
+    if token_studies:
+        report.forest(token_studies, args.output / "token_methods.png")
+    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===")
+
+
+def run_study(settings: Settings, methods: list[str], output: Path, args) -> dict:
+    """One study, every seed: its results, tables and learning curves written into `output`."""
     if args.alpha_regime and args.alpha_regime not in settings.regimes:
         sys.exit(f"--alpha-regime {args.alpha_regime} is not a regime of this run; "
                  f"choose from {', '.join(settings.regimes)}")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    started = time.perf_counter()
-    args.output.mkdir(parents=True, exist_ok=True)
-    print("=== the model (built once, then cached) ===", flush=True)
-    model_dir = build_model.build(args.model_dir, steps=settings.build_steps)
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"=== the model of the world '{settings.world}' (built once, then cached) ===", flush=True)
+    model_dir = build_model.build(args.model_dir or build_model.FOLDERS[settings.world], steps=settings.build_steps,
+                                  world_name=settings.world)
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers)
+    per_seed = {s: run_seed(s, model_dir, settings, methods, output, args.enforce_eager, args.workers)
                 for s in seeds}
     if args.alpha_grid or args.alpha_regime:
         alpha_regime = args.alpha_regime or report.largest_difference_regime(per_seed, settings.regimes)
-        per_seed = {s: run_seed(s, model_dir, settings, methods, args.output, args.enforce_eager, args.workers,
+        per_seed = {s: run_seed(s, model_dir, settings, methods, output, args.enforce_eager, args.workers,
                                 alpha_regime) for s in seeds}
     tables = report.tables(per_seed, settings, methods)
-    write_json(args.output / "results.json", {"settings": repr(settings), "model": str(model_dir), "seeds": per_seed})
-    (args.output / "table.md").write_text(tables + "\n")
-    report.plot(per_seed, settings, methods, args.output / "curves.png")
-    print(f"\n=== credit assignment benchmark, {time.perf_counter() - started:.0f}s ===\n{tables}\n\n"
-          f"results in {args.output / 'results.json'}, plot in {args.output / 'curves.png'}")
+    write_json(output / "results.json", {"settings": repr(settings), "model": str(model_dir), "seeds": per_seed})
+    (output / "table.md").write_text(tables + "\n")
+    if not settings.against_dpo:
+        report.plot(per_seed, settings, methods, output / "curves.png")
+    print(f"\n{tables}\n\nresults in {output / 'results.json'}", flush=True)
+    return per_seed
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ step, a digit too many, or an end-of-turn that comes too early) or neutral (comm
 end-of-turn of a full answer). Every digit and comma is one token.
 
 Three kinds of text are drawn from it, for the model that `build_model.py` trains:
-- policy answers with the mistakes of a mediocre student: random slips, and a misconception
-  that is more likely than the right step (a step across zero skips it: 9,1 and 0,8), so even
-  greedy answers are often wrong;
+- policy answers with the mistakes of a mediocre student: random slips, and misconceptions
+  where they apply (MISCONCEPTIONS: in the world `zero` a step across zero skips it, 9,1 and 0,8,
+  more likely than the right step; the world `mixed` adds a repeated 4 and a wrong direction after
+  a 6, less likely than the right step but far more than a slip), so even greedy answers are often
+  wrong;
 - "better" revisions: the right answer, whatever draft is quoted;
 - "worse" revisions: answers where every step goes wrong half of the time.
 """
@@ -31,7 +33,9 @@ REVISION_PROMPTS = {
     "worse": "make the answer incorrect:\n{prompt}\n{response}",
 }
 SLIP = 0.06  # chance of a random wrong step, anywhere
-MISCONCEPTION = 0.6  # chance of the misconceived step where it applies
+# Per world, the student's misconceptions and the chance of each where it applies: "skip" across zero (9,1 up,
+# 0,8 down), "repeat" a 4 (4,4), "reverse" after a 6 (6,5 up, 6,7 down).
+MISCONCEPTIONS = {"zero": {"skip": 0.6}, "mixed": {"skip": 0.6, "repeat": 0.45, "reverse": 0.35}}
 WORSE_SLIP = 0.5  # chance of a wrong step in a "worse" revision
 NUMBER_WORDS = {4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight",
                 12: "twelve", 13: "thirteen", 14: "fourteen", 15: "fifteen", 16: "sixteen"}
@@ -43,6 +47,7 @@ class Task:
     direction: str  # "up" or "down"
     start: int
     n: int
+    world: str = "zero"  # a key of MISCONCEPTIONS
 
     @property
     def prompt(self) -> str:
@@ -52,12 +57,15 @@ class Task:
     def step(self, previous: int) -> int:
         return (previous + 1 if self.direction == "up" else previous - 1) % 10
 
-    def misconceived(self, previous: int) -> int | None:
-        """The wrong step a mediocre student prefers after `previous`: crossing zero, one too far."""
-        if self.direction == "up" and previous == 9:
-            return 1  # 9, 1: skips the zero
-        if self.direction == "down" and previous == 0:
-            return 8  # 0, 8: skips the nine
+    def misconceived(self, previous: int) -> tuple[int, float] | None:
+        """The wrong step a mediocre student of this world prefers after `previous`, and its chance."""
+        kinds, up = MISCONCEPTIONS[self.world], self.direction == "up"
+        if "skip" in kinds and previous == (9 if up else 0):
+            return (1 if up else 8), kinds["skip"]  # 9,1 / 0,8: skips the zero / the nine
+        if "repeat" in kinds and previous == 4:
+            return 4, kinds["repeat"]
+        if "reverse" in kinds and previous == 6:
+            return (5 if up else 7), kinds["reverse"]
         return None
 
     @property
@@ -68,13 +76,13 @@ class Task:
         return digits
 
 
-def all_tasks(lengths: tuple[int, ...] = SHORT) -> list[Task]:
+def all_tasks(lengths: tuple[int, ...] = SHORT, world: str = "zero") -> list[Task]:
     """The world of one length set: 100 prompts."""
-    return [Task(d, start, n) for d in ("up", "down") for start in range(10) for n in lengths]
+    return [Task(d, start, n, world) for d in ("up", "down") for start in range(10) for n in lengths]
 
 
-def random_task(rng: random.Random, lengths: tuple[int, ...] = SHORT) -> Task:
-    return Task(rng.choice(("up", "down")), rng.randrange(10), rng.choice(lengths))
+def random_task(rng: random.Random, lengths: tuple[int, ...] = SHORT, world: str = "zero") -> Task:
+    return Task(rng.choice(("up", "down")), rng.randrange(10), rng.choice(lengths), world)
 
 
 def answer_text(digits: list[int]) -> str:
@@ -89,9 +97,9 @@ def student_answer(task: Task, rng: random.Random, slip: float = SLIP) -> list[i
     """An answer with the policy's mistakes, each step taken from the student's own last digit."""
     out = [task.start if rng.random() >= slip else _other_digit(rng, task.start)]
     while len(out) < task.n:
-        right, wrong = task.step(out[-1]), task.misconceived(out[-1])
-        if wrong is not None and rng.random() < MISCONCEPTION:
-            out.append(wrong)
+        right, misconception = task.step(out[-1]), task.misconceived(out[-1])
+        if misconception is not None and rng.random() < misconception[1]:
+            out.append(misconception[0])
         else:
             out.append(right if rng.random() >= slip else _other_digit(rng, right))
     return out
@@ -123,8 +131,8 @@ def char_labels(task: Task, response: str) -> tuple[list[int], int]:
 
 
 def hard_chars(task: Task, response: str) -> list[bool]:
-    """Per character of the response: whether it belongs to a step that crosses zero, where the
-    starting policy prefers its misconception (the hard steps, where log π_ref points the wrong way)."""
+    """Per character of the response: whether it belongs to a step where the starting policy prefers a
+    misconception (the hard steps, where log π_ref points the wrong way)."""
     flags, items = [], response.split(",")
     for position, item in enumerate(items):
         if position:
