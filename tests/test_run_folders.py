@@ -106,3 +106,17 @@ def test_models_that_do_not_match_the_shards_are_refused_or_named(tiny_model, le
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"were scored with {tiny_model}, not with --model {sibling}" in result.stderr
     assert "first loss is not ln 2" in result.stderr
+
+
+def test_an_attention_that_cannot_run_is_one_line_before_the_folder_is_claimed(tiny_model, learnable_shards,
+                                                                              tmp_path):
+    import importlib.util
+
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "a",
+                               "--attn-implementation", "foo", *TRAIN))
+    assert_one_line_error(result, "--attn-implementation foo is not one treg can run")
+    if importlib.util.find_spec("flash_attn") is None:
+        result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "b",
+                                   "--attn-implementation", "flash_attention_2", *TRAIN))
+        assert_one_line_error(result, "needs the flash_attn package")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

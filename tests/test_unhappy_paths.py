@@ -110,6 +110,10 @@ def test_resume_says_what_it_does(tiny_model, learnable_shards, finished_run, tm
     (killed / "finished.json").unlink()
     result = _train(tiny_model, learnable_shards, killed, "--max-steps", "1", "--save-steps", "2", "--resume")
     assert_one_line_error(result, "--max-steps 1 is below the step 2 of the newest checkpoint")
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", killed, *TRAIN,
+                               "--max-steps", "4", "--save-steps", "2", "--resume", processes=2), timeout=600)
+    assert result.returncode != 0  # torchrun's agent adds its own report of the failed processes
+    assert "was written by 1 process(es), this run has 2; resume it with 1" in result.stderr
     assert not (killed / "final").exists()
 
 
@@ -264,3 +268,14 @@ def test_shard_values_outside_their_range_are_named(tiny_model, learnable_shards
                     "--loss", loss)
     assert_one_line_error(result, shard.name, rows[5]["id"], column, "outside its range")
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_missing_dataset_file_and_a_mistyped_column_are_one_line(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="--dataset nosuch.jsonl: no such file or folder"):
+        pipeline.run(hf_score_config(tiny_model, "nosuch.jsonl", tmp_path / "out"))
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(6))
+    with pytest.raises(UserError, match=r"--chosen-column answer_good: none of the first \d+ input rows has it"):
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "typo", chosen_column="answer_good"))
+    summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "typo"))  # the same folder, fixed
+    assert summary.pairs_scored == 6

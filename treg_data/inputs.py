@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from treg_core.errors import UserError, first_line
+from treg_core.sources import looks_local
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -41,6 +42,8 @@ class RowSource:
 
 def open_source(dataset: str, split: str = "train", config: str | None = None) -> RowSource:
     path = Path(dataset)
+    if not path.exists() and (looks_local(dataset) or path.suffix in LOCAL_SUFFIXES):
+        raise UserError(f"--dataset {dataset}: no such file or folder (a Hub dataset is named ORG/NAME)")
     if path.exists():
         files = sorted(f for f in path.rglob("*") if f.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
         kinds = {LOCAL_SUFFIXES.get(f.suffix) for f in files}

@@ -189,7 +189,9 @@ def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, e
     they are scored again only so that each chunk is as in an uninterrupted run, and not kept."""
     bar = tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, file=sys.stderr)
     skips, tokens = _SkipReport(config.strict), 0
-    for chunk in _chunks(rows, config.batch_size):
+    for number, chunk in enumerate(_chunks(rows, config.batch_size)):
+        if number == 0:
+            _check_columns(chunk, config)
         encoded = []
         for index, row in chunk:
             item = _encode(row, encoder, config.columns)
@@ -208,6 +210,20 @@ def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, e
         bar.set_postfix_str(f"{tokens / max(engine.seconds, 1e-9):,.0f} tok/s")
     cutter.flush(final=True)
     bar.close()
+
+
+def _check_columns(chunk: list, config: ScoreConfig) -> None:
+    """A column that no row of the first chunk has is a mistyped name, not a dataset of bad rows: said before any
+    engine starts. (The prompt column may be absent: the prompt is then the turns before chosen's answer.)"""
+    rows = [row for _, row in chunk if isinstance(row, dict)]
+    keys = set().union(*rows) if rows else set()
+    named = [("--chosen-column", config.chosen_column), ("--rejected-column", config.rejected_column)]
+    if config.prompt_column != ScoreConfig.prompt_column:  # given explicitly: it must be there
+        named.append(("--prompt-column", config.prompt_column))
+    for flag, name in named:
+        if rows and name not in keys:
+            raise UserError(f"{flag} {name}: none of the first {len(rows)} input rows has it (they have "
+                            f"{', '.join(sorted(keys))}); give the column's name")
 
 
 def _chunks(rows, size: int):

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from treg_core.attention import VARLEN
 from treg_core.contract import tokenizer_fingerprint
 from treg_core.errors import UserError
 from treg_core.folders import check_folder, lock_folder
@@ -42,8 +43,8 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     if config.global_batch_size % world_size:
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
                         f"{world_size} processes")
-    check_reporter(config.report_to)
-    checkpoint = check_output(Path(config.output), config)
+    check_packages(config)
+    checkpoint = check_output(Path(config.output), config, world_size)
     tokenizer = load_tokenizer(config.model, what="--model")
     if config.ref_model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.ref_model, what="--ref-model"), config.ref_model,
@@ -71,11 +72,24 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def check_reporter(report_to: str) -> None:
-    """--report-to needs its package, found before the folder is claimed."""
-    if report_to != "none" and importlib.util.find_spec(report_to) is None:
-        raise UserError(f"--report-to {report_to} needs the {report_to} package: pip install {report_to}, or leave "
-                        "--report-to out (metrics.jsonl is always written)")
+# --attn-implementation: the kernels a run can ask for, and the package each needs beyond torch and transformers.
+ATTENTION_PACKAGES = {VARLEN: None, "sdpa": None, "eager": None, "flex_attention": None,
+                      "flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_packages(config: TrainConfig) -> None:
+    """What the settings need installed, found before the folder is claimed or a model loaded."""
+    if config.report_to != "none" and importlib.util.find_spec(config.report_to) is None:
+        raise UserError(f"--report-to {config.report_to} needs the {config.report_to} package: pip install "
+                        f"{config.report_to}, or leave --report-to out (metrics.jsonl is always written)")
+    attention = config.attn_implementation
+    if attention and attention not in ATTENTION_PACKAGES:
+        raise UserError(f"--attn-implementation {attention} is not one treg can run; give one of "
+                        f"{', '.join(ATTENTION_PACKAGES)}, or leave it out for the default")
+    package = ATTENTION_PACKAGES.get(attention)
+    if package and importlib.util.find_spec(package) is None:
+        raise UserError(f"--attn-implementation {attention} needs the {package} package, which is not installed; "
+                        f"install it, or use {VARLEN} (flash attention over packed sequences through torch)")
 
 
 def lock_output(config: TrainConfig, is_main: bool) -> None:
@@ -86,7 +100,7 @@ def lock_output(config: TrainConfig, is_main: bool) -> None:
     if is_main:
         try:
             lock_folder(config.output, "treg-train")
-            check_output(Path(config.output), config)
+            check_output(Path(config.output), config, dist.get_world_size() if dist.is_initialized() else 1)
         except UserError as err:
             refusal = [str(err)]
     if dist.is_initialized():
@@ -95,7 +109,7 @@ def lock_output(config: TrainConfig, is_main: bool) -> None:
         raise UserError(refusal[0])
 
 
-def check_output(output: Path, config: TrainConfig) -> Path | None:
+def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | None:
     """The run folder must be new, empty, the folder of a start that failed before its first checkpoint (started
     again), or this run's own with --resume and the same settings. Returns the checkpoint to resume from."""
     ours = check_folder(output, "treg-train")
@@ -122,6 +136,10 @@ def check_output(output: Path, config: TrainConfig) -> Path | None:
         if config.max_steps is None or config.max_steps <= step:
             raise UserError(f"--resume: the run in {output} finished at step {step} and exported its model to "
                             f"{output / 'final'}; nothing to resume (a larger --max-steps trains it on)")
+    saved_world = len(list(checkpoint.glob("rng-*.pt")))  # one per process
+    if world_size != saved_world:
+        raise UserError(f"--resume: {checkpoint} was written by {saved_world} process(es), this run has "
+                        f"{world_size}; resume it with {saved_world} (torchrun --nproc-per-node {saved_world})")
     if config.max_steps is not None and config.max_steps < saved["step"]:
         raise UserError(f"--resume: --max-steps {config.max_steps} is below the step {saved['step']} of the newest "
                         f"checkpoint, {checkpoint}; give at least {saved['step']}")
