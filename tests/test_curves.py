@@ -105,3 +105,12 @@ def test_a_page_never_replaces_a_file_treg_reads(run, learnable_shards):
                              str(manifest)], capture_output=True, text=True)
     assert result.returncode == 2 and "give the path of an .html file" in result.stderr
     assert manifest.read_bytes() == before and "Traceback" not in result.stderr
+
+
+def test_a_damaged_metrics_file_is_one_line(run):
+    folder, _ = run
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n\x01garbage\n')
+    result = subprocess.run([sys.executable, "-m", "treg_train.curves_cli", str(folder)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "line 2, is not a metrics line" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -279,3 +279,14 @@ def test_a_missing_dataset_file_and_a_mistyped_column_are_one_line(tiny_model, t
         pipeline.run(hf_score_config(tiny_model, data, tmp_path / "typo", chosen_column="answer_good"))
     summary = pipeline.run(hf_score_config(tiny_model, data, tmp_path / "typo"))  # the same folder, fixed
     assert summary.pairs_scored == 6
+
+
+def test_a_truncated_input_file_is_one_line(tiny_model, tmp_path):
+    import pyarrow as pa
+
+    rows = pa.table({"prompt": ["a"] * 50, "chosen": ["b"] * 50, "rejected": ["c"] * 50})
+    pq.write_table(rows, tmp_path / "in.parquet")
+    data = (tmp_path / "in.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="cut.parquet is not a readable Parquet file"):
+        pipeline.run(hf_score_config(tiny_model, str(tmp_path / "cut.parquet"), tmp_path / "out"))

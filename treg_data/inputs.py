@@ -83,13 +83,21 @@ class JsonSource(RowSource):
             offset += count
 
 
+def _parquet_rows(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except Exception as err:  # ArrowInvalid, OSError: a truncated or corrupt file
+        raise UserError(f"{file} is not a readable Parquet file ({first_line(err)}); is it complete?") from None
+
+
 class ParquetSource(RowSource):
     def __init__(self, files: list[Path]):
-        import pyarrow.parquet as pq
 
         self.files = files
         self.description = ", ".join(map(str, files))
-        self._counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
+        self._counts = [_parquet_rows(f) for f in files]
         self.num_rows = sum(self._counts)
         self.fingerprint = files_fingerprint(files)
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from treg_core.atomic import write_text
+from treg_core.errors import UserError, first_line
 
 
 class MetricWindow:
@@ -51,11 +52,23 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def read_metrics_file(path: Path) -> list[dict]:
     """The lines of a metrics.jsonl; a last line without its newline is one a kill cut off, and is left out."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path}: {first_line(err)}") from None
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()
-    return [json.loads(line) for line in lines if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}, line {number}, is not a metrics line (JSON); the file is damaged: remove that "
+                            "line") from None
+    return rows
 
 
 class MetricSink:
