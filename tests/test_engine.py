@@ -1,6 +1,7 @@
 """The real vLLM engine (CPU build) through the real command line: parity with the transformers
 reference scorer, and resume after SIGKILL mid-run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -176,3 +177,34 @@ def test_training_reads_the_dpo_rewards_column(tiny_model, dpo_scored, tmp_path)
         "--micro-batch-tokens", "1024", "--seed", "3"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(read_metrics(tmp_path / "train")) == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_engine_process_ends_the_run_in_one_line_and_leaves_none_behind(tiny_model, scored, tmp_path,
+                                                                               workers):
+    """As the OOM killer would: kill -9 one vLLM engine process (of one of two data-parallel workers)."""
+    import psutil
+
+    output = tmp_path / "out"
+    args = _command(tiny_model, scored["data"], output, *scored["small"], "--data-parallel-size", str(workers))
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not list((output / "data").glob("*.parquet")):  # scoring: every engine is up
+            assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        tree = psutil.Process(process.pid).children(recursive=True)
+        engines = [p for p in tree if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        assert len(engines) >= workers, [(p.name(), p.cmdline()) for p in tree]
+        engines[0].kill()
+        killed = time.time()
+        _, stderr = process.communicate(timeout=120)
+        assert time.time() - killed < 30 and process.returncode not in (0, None)
+        assert "died" in stderr and "complete shards are kept: rerun the same command to continue" in stderr
+        time.sleep(2)
+        left = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, [(p.pid, p.name()) for p in left]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
 import time
 from collections import Counter
 from dataclasses import replace
 
 from treg_core.errors import UserError
 from treg_data.scorers.cpu_engine import data_parallel_cpu_environments, split_evenly
+from treg_data.scorers.watchdog import RESUME
 
 
 def run_data_parallel(config, size: int):
@@ -42,16 +44,15 @@ def run_data_parallel(config, size: int):
             except queue.Empty:  # a worker killed from outside (OOM, kill -9) reports nothing
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
-                    raise UserError(f"{dead[0].name} died (exit code {dead[0].exitcode}); complete shards are kept: "
-                                    "rerun the same command to continue") from None
+                    raise UserError(f"{dead[0].name} died (exit code {dead[0].exitcode}); {RESUME}") from None
                 continue
             if kind == "error":
                 raise UserError(value)
             summaries.append(value)
     finally:
         for worker in workers:
-            if worker.is_alive() and len(summaries) < len(workers):
-                worker.terminate()
+            if len(summaries) < len(workers):  # the worker and its engine's processes, wherever they are now
+                _kill_group(worker.pid)
             worker.join()
     manifest = next((s.manifest for s in summaries if s.manifest is not None), None)
     skipped = sum((Counter(s.skipped_by_reason) for s in summaries), Counter())
@@ -81,7 +82,17 @@ def worker_environments(size: int, tensor_parallel_size: int) -> list[dict[str, 
                                                    []))} for r in range(size)]
 
 
+def _kill_group(pid: int | None) -> None:
+    """A worker leads a process group of its own with its engine's processes: end them all, so that none is left
+    holding memory when the worker itself was killed (its children then outlive it)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, TypeError):
+        pass
+
+
 def _worker(config, environment: dict[str, str], results) -> None:
+    os.setsid()  # a process group of its own, which its engine's processes join: _kill_group
     os.environ.update(environment)
     from treg_data import pipeline
 

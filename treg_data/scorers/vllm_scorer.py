@@ -25,6 +25,7 @@ import numpy as np
 from treg_core.errors import UserError
 from treg_data.scorers.base import EngineOptions, ScoreRequest
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
+from treg_data.scorers.watchdog import EngineWatchdog, children_pids
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 CHECKED_SEQUENCES = 8
@@ -40,6 +41,7 @@ class VLLMScorer:
         from vllm.platforms import current_platform
 
         self._sampling_params = SamplingParams
+        before = children_pids()
         with cpu_engine_environment(options.tensor_parallel_size) as self.engine_environment:
             self.llm = LLM(
                 model=options.model,
@@ -50,6 +52,7 @@ class VLLMScorer:
                 block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
                 **options.engine,
             )
+        self.watchdog = EngineWatchdog.of_new_children(before, f"vLLM ({options.model})")
         config = self.llm.llm_engine.vllm_config
         has_rows = hasattr(SamplingParams, "prompt_logprob_token_ids")  # vLLM >= 0.32
         uses_v2 = getattr(config, "use_v2_model_runner", False)
@@ -125,6 +128,7 @@ class VLLMScorer:
 
     def close(self) -> None:
         """Stop the engine processes now rather than at interpreter exit."""
+        self.watchdog.stop()
         self.llm.llm_engine.engine_core.shutdown()
 
     def flat_params(self, read_cache: bool):
