@@ -2,7 +2,8 @@
 
     .venv/bin/python pipelines/quickstart.py [--output runs/quickstart]
 
-1. builds (once, cached) a small local model and tokenizer;
+1. builds (once, cached) a small local model and tokenizer that understands T-REG's revision prompts
+   (pipelines/quickstart_model.py: a few minutes the first time);
 2. scores the shipped preference pairs (pipelines/data/quickstart-pairs.jsonl) with the real
    vLLM engine: treg-score;
 3. trains it with dpo_reg under torchrun, 2 processes on the CPU: treg-train;
@@ -22,9 +23,10 @@ import sys
 import time
 from pathlib import Path
 
+import quickstart_model
+
 HERE = Path(__file__).resolve().parent
 PAIRS = HERE / "data" / "quickstart-pairs.jsonl"
-MODEL_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512)
 BETA = 0.1
 
 
@@ -46,20 +48,19 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/treg"), help="where the built model is kept")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for training")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--build-steps", type=int, default=600, help="training steps of the model, when built")
     args = parser.parse_args()
     output, started = Path(args.output).resolve(), time.perf_counter()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     bin_dir = Path(sys.executable).parent
     timings = {}
 
-    t = stage(1, "a small local model and tokenizer")
-    model = Path(args.cache) / "quickstart-model-v1"
+    t = stage(1, "a small local model that understands the revision prompts")
+    model = Path(args.cache) / quickstart_model.VERSION
     if (model / "config.json").exists():
         print(f"using the cached model in {model}")
     else:
-        from tiny_model import build_tiny_model
-
-        build_tiny_model(model, **MODEL_SHAPE)
+        quickstart_model.build(model, steps=args.build_steps)
         print(f"built {model}")
     timings["model"] = time.perf_counter() - t
 
@@ -98,6 +99,7 @@ def main() -> None:
 === quickstart finished in {time.perf_counter() - started:.0f}s ===
   stages           {stages}
   pairs            {manifest['pairs_scored']} scored, {manifest['pairs_skipped']} skipped
+  token rewards    {credit_line(scored)}
   training         {training}
   scored shards    {scored}/data  (manifest.json beside them)
   trained model    {train / 'final'}
@@ -105,6 +107,28 @@ def main() -> None:
   report           {report}  (open it in a browser)
   curves           {curves}
 """)
+
+
+def credit_line(scored: Path) -> str:
+    """How well r̂ finds where a rejected answer goes wrong: of the pairs whose rejected answer departs from the
+    chosen one after a common start, how often its lowest r̂ is on the first token that differs."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(scored / "data", columns=["chosen_ids", "rejected_ids", "chosen_rewards",
+                                                   "rejected_rewards"]).to_pylist()
+    found = chance = judged = 0
+    for row in rows:
+        chosen, rejected = row["chosen_ids"], row["rejected_ids"]
+        first = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
+        if first:  # a common start, then a departure
+            judged += 1
+            found += int(np.argmin(row["rejected_rewards"]) == first)
+            chance += 1 / len(rejected)
+    sums = {side: np.mean([sum(row[f"{side}_rewards"]) for row in rows]) for side in ("chosen", "rejected")}
+    return (f"mean Σ r̂ {sums['chosen']:+.3f} chosen, {sums['rejected']:+.3f} rejected; the lowest r̂ of a rejected "
+            f"answer is on its first wrong token in {found / max(judged, 1):.0%} of {judged} pairs (chance "
+            f"{chance / max(judged, 1):.0%})")
 
 
 if __name__ == "__main__":

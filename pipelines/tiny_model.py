@@ -135,3 +135,34 @@ def build_tiny_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: float = 0.0, floor: float = 0.0,
+                       seed: int = 0) -> None:
+    """Train `model` on `next_batch(step)` -> (input ids, labels, attention mask), steps 1 to `steps`: AdamW, the
+    gradient clipped at 1, the learning rate warmed up over the first 5 % of the steps, then down a cosine to
+    `floor` times `lr`. Prints the loss every 100 steps."""
+    import math
+    import time
+
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps)
+                                                                                           / steps))))
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    model.train()
+    for step in range(1, steps + 1):
+        input_ids, labels, attention = next_batch(step)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps:
+            print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)

@@ -104,11 +104,13 @@ def test_shipped_quickstart_pairs_are_valid_and_varied():
 @pytest.mark.engine
 def test_quickstart_runs_end_to_end(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "pipelines/quickstart.py"), "--output", str(tmp_path / "qs"),
-                             "--cache", str(tmp_path / "cache"), "--epochs", "1"],
+                             "--cache", str(tmp_path / "cache"), "--epochs", "1", "--build-steps", "30"],
                             capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     out = result.stdout
     assert "=== [4/4]" in out and "quickstart finished" in out and "pairs            320 scored" in out
+    assert "token rewards    mean Σ r̂" in out and "on its first wrong token in" in out
+    assert (tmp_path / "cache" / "quickstart-model-v2" / "config.json").exists()  # built once, then cached
     for path in ("scored/manifest.json", "train/final/model.safetensors", "train/metrics.jsonl", "report.html"):
         assert (tmp_path / "qs" / path).exists(), path
     metrics = [json.loads(line) for line in (tmp_path / "qs/train/metrics.jsonl").read_text().splitlines()]

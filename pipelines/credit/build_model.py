@@ -11,12 +11,10 @@ asked to revise a draft with this world's revision prompts it writes the right a
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -68,7 +66,7 @@ def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str,
 def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0,
           world_name: str = "zero") -> Path:
     """Train and save the model of a world into `folder` (written aside, then renamed: never half there)."""
-    from tiny_model import build_tiny_model
+    from tiny_model import build_tiny_model, train_from_scratch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from treg_core.atomic import publish
@@ -83,24 +81,9 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
     model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
     print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
           f"{steps} steps of {batch}", flush=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    rng, started = random.Random(seed), time.perf_counter()
-    torch.manual_seed(seed)
-    model.train()
-    for step in range(1, steps + 1):
-        input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps:
-            print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+    rng = random.Random(seed)
+    train_from_scratch(model, lambda step: batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name),
+                       steps, lr, weight_decay=0.01, floor=0.1, seed=seed)
     model.save_pretrained(partial)
     publish(partial, folder)
     return folder
