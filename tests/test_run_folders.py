@@ -120,3 +120,21 @@ def test_an_attention_that_cannot_run_is_one_line_before_the_folder_is_claimed(t
                                    "--attn-implementation", "flash_attention_2", *TRAIN))
         assert_one_line_error(result, "needs the flash_attn package")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_training_pairs_as_eval_data_and_an_unfinished_folder_are_named(tiny_model, learnable_shards, tmp_path):
+    import shutil
+
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",
+                               "--eval-data", learnable_shards, "--max-steps", "1", *TRAIN))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--eval-data is --data's own shards" in result.stderr
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "held",
+                               "--eval-fraction", "0.95", *TRAIN))
+    assert_one_line_error(result, "training pairs give no step of --global-batch-size 8 (--eval-fraction 0.95 "
+                                  "holds out")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(learnable_shards, unfinished)
+    (unfinished / "manifest.json").unlink()
+    result = run([sys.executable, "-m", "treg_data.inspect_cli", str(unfinished), "--random", "1"])
+    assert result.returncode == 0 and "is not finished (no manifest.json)" in result.stderr

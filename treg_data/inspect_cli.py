@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -83,7 +84,10 @@ def _provenance(data: str) -> Provenance:
     """The finished folder's, or (while workers are still scoring) its first shard's."""
     if (output_root(data) / MANIFEST).exists():
         return read_manifest(data).provenance
-    return read_shard_metadata(shard_files(data)[0]).provenance
+    files = shard_files(data)
+    print(f"treg-inspect: {output_root(data)} is not finished (no manifest.json): showing the {len(files)} shard(s) "
+          "written so far", file=sys.stderr)
+    return read_shard_metadata(files[0]).provenance
 
 
 def main() -> None:

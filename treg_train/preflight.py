@@ -54,7 +54,7 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     dtype = compute_dtype(config.dtype, device)
     if is_main and config.ref_model is None:
         warn_on_precision_mismatch(index.provenance.dtype, dtype_name(dtype), config.data)
-    held_out, total_steps = eval_index(config, tokenizer), count_steps(config, index)
+    held_out, total_steps = eval_index(config, tokenizer, index), count_steps(config, index)
     memory, note = plan_run(config, world_size, device, dtype)
     return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note)
 
@@ -171,12 +171,19 @@ def same_model(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def eval_index(config: TrainConfig, tokenizer) -> ShardIndex | None:
+def same_files(a: list[Path], b: list[Path]) -> bool:
+    return [f.resolve() for f in a] == [f.resolve() for f in b]
+
+
+def eval_index(config: TrainConfig, tokenizer, training: ShardIndex) -> ShardIndex | None:
     """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
     holds out of --data; None without either."""
     if config.eval_data:
         index = ShardIndex(config.eval_data, reading(config))
         check_scored_for_the_model(config, tokenizer, index, config.eval_data)
+        if same_files(index.files, training.files) and (not dist.is_initialized() or dist.get_rank() == 0):
+            print("treg-train: warning: --eval-data is --data's own shards: the evaluation measures pairs the run "
+                  "trains on; give held-out pairs, or --eval-fraction", file=sys.stderr)
     elif config.eval_fraction:
         index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction, held_out=True)
         if index.num_pairs == 0:
@@ -204,5 +211,8 @@ def count_steps(config: TrainConfig, index: ShardIndex) -> int:
     steps_per_epoch = index.num_pairs // config.global_batch_size
     total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
     if total_steps < 1:
-        raise UserError(f"{index.num_pairs} pairs give no step of --global-batch-size {config.global_batch_size}")
+        held = (f" (--eval-fraction {config.eval_fraction} holds out {index.total_rows - index.num_pairs} of the "
+                f"{index.total_rows}; lower it)" if config.eval_fraction else "")
+        raise UserError(f"{index.num_pairs} training pairs give no step of --global-batch-size "
+                        f"{config.global_batch_size}{held}")
     return total_steps
