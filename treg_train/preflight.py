@@ -158,12 +158,16 @@ def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex
     if config.ref_model is None and scorer != scored_for:
         raise UserError(f"the reference log-probs in {data} come from the --scorer-model {scorer}, not from "
                         f"{scored_for}; train with --ref-model {scored_for} to compute them online")
-    if config.ref_model is None and not same_model(scored_for, config.model) and (
-            not dist.is_initialized() or dist.get_rank() == 0):
+    if config.ref_model is None and not same_model(scored_for, config.model) and main_process():
         print(f"treg-train: warning: the shards in {data} were scored with {scored_for}, not with --model "
               f"{config.model} (same tokenizer): their reference log-probs are the other model's, so the policy "
               "starts away from its reference and the first loss is not ln 2; score the data with --model, or pass "
               "--ref-model", file=sys.stderr)
+
+
+def main_process() -> bool:
+    """Whether this process says what all of them would (warnings are printed once)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def same_model(a: str, b: str) -> bool:
@@ -181,7 +185,7 @@ def eval_index(config: TrainConfig, tokenizer, training: ShardIndex) -> ShardInd
     if config.eval_data:
         index = ShardIndex(config.eval_data, reading(config))
         check_scored_for_the_model(config, tokenizer, index, config.eval_data)
-        if same_files(index.files, training.files) and (not dist.is_initialized() or dist.get_rank() == 0):
+        if same_files(index.files, training.files) and main_process():
             print("treg-train: warning: --eval-data is --data's own shards: the evaluation measures pairs the run "
                   "trains on; give held-out pairs, or --eval-fraction", file=sys.stderr)
     elif config.eval_fraction:
