@@ -290,3 +290,14 @@ def test_a_truncated_input_file_is_one_line(tiny_model, tmp_path):
     (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="cut.parquet is not a readable Parquet file"):
         pipeline.run(hf_score_config(tiny_model, str(tmp_path / "cut.parquet"), tmp_path / "out"))
+
+
+def test_a_library_message_over_several_lines_is_one_whole_line():
+    from treg_core.errors import first_line
+
+    err = OSError("Can't load the tokenizer. Make sure 'x' is the\ncorrect path to a directory containing\n"
+                  "all relevant files.")
+    assert first_line(err) == ("Can't load the tokenizer. Make sure 'x' is the correct path to a directory "
+                               "containing all relevant files.")
+    long = ValueError("First sentence. " + "word " * 200)
+    assert first_line(long) == "First sentence." and first_line(ValueError("")) == "ValueError"

@@ -14,7 +14,13 @@ class BadRow(Exception):
         self.detail = detail
 
 
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, for one-line error reports."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def first_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message as one line, for one-line error reports: its lines joined (a library's sentence may
+    run over several), cut after the last whole sentence within `limit` characters."""
+    text = " ".join(str(err).split())
+    if not text:
+        return type(err).__name__
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else text[:limit] + "…"
