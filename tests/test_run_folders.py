@@ -138,3 +138,25 @@ def test_the_training_pairs_as_eval_data_and_an_unfinished_folder_are_named(tiny
     (unfinished / "manifest.json").unlink()
     result = run([sys.executable, "-m", "treg_data.inspect_cli", str(unfinished), "--random", "1"])
     assert result.returncode == 0 and "is not finished (no manifest.json)" in result.stderr
+
+
+def test_a_full_disk_during_a_checkpoint_or_the_export_is_one_line_and_leaves_nothing_partial(
+        tiny_model, learnable_shards, tmp_path):
+    """A file-size limit makes every large write fail as a full disk would (EFBIG instead of ENOSPC)."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    for name, save_steps, what in (("ckpt", "1", "cannot write the checkpoint of step 1"),
+                                   ("export", "0", "cannot write the final model")):
+        folder = tmp_path / name
+        args = train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder, "--max-steps",
+                             "2", "--global-batch-size", "8", "--save-steps", save_steps)
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600,
+                                preexec_fn=limited)
+        assert_one_line_error(result, what, "nothing partial was kept")
+        assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+        assert not (folder / "final").exists() and not list(folder.glob("checkpoints/step-*"))

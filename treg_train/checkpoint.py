@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from treg_core.atomic import publish, replacing
+from treg_core.errors import UserError, first_line
 
 PREFIX = "step-"
 FINISHED = "finished.json"  # in the run folder, once final/ is exported: {"step": the last step}
@@ -47,17 +49,30 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state(model, optimizer)
-    dcp.save(state, checkpoint_id=str(tmp))
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               tmp / f"rng-{rank:05d}.pt")
-    if rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    try:
+        dcp.save(state, checkpoint_id=str(tmp))
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / f"rng-{rank:05d}.pt")
+        if rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    except (Exception, CheckpointException) as err:  # a full disk: nothing half-written is left under any name
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write the checkpoint of step {step} to {final}: {_write_error(err)}; nothing "
+                        "partial was kept: free space and rerun with --resume") from None
     dist.barrier()
     if rank == 0:
         publish(tmp, final)
     dist.barrier()
     return final
+
+
+def _write_error(err: BaseException) -> str:
+    """Why a write failed: the OSError itself, or the one torch.distributed.checkpoint wrapped for its ranks."""
+    if isinstance(err, CheckpointException):  # the first failing rank's error (a serializer's, for a failed write)
+        err = next(iter(err.failures.values()))[0]
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+    return f"{reason} (is the disk full?)"
 
 
 def _sharded_state(model, optimizer) -> dict:
@@ -92,6 +107,7 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
 
     layers = adapted_layers(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    failure = [None]  # rank 0 writes; every rank learns whether it could, and stops alike
     if dist.get_rank() == 0:
         if adapter_target is not None:
             save_adapter(full, model.lm.peft_config[ADAPTER], adapter_target, dtype)
@@ -105,7 +121,13 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
         for name, parameter in skeleton.named_parameters(remove_duplicate=False):
             if first_name.setdefault(id(parameter), name) != name:
                 state.pop(name, None)
-        with replacing(target, single_writer=True) as tmp:
-            skeleton.save_pretrained(tmp, state_dict=state)
-            tokenizer.save_pretrained(tmp)
-    dist.barrier()
+        try:
+            with replacing(target, single_writer=True) as tmp:  # on an error the temporary copy is removed
+                skeleton.save_pretrained(tmp, state_dict=state)
+                tokenizer.save_pretrained(tmp)
+        except Exception as err:  # OSError, or a serializer's error for a failed write
+            failure = [f"cannot write the final model to {target}: {_write_error(err)}; nothing partial was kept: "
+                       "free space and rerun (with --resume if it has checkpoints)"]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0]:
+        raise UserError(failure[0])
