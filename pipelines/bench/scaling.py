@@ -33,7 +33,8 @@ def synthetic_provenance():
     from treg_core.contract import Provenance
 
     return Provenance(
-        model="synthetic", model_revision=None, scorer_model="synthetic", dpo_model=None, tokenizer_hash="synthetic",
+        model="synthetic", model_revision=None, scorer_model="synthetic", dpo_model=None, reverse_dpo_model=None,
+        tokenizer_hash="synthetic",
         dataset="synthetic", dataset_config=None, input_fingerprint="synthetic", split="train", columns={},
         revision_prompts={}, reward_transform="synthetic", max_length=2048, max_prompt_length=1800,
         max_model_len=4096, backend="synthetic", dtype="float32", num_workers=1, shard_size=SHARD_ROWS,
@@ -61,8 +62,9 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
     provenance = synthetic_provenance()
     (folder / "data").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    pool = {"ids": rng.integers(0, 500, 4 * 2**20, dtype=np.int32),
-            "floats": rng.normal(-2, 1, 4 * 2**20).astype(np.float32)}
+    pool = {"ids": rng.integers(0, 500, 4 * 2**20, dtype=np.int32),  # values in their columns' ranges
+            "logps": -np.abs(rng.normal(2, 1, 4 * 2**20)).astype(np.float32),
+            "rewards": rng.uniform(-0.5, 0.5, 4 * 2**20).astype(np.float32)}
     messages = pa.array([[{"role": "user", "content": "synthetic"}]] * SHARD_ROWS, type=SCHEMA.field("prompt").type)
 
     def lists(lengths, kind):
@@ -78,7 +80,7 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
         for side in SIDES:
             length = rng.integers(20, 300, n)
             for name in side_columns(side):
-                columns[name] = lists(length, "ids" if name.endswith("_ids") else "floats")
+                columns[name] = lists(length, name.rsplit("_", 1)[-1])  # ids, logps or rewards
         meta = ShardMetadata(provenance, ShardInfo(start, start + n, n, 0, [])).to_dict()
         table = pa.table(columns, schema=SCHEMA).replace_schema_metadata({METADATA_KEY: json.dumps(meta)})
         pq.write_table(table, folder / "data" / f"train-00000-of-00001-{shard:05d}.parquet",
