@@ -18,7 +18,6 @@ these very pairs, so it shows what r̂ looks like, not how well a model generali
 from __future__ import annotations
 
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -66,24 +65,15 @@ def batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tens
 def build(folder: Path, steps: int = 600, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> Path:
     """Train and save the model into `folder`, unless it is there (written aside, then renamed: never half there)."""
     sys.path.insert(0, str(HERE))
-    from tiny_model import build_tiny_model, train_from_scratch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_model import build_trained, train_from_scratch
 
-    from treg_core.atomic import publish
+    def train(model, tokenizer) -> None:
+        parts = examples(tokenizer)
+        print(f"training the quickstart model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) "
+              f"to understand the revision prompts: {steps} steps of {batch_size}", flush=True)
+        rng = random.Random(seed)
+        train_from_scratch(model, lambda step: batch(rng.sample(parts[("policy", "better", "worse")[step % 3]],
+                                                                batch_size), tokenizer.pad_token_id),
+                           steps, lr, seed=seed)
 
-    if (folder / "config.json").exists():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    build_tiny_model(partial, seed=seed, **MODEL_SHAPE)
-    tokenizer = AutoTokenizer.from_pretrained(partial)
-    model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
-    parts = examples(tokenizer)
-    print(f"training the quickstart model ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) to "
-          f"understand the revision prompts: {steps} steps of {batch_size}", flush=True)
-    rng = random.Random(seed)
-    train_from_scratch(model, lambda step: batch(rng.sample(parts[("policy", "better", "worse")[step % 3]], batch_size),
-                                                 tokenizer.pad_token_id), steps, lr, seed=seed)
-    model.save_pretrained(partial)
-    publish(partial, folder)
-    return folder
+    return build_trained(folder, train, seed=seed, **MODEL_SHAPE)

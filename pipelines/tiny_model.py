@@ -166,3 +166,26 @@ def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: f
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps:
             print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+
+
+def build_trained(folder, train, seed: int = 0, **shape):
+    """A tiny model of `shape` in `folder`, built once: trained from scratch by `train(model, tokenizer)`, written
+    aside, then renamed (never half there). Returns the folder."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from treg_core.atomic import publish
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build_tiny_model(partial, seed=seed, **shape)
+    model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
+    train(model, AutoTokenizer.from_pretrained(partial))
+    model.save_pretrained(partial)
+    publish(partial, folder)
+    return folder

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
@@ -66,27 +65,17 @@ def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str,
 def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0,
           world_name: str = "zero") -> Path:
     """Train and save the model of a world into `folder` (written aside, then renamed: never half there)."""
-    from tiny_model import build_tiny_model, train_from_scratch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny_model import build_trained, train_from_scratch
 
-    from treg_core.atomic import publish
+    def train(model, tokenizer) -> None:
+        print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
+              f"{steps} steps of {batch}", flush=True)
+        rng = random.Random(seed)
+        train_from_scratch(model, lambda step: batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)],
+                                                             world_name),
+                           steps, lr, weight_decay=0.01, floor=0.1, seed=seed)
 
-    folder = Path(folder)
-    if (folder / "config.json").exists():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    build_tiny_model(partial, seed=seed, **MODEL_SHAPE)
-    tokenizer = AutoTokenizer.from_pretrained(partial)
-    model = AutoModelForCausalLM.from_pretrained(partial, dtype=torch.float32)
-    print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
-          f"{steps} steps of {batch}", flush=True)
-    rng = random.Random(seed)
-    train_from_scratch(model, lambda step: batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name),
-                       steps, lr, weight_decay=0.01, floor=0.1, seed=seed)
-    model.save_pretrained(partial)
-    publish(partial, folder)
-    return folder
+    return build_trained(folder, train, seed=seed, **MODEL_SHAPE)
 
 
 def main() -> None:
