@@ -3,6 +3,9 @@ supplies values that flags override. Launch with torchrun for several processes.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from treg_core.command_line import run_cli, settings_command
 from treg_train.config import TrainConfig, validate
 
@@ -23,8 +26,6 @@ def run_training(config: TrainConfig) -> None:
 
 def print_plan(config: TrainConfig) -> None:
     """The memory plan as a table, then as one JSON object on the last line; nothing is loaded."""
-    import os
-
     import torch
 
     from treg_train.plan import plan_run
@@ -41,5 +42,16 @@ command = settings_command(TrainConfig, run_training, "treg-train")
 
 
 def main() -> None:
-    run_cli(command, "treg-train", "interrupted; the checkpoints in --output are kept: rerun with --resume to "
-            "continue from the newest")
+    try:
+        run_cli(command, "treg-train", "interrupted; the checkpoints in --output are kept: rerun with --resume to "
+                "continue from the newest")
+    except SystemExit as done:
+        # Leave without the interpreter's shutdown. gloo's worker threads outlive the process group (DTensor's
+        # caches keep its device mesh), and one that frees the tensor of the last collective while the interpreter
+        # shuts down aborts a process whose run finished ("terminate called without an active exception").
+        # Every file the run writes is closed by now; the console streams are flushed here.
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(done.code if isinstance(done.code, int) else int(done.code is not None))
