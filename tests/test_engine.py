@@ -183,24 +183,38 @@ def test_training_reads_the_dpo_rewards_column(tiny_model, dpo_scored, tmp_path)
 def test_a_killed_engine_process_ends_the_run_in_one_line_and_leaves_none_behind(tiny_model, scored, tmp_path,
                                                                                workers):
     """As the OOM killer would: kill -9 one vLLM engine process (of one of two data-parallel workers)."""
-    import psutil
-
     output = tmp_path / "out"
     args = _command(tiny_model, scored["data"], output, *scored["small"], "--data-parallel-size", str(workers))
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    _stop_while_scoring(args, output, workers, lambda process, engines: engines[0].kill())
+
+
+def test_ctrl_c_under_a_script_that_ignores_it_ends_the_run_in_one_line(tiny_model, scored, tmp_path):
+    """A script with `trap '' INT` starts treg-score with SIGINT ignored; Ctrl-C then reaches the engine alone,
+    which stops, and treg-score must not wait for it for ever."""
+    args = ["bash", "-c", "trap '' INT; exec \"$@\"", "bash",
+            *_command(tiny_model, scored["data"], tmp_path / "out", *scored["small"])]
+    _stop_while_scoring(args, tmp_path / "out", 1, lambda process, engines: os.killpg(process.pid, signal.SIGINT))
+
+
+def _stop_while_scoring(args: list, output, engines_at_least: int, stop) -> None:
+    """Start `args` in a session of its own, `stop(process, engine processes)` once shards are being written, then
+    check the run ends within 30 s, saying the engine died and the complete shards are kept, and leaves no process."""
+    import psutil
+
+    process = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
         deadline = time.time() + 600
         while not list((output / "data").glob("*.parquet")):  # scoring: every engine is up
-            assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
             time.sleep(0.05)
         tree = psutil.Process(process.pid).children(recursive=True)
         engines = [p for p in tree if "EngineCore" in " ".join(p.cmdline()) + p.name()]
-        assert len(engines) >= workers, [(p.name(), p.cmdline()) for p in tree]
-        engines[0].kill()
-        killed = time.time()
+        assert len(engines) >= engines_at_least, [(p.name(), p.cmdline()) for p in tree]
+        stop(process, engines)
+        stopped = time.time()
         _, stderr = process.communicate(timeout=120)
-        assert time.time() - killed < 30 and process.returncode not in (0, None)
+        assert time.time() - stopped < 30 and process.returncode not in (0, None)
         assert "died" in stderr and "complete shards are kept: rerun the same command to continue" in stderr
         time.sleep(2)
         left = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -25,7 +25,7 @@ import numpy as np
 from treg_core.errors import UserError
 from treg_data.scorers.base import EngineOptions, ScoreRequest
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
-from treg_data.scorers.watchdog import EngineWatchdog, children_pids
+from treg_data.scorers.watchdog import RESUME, EngineWatchdog, children_pids
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 CHECKED_SEQUENCES = 8
@@ -67,10 +67,16 @@ class VLLMScorer:
         self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        scored = (self.score_token_id_rows if self.scoring_path == "token_id_rows"
-                  else self.score_cached_prefix_rows)(requests)
-        if not self.checked:
-            self.check_against_every_row(requests[:CHECKED_SEQUENCES], scored[:CHECKED_SEQUENCES])
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            scored = (self.score_token_id_rows if self.scoring_path == "token_id_rows"
+                      else self.score_cached_prefix_rows)(requests)
+            if not self.checked:
+                self.check_against_every_row(requests[:CHECKED_SEQUENCES], scored[:CHECKED_SEQUENCES])
+        except EngineDeadError:  # it stopped and said so (a Ctrl-C only it received): faster than the watchdog
+            raise UserError(f"the {self.watchdog.what} engine died: it stopped on a signal or an error it reported "
+                            f"above; {RESUME}") from None
         return scored
 
     def check_against_every_row(self, requests: list[ScoreRequest], scored: list[np.ndarray]) -> None:
