@@ -191,6 +191,17 @@ def test_a_conversation_the_template_refuses_is_a_skip_with_its_reason(tmp_path)
     assert summary.skipped_by_reason == {"template_error": 2} and summary.pairs_scored == 6
 
 
+def test_a_repeated_id_and_an_unknown_role_are_warned_about_and_the_pairs_kept(tiny_model, tmp_path, capsys):
+    rows = make_pairs(6)
+    rows[4]["id"] = rows[1]["id"]
+    rows[5]["prompt"][1]["role"] = "usr"  # a typo the chat template would write into the prompt as spelt
+    summary = pipeline.run(hf_score_config(tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert summary.pairs_scored == 6 and summary.duplicate_ids == 1 and "duplicate ids  1" in summary.text()
+    assert f"input row 4 has the id {rows[1]['id']!r} of an earlier row" in err
+    assert f"pair {rows[5]['id']} (input row 5): the role 'usr' is none of" in err
+
+
 def test_an_output_folder_of_other_files_is_never_written(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(6))
     theirs = tmp_path / "theirs"

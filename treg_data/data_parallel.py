@@ -63,6 +63,7 @@ def run_data_parallel(config, size: int):
         score_seconds=max(s.score_seconds for s in summaries),  # the workers score side by side
         scoring_path=summaries[0].scoring_path, manifest=manifest,
         pairs_scored_now=sum(s.pairs_scored_now for s in summaries),
+        duplicate_ids=sum(s.duplicate_ids for s in summaries),  # within each worker's rows
     )
 
 

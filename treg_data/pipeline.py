@@ -24,6 +24,7 @@ from treg_data.models import load_model_config, model_context
 from treg_data.pairs import Columns, parse_pair, row_id
 from treg_data.revision_prompts import RevisionPrompts, load_revision_prompts
 from treg_data.rewards import REWARD_TRANSFORM
+from treg_data.row_notices import RowNotices
 from treg_data.scorers import EngineOptions, Scorer, build_scorer
 from treg_data.scoring import score_pairs
 from treg_data.shards import ShardCutter, ShardStore, merge_manifests
@@ -45,6 +46,7 @@ class Summary:
     scoring_path: str
     manifest: Path | None
     pairs_scored_now: int = 0
+    duplicate_ids: int = 0  # rows whose id an earlier row of this run had (kept, and warned about)
 
     def text(self) -> str:
         skipped = sum(self.skipped_by_reason.values())
@@ -56,6 +58,7 @@ class Summary:
             f"  pairs read     {self.pairs_read}",
             f"  pairs scored   {self.pairs_scored}",
             f"  pairs skipped  {skipped} ({reasons})",
+            *([f"  duplicate ids  {self.duplicate_ids} (kept; see the warnings above)"] if self.duplicate_ids else []),
             f"  tokens scored  {self.tokens} this run: {rate:,.0f} tokens/s, {pairs_rate:,.1f} pairs/s while scoring",
             f"  output         {self.output}"
             + (f" (manifest: {self.manifest.name})" if self.manifest else " (waiting for other workers)"),
@@ -89,7 +92,7 @@ def run(config: ScoreConfig) -> Summary:
     progress = store.resume(start, config.overwrite)
     engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
                      config.other_engine_options(dtype, max_model_len))
-    tokens_before, rows_before = progress.tokens, progress.rows
+    tokens_before, rows_before, duplicate_ids = progress.tokens, progress.rows, 0
     if progress.finished:
         print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
         manifest = merge_manifests(store.root, config.num_workers)
@@ -101,7 +104,7 @@ def run(config: ScoreConfig) -> Summary:
         # pairs as in an uninterrupted run and batch-dependent rounding cannot differ.
         chunk_start = progress.next_input - (progress.next_input - start) % config.batch_size
         try:
-            _score_chunks(source.rows(chunk_start, stop), stop - chunk_start, config, encoder, engine,
+            duplicate_ids = _score_chunks(source.rows(chunk_start, stop), stop - chunk_start, config, encoder, engine,
                           ShardCutter(store, progress, config.shard_size))
         finally:
             engine.close()
@@ -111,6 +114,7 @@ def run(config: ScoreConfig) -> Summary:
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
         seconds=time.perf_counter() - started, score_seconds=engine.seconds,
         scoring_path=engine.scoring_path, manifest=manifest, pairs_scored_now=progress.rows - rows_before,
+        duplicate_ids=duplicate_ids,
     )
 
 
@@ -184,11 +188,12 @@ class _Engine:
 
 
 def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, engine: _Engine,
-                  cutter: ShardCutter) -> None:
+                  cutter: ShardCutter) -> int:
     """`batch_size` pairs per engine call. Rows before the resume point are in shards already:
-    they are scored again only so that each chunk is as in an uninterrupted run, and not kept."""
+    they are scored again only so that each chunk is as in an uninterrupted run, and not kept.
+    Returns how many of this run's rows repeat an earlier row's id."""
     bar = tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, file=sys.stderr)
-    skips, tokens = _SkipReport(config.strict), 0
+    skips, notices, tokens = _SkipReport(config.strict), RowNotices(), 0
     for number, chunk in enumerate(_chunks(rows, config.batch_size)):
         if number == 0:
             _check_columns(chunk, config)
@@ -197,6 +202,8 @@ def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, e
             item = _encode(row, encoder, config.columns)
             if isinstance(item, EncodedPair):
                 encoded.append((index, item))
+                for line in notices.check(index, item.pair) if index >= cutter.progress.next_input else ():
+                    tqdm.write(line, file=sys.stderr)
             elif index >= cutter.progress.next_input:
                 skips.report(index, item)
                 cutter.add_skip(index, item)
@@ -210,6 +217,7 @@ def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, e
         bar.set_postfix_str(f"{tokens / max(engine.seconds, 1e-9):,.0f} tok/s")
     cutter.flush(final=True)
     bar.close()
+    return notices.duplicate_ids
 
 
 def _check_columns(chunk: list, config: ScoreConfig) -> None:
