@@ -36,6 +36,31 @@ def test_a_second_training_run_into_a_folder_in_use_is_refused_and_a_killed_one_
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _claim_all(folders: list[str]) -> list[str]:
+    """claim_folder on each folder in turn; the errors, as text."""
+    from treg_core.errors import UserError
+    from treg_core.folders import claim_folder
+
+    errors = []
+    for folder in folders:
+        try:
+            claim_folder(folder, "treg-score")
+        except UserError as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_workers_started_together_all_claim_the_new_folder(tmp_path):
+    """The workers of one treg-score run (--data-parallel-size, or --worker-index launched together) claim one
+    new folder at the same moment: none may take the others' marker for a stranger's file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folders = [str(tmp_path / f"out-{i}") for i in range(300)]
+    with ProcessPoolExecutor(4) as pool:
+        errors = [e for found in pool.map(_claim_all, [folders] * 4) for e in found]
+    assert not errors, errors[:3]
+
+
 def test_a_second_scoring_run_of_the_same_worker_is_refused(tiny_model, tmp_path):
     import pytest
 

@@ -29,13 +29,13 @@ def check_folder(path: str | Path, command: str) -> bool:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file; give a folder")
-    marker = path / MARKER
-    if marker.is_file():
-        owner = marker.read_text(encoding="utf-8").strip()
+    # Listed first, then read: a worker started beside this one may claim the folder in between.
+    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(LOCK)) if path.exists() else []
+    if MARKER in entries:
+        owner = (path / MARKER).read_text(encoding="utf-8").strip()
         if owner != command:
             raise UserError(f"{path} holds {owner} output; give {command} a folder of its own")
         return True
-    entries = sorted(p.name for p in path.iterdir() if not p.name.startswith(LOCK)) if path.exists() else []
     if entries:
         raise UserError(f"{path} already holds files treg did not write ({', '.join(entries[:3])}"
                         f"{', ...' if len(entries) > 3 else ''}); give a new or empty folder")
@@ -49,7 +49,10 @@ def claim_folder(path: str | Path, command: str) -> bool:
         return True
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / MARKER).write_text(command + "\n", encoding="utf-8")
+        # Whole or absent, as a worker started beside this one reads it; the temporary name is one listings skip.
+        tmp = path / f"{LOCK}-marker-{os.getpid()}"
+        tmp.write_text(command + "\n", encoding="utf-8")
+        os.replace(tmp, path / MARKER)
     except OSError as err:
         raise UserError(f"cannot write into {path}: {err.strerror or err}") from None
     return False
