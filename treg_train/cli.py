@@ -50,8 +50,6 @@ def main() -> None:
         # caches keep its device mesh), and one that frees the tensor of the last collective while the interpreter
         # shuts down aborts a process whose run finished ("terminate called without an active exception").
         # Every file the run writes is closed by now; the console streams are flushed here.
-        if done.code is not None and not isinstance(done.code, int):
-            print(done.code, file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(done.code if isinstance(done.code, int) else int(done.code is not None))
+        os._exit(done.code)  # run_cli's exit code, always an int
