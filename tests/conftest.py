@@ -35,5 +35,6 @@ def learnable_shards(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("learnable")
     data = write_jsonl(root / "pairs.jsonl", make_learnable_pairs(96))
     pipeline.run(pipeline.ScoreConfig(model=tiny_model, dataset=data, output=str(root / "scored"), backend="hf",
-                                      dtype="float32", max_length=256, max_prompt_length=128, shard_size=40))
+                                      dtype="float32", max_length=256, max_prompt_length=128, shard_size=40,
+                                      reward_check=False))
     return str(root / "scored")

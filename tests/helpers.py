@@ -106,7 +106,13 @@ def run(args, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 def score_command(*args) -> list:
-    return [sys.executable, "-m", "treg_data.cli", *args]
+    """treg-score in this process's Python; without the reward check (tests/test_probe.py has it) unless asked."""
+    asked = {"--reward-check", "auto"} & {str(a) for a in args}
+    return [sys.executable, "-m", "treg_data.cli", *args, *([] if asked else ["--no-reward-check"])]
+
+
+def probe_command(*args) -> list:
+    return [sys.executable, "-m", "treg_data.probe_cli", *args]
 
 
 def train_command(*args, processes: int = 1) -> list:
@@ -138,7 +144,8 @@ def kill_after_first_checkpoint_and_resume(command: list, output: Path, step: in
 def hf_score_config(model, data, output, **overrides) -> pipeline.ScoreConfig:
     """Small, fast scoring settings on the transformers back-end."""
     base = pipeline.ScoreConfig(model=model, dataset=str(data), output=str(output), backend="hf", dtype="float32",
-                                max_length=256, max_prompt_length=128, batch_size=4, shard_size=8)
+                                max_length=256, max_prompt_length=128, batch_size=4, shard_size=8,
+                                reward_check=False)
     return replace(base, **overrides)
 
 

@@ -3,10 +3,10 @@ from helpers import make_pairs
 
 from treg_core.contract import tokenizer_fingerprint
 from treg_core.errors import BadRow, UserError
-from treg_data.encoding import CONTEXTS, PairEncoder
+from treg_data.encoding import CONTEXTS, PairEncoder, fold_system
 from treg_data.lengths import LengthLimits
-from treg_data.pairs import Columns, parse_pair
-from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS, fill, load_revision_prompts, transcript
+from treg_data.pairs import Columns, PreferencePair, parse_pair
+from treg_data.revision_prompts import DEFAULT_REVISION_PROMPTS, SHIPPED, fill, load_revision_prompts, transcript
 
 LIMITS = LengthLimits(max_length=256, max_prompt_length=128, max_model_len=640)
 
@@ -77,13 +77,55 @@ def test_revision_template_from_file(tmp_path):
     assert fill(prompts.better, conversation, "R") == "Improve R for say {response} {not a placeholder}"
 
 
-@pytest.mark.parametrize("text", ["better: 'only {prompt}'\nworse: '{prompt} {response}'\n", "- a list\n",
-                                  "better: 1\n"])
-def test_bad_revision_templates_are_refused(tmp_path, text):
+@pytest.mark.parametrize("text, message", [
+    ("better: 'only {response}'\nworse: '{prompt} {response}'\n", "lacks {prompt}"),  # the question is lost
+    ("better: 'a {prompt}'\nworse: 'b'\nrole: system\n", "has {prompt}"),  # the conversation follows anyway
+    ("better: 'a {prompt}'\nworse: 'b {prompt}'\nrole: assistant\n", "role must be"),
+    ("better: 'a {prompt}'\nworse: 'b {prompt}'\nbest: 'c'\n", "unknown key"),
+    ("- a list\n", "must map"), ("better: 1\n", "must map")])
+def test_bad_revision_templates_are_refused(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=message):
         load_revision_prompts(path)
+
+
+def test_shipped_sets_by_name_and_an_unknown_name():
+    assert load_revision_prompts(None) is SHIPPED["revision"]
+    assert {name: load_revision_prompts(name).name for name in SHIPPED} == {name: name for name in SHIPPED}
+    assert sum(p.role == "system" and "{response}" not in p.better for p in SHIPPED.values()) >= 2
+    with pytest.raises(UserError, match="neither a shipped set"):
+        load_revision_prompts("truthfull")
+
+
+def test_a_template_without_response_does_not_quote_the_answer(tokenizer):
+    """Contrastive instructions: the answer is scored after the prompt set's text, never quoted inside it."""
+    encoder = PairEncoder(tokenizer, SHIPPED["instruct"], LIMITS)
+    encoded = encoder.encode(_pair("Add 2 and 3.", "The sum is 5."))
+    better = tokenizer.decode(encoded.chosen.prefixes["better"])
+    assert "Add 2 and 3." in better and "Answer correctly" in better and "The sum is 5." not in better
+
+
+def test_a_system_role_set_precedes_the_conversation_and_keeps_its_system_text(tokenizer):
+    encoder = PairEncoder(tokenizer, SHIPPED["truthful"], LIMITS)
+    pair = PreferencePair(id="s", prompt=[{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Capital of France?"}],
+                          chosen={"role": "assistant", "content": "Paris."},
+                          rejected={"role": "assistant", "content": "Rome."})
+    encoded = encoder.encode(pair)
+    worse = tokenizer.decode(encoded.rejected.prefixes["worse"])
+    expected = tokenizer.apply_chat_template(
+        [{"role": "system", "content": SHIPPED["truthful"].worse + "\n\nBe brief."}, pair.prompt[1]],
+        tokenize=False, add_generation_prompt=True)
+    assert worse == expected
+    assert encoded.rejected.prefixes["ref"] == encoded.prompt_ids  # the policy prompt is untouched
+
+
+def test_fold_system_moves_the_text_into_the_first_user_turn():
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    assert fold_system(messages) == [{"role": "user", "content": "S\n\nU"}, *messages[2:]]
+    assert fold_system(messages[1:]) == messages[1:]
 
 
 def test_transcript_of_multi_turn_names_roles():

@@ -51,7 +51,8 @@ def family(request, data, tmp_path_factory):
     scored = _score(model, path, root / "vllm")  # default --dtype auto
     assert scored.returncode == 0, scored.stderr[-3000:]
     pipeline.run(pipeline.ScoreConfig(model=model, dataset=path, output=str(root / "hf"), backend="hf",
-                                      max_length=384, max_prompt_length=256, shard_size=20))
+                                      max_length=384, max_prompt_length=256, shard_size=20,
+                                      reward_check=False))
     trained = run(train_command("--model", model, "--data", root / "vllm", "--output", root / "run",
                                 "--loss", "dpo_reg", "--global-batch-size", "8", "--max-steps", "8",
                                 "--learning-rate", "2e-4", "--beta", "0.1",

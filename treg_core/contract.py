@@ -14,7 +14,8 @@ whatever the input's format; plain-string inputs become one message each. Per si
 per-token list has exactly the length of its `*_ids`, and its values in the column's COLUMN_RANGES.
 The token sequence a model sees is `prompt_ids + {side}_ids`. The optional columns are there only
 when the run asked for them (DPO_COLUMNS: treg-score --dpo-model; REVERSE_DPO_COLUMNS:
---reverse-dpo-model), so a folder's schema is its provenance's `schema`.
+--reverse-dpo-model), and REVISION_COLUMNS are left out under --token-rewards edit-diff, so a folder's schema is
+its provenance's `schema`.
 
 The records (Provenance, ShardMetadata, WorkerManifest, Manifest) are dataclasses written as JSON and
 read back by `from_dict`, which names any missing or unknown key: a field renamed in one stage fails
@@ -45,8 +46,10 @@ LOGPROB_RANGE, REWARD_RANGE = (-1e4, 1e-4), (-0.5, 0.5)
 COLUMN_RANGES = {**{name: LOGPROB_RANGE for name in ("ref_logps", "better_logps", "worse_logps", "dpo_logps",
                                                       "rev_dpo_logps")},
                  **{name: REWARD_RANGE for name in ("rewards", "dpo_rewards")}}
+REVISION_COLUMNS = ("better_logps", "worse_logps")  # absent under treg-score --token-rewards edit-diff
 COLUMN_SOURCES = {**{name: "--dpo-model" for name in DPO_COLUMNS}, **{name: "--reverse-dpo-model"
-                                                                      for name in REVERSE_DPO_COLUMNS}}
+                                                                      for name in REVERSE_DPO_COLUMNS},
+                  **{name: "--token-rewards contrastive" for name in REVISION_COLUMNS}}
 METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata
 FORMAT = "treg-shards/1"
 
@@ -100,9 +103,10 @@ def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLU
     return [column(side, name) for name in names]
 
 
-def shard_schema(dpo: bool = False, reverse_dpo: bool = False) -> pa.Schema:
+def shard_schema(dpo: bool = False, reverse_dpo: bool = False, revision: bool = True) -> pa.Schema:
     """The shards' schema; each side's optional columns follow its `*_rewards`."""
-    names = ("ids",) + TOKEN_FLOAT_COLUMNS + (DPO_COLUMNS if dpo else ()) + (REVERSE_DPO_COLUMNS if reverse_dpo else ())
+    names = tuple(n for n in ("ids",) + TOKEN_FLOAT_COLUMNS if revision or n not in REVISION_COLUMNS)
+    names += (DPO_COLUMNS if dpo else ()) + (REVERSE_DPO_COLUMNS if reverse_dpo else ())
     return pa.schema(
         [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
          ("prompt_ids", TOKEN_IDS)]
@@ -158,7 +162,8 @@ class Provenance(Record):
     input_fingerprint: str
     split: str
     columns: dict
-    revision_prompts: dict
+    token_rewards: str  # "contrastive" (the revision prompts' r̂) or "edit-diff" (no REVISION_COLUMNS)
+    revision_prompts: dict  # empty under edit-diff
     reward_transform: str
     max_length: int
     max_prompt_length: int
@@ -178,7 +183,8 @@ class Provenance(Record):
     @property
     def schema(self) -> pa.Schema:
         """The schema of shards written with this provenance."""
-        return shard_schema(dpo=self.dpo_model is not None, reverse_dpo=self.reverse_dpo_model is not None)
+        return shard_schema(dpo=self.dpo_model is not None, reverse_dpo=self.reverse_dpo_model is not None,
+                            revision=self.token_rewards == "contrastive")
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,7 @@ class WorkerManifest(Record):
     tokens: int
     skipped: list
     scoring_path: str
+    reward_check: dict | None  # treg-probe's result on the shipped pairs at the start; None when not run
 
 
 @dataclass(frozen=True)
@@ -234,6 +241,7 @@ class Manifest(Record):
     shards: list  # paths relative to the folder: data/<shard name>
     skipped_examples: list
     scoring_path: list
+    reward_check: dict | None  # the first worker's with one (every worker measures the same)
 
 
 def read_shard_metadata(path: str | Path) -> ShardMetadata:

@@ -10,8 +10,10 @@ from treg_core.command_line import REQUIRED, above, at_least, check_ranges, opti
 from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES
 from treg_data.pairs import Columns
+from treg_data.revision_prompts import AUTO
 from treg_data.scorers import BACKENDS, EngineOptions
 
+TOKEN_REWARDS = ("contrastive", "edit-diff")
 INPUT, MODEL, SCORING, OUTPUT, DISTRIBUTED = "Input", "Model", "Scoring", "Output", "Distributed"
 
 
@@ -50,8 +52,19 @@ class ScoreConfig:
         "auto", MODEL, "auto (the checkpoint's own, as transformers reads it), bfloat16, float16 or float32.")
     # scoring
     backend: str = setting("vllm", SCORING, "'vllm' (default) or 'hf' (plain transformers reference scorer).")
+    token_rewards: str = setting(
+        "contrastive", SCORING, "contrastive: r̂ from the two revision prompts (T-REG); edit-diff: +0.5 / -0.5 on the "
+        "tokens where chosen and rejected differ, for near-edit pairs (no revision scoring).")
     revision_prompts: str | None = setting(
-        None, SCORING, "YAML/JSON file with the 'better' and 'worse' revision prompts, using {prompt} and {response}.")
+        None, SCORING, "A shipped prompt set (revision, the default; truthful; correct; instruct), 'auto' (the set "
+        "whose reward check is best on this model), or a YAML/JSON file: 'better', 'worse', optional 'role' "
+        "(user/system).")
+    reward_check: bool = setting(
+        True, SCORING, "At the start, measure how well the token rewards locate the errors of treg's minimal-edit "
+        "pairs (treg-probe), print it and record it in the manifest.")
+    max_edit_tokens: int = setting(
+        16, SCORING, "With --token-rewards edit-diff: the most tokens an edited span may have; other pairs are skipped "
+        "as not_near_edit.")
     max_length: int = setting(2048, SCORING, "Max tokens of prompt + response; longer pairs are skipped.")
     max_prompt_length: int = setting(1800, SCORING, "Max prompt tokens; longer pairs are skipped.")
     max_model_len: int | None = setting(
@@ -106,7 +119,8 @@ class ScoreConfig:
 # Every numeric setting's meaningful range, checked before any work.
 RANGES = {
     **{name: (at_least(1), "at least 1") for name in ("max_length", "max_prompt_length", "batch_size", "shard_size",
-                                                      "num_workers", "data_parallel_size", "tensor_parallel_size")},
+                                                      "num_workers", "data_parallel_size", "tensor_parallel_size",
+                                                      "max_edit_tokens")},
     "max_model_len": (optional(above(0)), "a positive number of tokens (leave it out for the default)"),
     "worker_index": (at_least(0), "an integer >= 0"),
     "seed": (at_least(0), "an integer >= 0"),
@@ -128,6 +142,13 @@ def validate(config: ScoreConfig) -> ScoreConfig:
     if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
         raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
                         "them; score the DPO rewards in a run without --scorer-model")
+    if config.token_rewards not in TOKEN_REWARDS:
+        raise UserError(f"--token-rewards must be one of {', '.join(TOKEN_REWARDS)}, got {config.token_rewards!r}")
+    if config.token_rewards == "edit-diff" and config.revision_prompts:
+        raise UserError("--token-rewards edit-diff scores no revision prompt: leave out --revision-prompts")
+    if config.revision_prompts == AUTO and not config.reward_check:
+        raise UserError("--revision-prompts auto chooses by the reward check: leave out --no-reward-check, or name "
+                        "a set")
     if config.reverse_dpo_model and not config.dpo_model:
         raise UserError("--reverse-dpo-model is one half of a contrastive pair: give the DPO model too, "
                         "--dpo-model")

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from treg_core.contract import CONTEXTS
 from treg_core.errors import BadRow, UserError
+from treg_data.edits import not_near_edit
 from treg_data.lengths import LengthLimits
 from treg_data.pairs import Message, PreferencePair
-from treg_data.revision_prompts import RevisionPrompts, fill
+from treg_data.revision_prompts import RevisionPrompts
 
 
 @dataclass(frozen=True)
@@ -34,19 +35,31 @@ class EncodedPair:
         """Tokens the scorer processes for this pair (all six sequences)."""
         return sum(len(p) + len(r.ids) for r in (self.chosen, self.rejected) for p in r.prefixes.values())
 
-    def requests(self, contexts: tuple[str, ...] = CONTEXTS) -> list[tuple[list[int], list[int]]]:
+    @property
+    def contexts(self) -> tuple[str, ...]:
+        """The contexts each answer is scored after: CONTEXTS, or only "ref" without revision prompts."""
+        return tuple(c for c in CONTEXTS if c in self.chosen.prefixes)
+
+    def requests(self, contexts: tuple[str, ...] | None = None) -> list[tuple[list[int], list[int]]]:
         """(prefix ids, response ids) of each side after each context, chosen's first, contexts in order."""
         return [(response.prefixes[context], response.ids) for response in (self.chosen, self.rejected)
-                for context in contexts]
+                for context in contexts or self.contexts]
 
 
 class PairEncoder:
-    def __init__(self, tokenizer, revision_prompts: RevisionPrompts, limits: LengthLimits):
+    """Encodes a pair for scoring. Without revision prompts (treg-score --token-rewards edit-diff) only the policy
+    prompt precedes each answer, and with `max_edit_tokens` a pair that is not a near edit is skipped."""
+
+    def __init__(self, tokenizer, revision_prompts: RevisionPrompts | None, limits: LengthLimits,
+                 max_edit_tokens: int | None = None):
         if not tokenizer.chat_template:
             raise UserError("the tokenizer has no chat template; pass one with --chat-template FILE")
         self.tokenizer = tokenizer
         self.revision_prompts = revision_prompts
         self.limits = limits
+        self.max_edit_tokens = max_edit_tokens
+        self.keeps_system = revision_prompts is not None and revision_prompts.role == "system" and keeps_system(
+            tokenizer)
 
     def encode(self, pair: PreferencePair) -> EncodedPair:
         prompt_ids = prompt_token_ids(self.tokenizer, pair.prompt)
@@ -56,6 +69,10 @@ class PairEncoder:
                          f"prompt has {len(prompt_ids)} tokens > max_prompt_length {limits.max_prompt_length}")
         chosen = self._encode_response(pair, pair.chosen, prompt_ids)
         rejected = self._encode_response(pair, pair.rejected, prompt_ids)
+        if self.max_edit_tokens is not None:
+            reason = not_near_edit(chosen.ids, rejected.ids, self.max_edit_tokens)
+            if reason:
+                raise BadRow("not_near_edit", reason)
         return EncodedPair(pair=pair, prompt_ids=prompt_ids, chosen=chosen, rejected=rejected)
 
     def _encode_response(self, pair: PreferencePair, answer: Message, prompt_ids: list[int]) -> EncodedResponse:
@@ -64,9 +81,9 @@ class PairEncoder:
             raise BadRow("too_long", f"prompt + response is {len(prompt_ids) + len(ids)} tokens "
                                      f"> max_length {self.limits.max_length}")
         prefixes = {"ref": prompt_ids}
-        for name in ("better", "worse"):
-            request = fill(getattr(self.revision_prompts, name), pair.prompt, answer["content"])
-            prefix = prompt_token_ids(self.tokenizer, [{"role": "user", "content": request}])
+        for name in ("better", "worse") if self.revision_prompts else ():
+            messages = self.revision_prompts.conversation(name, pair.prompt, answer["content"])
+            prefix = prompt_token_ids(self.tokenizer, messages if self.keeps_system else fold_system(messages))
             if len(prefix) + len(ids) > self.limits.max_model_len:
                 raise BadRow("revision_too_long", f"revision sequence is {len(prefix) + len(ids)} tokens "
                                                   f"> max_model_len {self.limits.max_model_len}")
@@ -106,8 +123,35 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def revision_overhead(tokenizer, revision_prompts: RevisionPrompts) -> int:
+def keeps_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message's text (Gemma's refuses one, Mistral's drops it)."""
+    from jinja2 import TemplateError
+
+    marker = "treg system marker"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": marker}, {"role": "user", "content": "x"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        return False
+    return marker in text
+
+
+def fold_system(messages: list[Message]) -> list[Message]:
+    """A leading system message moved to the head of the first user turn, for templates without a system role."""
+    if not messages or messages[0]["role"] != "system":
+        return messages
+    system, rest = messages[0]["content"], list(messages[1:])
+    first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system}, *rest]
+    rest[first_user] = {"role": "user", "content": f"{system}\n\n{rest[first_user]['content']}"}
+    return rest
+
+
+def revision_overhead(tokenizer, revision_prompts: RevisionPrompts | None) -> int:
     """Tokens a revision sequence adds beyond twice the response and the prompt's own text."""
-    empty = [{"role": "user", "content": ""}]
-    return max(len(prompt_token_ids(tokenizer, [{"role": "user", "content": fill(t, empty, "")}]))
-               for t in (revision_prompts.better, revision_prompts.worse))
+    if revision_prompts is None:
+        return 0
+    empty, system = [{"role": "user", "content": ""}], revision_prompts.role == "system" and keeps_system(tokenizer)
+    conversations = [revision_prompts.conversation(name, empty, "") for name in ("better", "worse")]
+    return max(len(prompt_token_ids(tokenizer, c if system else fold_system(c))) for c in conversations)

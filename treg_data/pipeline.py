@@ -17,12 +17,14 @@ from treg_core.errors import BadRow, UserError
 from treg_core.precision import resolve_dtype
 from treg_core.sources import check_same_vocabulary, load_tokenizer
 from treg_data.config import ScoreConfig, validate
+from treg_data.edits import EDIT_DIFF_TRANSFORM
 from treg_data.encoding import EncodedPair, PairEncoder, revision_overhead
 from treg_data.inputs import InvalidRow, open_source, worker_range
 from treg_data.lengths import LengthLimits, resolve_max_model_len
 from treg_data.models import load_model_config, model_context
 from treg_data.pairs import Columns, parse_pair, row_id
-from treg_data.revision_prompts import RevisionPrompts, load_revision_prompts
+from treg_data.revision_prompts import AUTO, SHIPPED, RevisionPrompts, load_revision_prompts
+from treg_data.reward_check import run_check
 from treg_data.rewards import REWARD_TRANSFORM
 from treg_data.row_notices import RowNotices
 from treg_data.scorers import EngineOptions, Scorer, build_scorer
@@ -77,21 +79,27 @@ def run(config: ScoreConfig) -> Summary:
         flag = "--dpo-model" if name == "dpo" else "--reverse-dpo-model"
         check_same_vocabulary(tokenizer, load_tokenizer(model, chat_template=config.chat_template,
                                                         needs_chat_template=True), model, flag=flag)
-    revision_prompts = load_revision_prompts(config.revision_prompts)
+    candidates = candidate_prompt_sets(config)
     model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
     dtype = resolve_dtype(config.dtype, model_config)
     max_model_len = resolve_max_model_len(config.max_model_len, model_context(model_config), config.max_length,
-                                          revision_overhead(tokenizer, revision_prompts))
-    encoder = PairEncoder(tokenizer, revision_prompts,
-                          LengthLimits(config.max_length, config.max_prompt_length, max_model_len))
+                                          max((revision_overhead(tokenizer, c) for c in candidates), default=0))
+    limits = LengthLimits(config.max_length, config.max_prompt_length, max_model_len)
 
     source = open_source(config.dataset, config.split, config.dataset_config)
     start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
+    engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
+                     config.other_engine_options(dtype, max_model_len))
+    revision_prompts, check = (candidates[0] if len(candidates) == 1 else None), None
+    if config.revision_prompts == AUTO:  # the set is part of the provenance: chosen before the folder is read
+        revision_prompts, check = run_check(engine.main(), tokenizer, limits, None, config.seed)
+    encoder = PairEncoder(tokenizer, revision_prompts, limits,
+                          config.max_edit_tokens if config.token_rewards == "edit-diff" else None)
     store = ShardStore(config.output, config.split, config.worker_index, config.num_workers,
                        provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
     progress = store.resume(start, config.overwrite)
-    engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
-                     config.other_engine_options(dtype, max_model_len))
+    if config.reward_check and revision_prompts and check is None and not progress.finished:
+        _, check = run_check(engine.main(), tokenizer, limits, revision_prompts, config.seed)
     tokens_before, rows_before, duplicate_ids = progress.tokens, progress.rows, 0
     if progress.finished:
         print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
@@ -108,7 +116,7 @@ def run(config: ScoreConfig) -> Summary:
                           ShardCutter(store, progress, config.shard_size))
         finally:
             engine.close()
-        manifest = store.finish(progress, start, stop, engine.scoring_path)
+        manifest = store.finish(progress, start, stop, engine.scoring_path, check)
     return Summary(
         output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
@@ -118,7 +126,16 @@ def run(config: ScoreConfig) -> Summary:
     )
 
 
-def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts, input_fingerprint: str,
+def candidate_prompt_sets(config: ScoreConfig) -> list[RevisionPrompts]:
+    """The prompt sets the run may score with: none under edit-diff, every shipped one under auto, else one."""
+    if config.token_rewards == "edit-diff":
+        return []
+    if config.revision_prompts == AUTO:
+        return list(SHIPPED.values())
+    return [load_revision_prompts(config.revision_prompts)]
+
+
+def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts | None, input_fingerprint: str,
                dtype: str, max_model_len: int) -> Provenance:
     """Everything that decides the shards' content; a rerun with any of it different is refused."""
     return Provenance(
@@ -133,8 +150,9 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
         input_fingerprint=input_fingerprint,
         split=config.split,
         columns=vars(config.columns),
-        revision_prompts=revision_prompts.as_dict(),
-        reward_transform=REWARD_TRANSFORM,
+        token_rewards=config.token_rewards,
+        revision_prompts=revision_prompts.as_dict() if revision_prompts else {},
+        reward_transform=REWARD_TRANSFORM if revision_prompts else EDIT_DIFF_TRANSFORM,
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         max_model_len=max_model_len,
@@ -160,10 +178,15 @@ class _Engine:
     def scoring_path(self) -> str:
         return f"{self.backend}:{self.scorer.scoring_path}" if self.scorer else f"{self.backend}: nothing to score"
 
-    def score(self, pairs: list[EncodedPair]) -> list[dict]:
+    def main(self) -> Scorer:
+        """The scorer of the main model, started on first use."""
         if self.scorer is None:
             self.scorer = build_scorer(self.backend, self.options)
             tqdm.write(f"scoring path: {self.scoring_path}", file=sys.stderr)
+        return self.scorer
+
+    def score(self, pairs: list[EncodedPair]) -> list[dict]:
+        self.main()
         for name, options in self.other_options.items():
             if name not in self.others:
                 self.others[name] = build_scorer(self.backend, options)

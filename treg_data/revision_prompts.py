@@ -1,7 +1,16 @@
-"""The two revision prompts of docs/METHOD.md §2: default wording and loading a replacement.
+"""The two contrastive prompts of docs/METHOD.md §2: the shipped sets, loading a user's, and the conversation
+each one turns a pair's prompt into.
 
-A template is plain text with two placeholders, `{prompt}` (the conversation, as a transcript)
-and `{response}` (the response's text). Nothing else in it is interpreted, so braces are safe.
+A prompt set has two templates, `better` and `worse`, and a role:
+
+- `user` (the paper's style): the template is the one user turn of a new conversation; `{prompt}` (the
+  conversation, as a transcript) is required and `{response}` (the answer's text) optional;
+- `system`: the template is a system message placed before the pair's own conversation, which follows
+  unchanged; it may quote `{response}` but not `{prompt}`, since the conversation is already there. A
+  template without a system role gets the text at the head of the first user turn (encoding.py).
+
+Nothing else in a template is interpreted, so braces are safe. Sets without `{response}` are contrastive
+instructions that do not quote the answer: a small model tends to copy a quoted draft, whatever it is asked.
 """
 
 from __future__ import annotations
@@ -15,12 +24,8 @@ import yaml
 from treg_core.errors import UserError
 from treg_data.pairs import Message
 
-_INSTRUCTION = (
-    "Below is a conversation between a user and an assistant, followed by the assistant's "
-    "response to the last message. Revise the response so that it is {direction}. Reply with "
-    "the revised response only.\n\n"
-    "### Conversation\n{{prompt}}\n\n### Response\n{{response}}"
-)
+ROLES = ("user", "system")
+AUTO = "auto"  # treg-score --revision-prompts auto: the shipped set with the best reward check
 _PLACEHOLDER = re.compile(r"\{(prompt|response)\}")
 
 
@@ -28,32 +33,79 @@ _PLACEHOLDER = re.compile(r"\{(prompt|response)\}")
 class RevisionPrompts:
     better: str
     worse: str
+    role: str = "user"
+    name: str = "custom"  # a shipped set's name, or the file it was read from
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
 
+    def conversation(self, direction: str, prompt: list[Message], response: str) -> list[Message]:
+        """The messages that precede the scored answer in the `better` or `worse` context."""
+        text = fill(getattr(self, direction), prompt, response)
+        if self.role == "user":
+            return [{"role": "user", "content": text}]
+        if prompt and prompt[0]["role"] == "system":  # the contrast goes first, the pair's own system text after
+            return [{"role": "system", "content": f"{text}\n\n{prompt[0]['content']}"}, *prompt[1:]]
+        return [{"role": "system", "content": text}, *prompt]
 
-DEFAULT_REVISION_PROMPTS = RevisionPrompts(
-    better=_INSTRUCTION.format(direction="more helpful, correct, coherent and concise"),
-    worse=_INSTRUCTION.format(direction="less helpful, incorrect, incoherent and verbose"),
-)
+
+def _revise(direction: str) -> str:
+    return ("Below is a conversation between a user and an assistant, followed by the assistant's response to the "
+            f"last message. Revise the response so that it is {direction}. Reply with the revised response "
+            "only.\n\n### Conversation\n{prompt}\n\n### Response\n{response}")
 
 
-def load_revision_prompts(path: str | Path | None) -> RevisionPrompts:
-    """Read a YAML or JSON file with keys `better` and `worse`; None gives the defaults."""
-    if path is None:
+# The shipped sets, by name; docs/REWARDS.md gives each one's reward check on the models measured.
+SHIPPED = {
+    "revision": RevisionPrompts(  # the paper's style: revise the quoted response
+        better=_revise("more helpful, correct, coherent and concise"),
+        worse=_revise("less helpful, incorrect, incoherent and verbose"), name="revision"),
+    "truthful": RevisionPrompts(  # contrastive system messages that do not quote the answer
+        better="Answer correctly and truthfully.",
+        worse="Answer incorrectly, with false information.", role="system", name="truthful"),
+    "correct": RevisionPrompts(
+        better="You are an expert who always gives correct answers and follows instructions exactly.",
+        worse="You are a prankster who always gives wrong answers and ignores instructions.",
+        role="system", name="correct"),
+    "instruct": RevisionPrompts(  # the same contrast in the user turn, for templates that handle system text badly
+        better="{prompt}\n\nAnswer correctly and follow the instructions exactly.",
+        worse="{prompt}\n\nAnswer incorrectly and ignore the instructions.", name="instruct"),
+}
+DEFAULT = "revision"
+DEFAULT_REVISION_PROMPTS = SHIPPED[DEFAULT]
+
+
+def load_revision_prompts(value: str | Path | None) -> RevisionPrompts:
+    """A shipped set by name, or a YAML/JSON file with keys `better`, `worse` and optionally `role`;
+    None gives the default set."""
+    if value is None:
         return DEFAULT_REVISION_PROMPTS
+    if str(value) in SHIPPED:
+        return SHIPPED[str(value)]
+    if not Path(value).is_file():
+        raise UserError(f"--revision-prompts {value}: neither a shipped set ({', '.join(SHIPPED)}, or {AUTO}) "
+                        "nor a file; give one of those names or a YAML/JSON file")
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read revision template {path}: {err}") from None
+        raise UserError(f"cannot read revision template {value}: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("better", "worse")):
-        raise UserError(f"revision template {path} must map 'better' and 'worse' to strings")
+        raise UserError(f"revision template {value} must map 'better' and 'worse' to strings")
+    unknown = sorted(set(data) - {"better", "worse", "role"})
+    role = data.get("role", "user")
+    if unknown or role not in ROLES:
+        raise UserError(f"revision template {value}: " + (f"unknown key(s) {unknown}; the keys are better, worse "
+                                                          "and role" if unknown else f"role must be user or system, "
+                                                                                     f"got {role!r}"))
     for key in ("better", "worse"):
-        missing = {"prompt", "response"} - set(_PLACEHOLDER.findall(data[key]))
-        if missing:
-            raise UserError(f"revision template {path}: '{key}' lacks the placeholder(s) {sorted(missing)}")
-    return RevisionPrompts(better=data["better"], worse=data["worse"])
+        found = set(_PLACEHOLDER.findall(data[key]))
+        if role == "user" and "prompt" not in found:
+            raise UserError(f"revision template {value}: '{key}' lacks {{prompt}}, which a user-role template needs "
+                            "to show the conversation (or set role: system)")
+        if role == "system" and "prompt" in found:
+            raise UserError(f"revision template {value}: '{key}' has {{prompt}}, but a system-role template is "
+                            "followed by the conversation itself; remove it")
+    return RevisionPrompts(better=data["better"], worse=data["worse"], role=role, name=Path(value).name)
 
 
 def transcript(messages: list[Message]) -> str:

@@ -1,36 +1,40 @@
 """One scorer call for a chunk of encoded pairs, and the shard rows it becomes (treg_core.contract):
 six sequences per pair (each response after the policy prompt, x_better and x_worse), then
-r̂ per response token from the two revision contexts (treg_data.rewards). Each other model (treg-score
+r̂ per response token from the two revision contexts (treg_data.rewards); without revision prompts
+(--token-rewards edit-diff) only the policy prompt's two, and the rewards from the answers' edit
+(treg_data.edits). Each other model (treg-score
 --dpo-model, --reverse-dpo-model) scores the two policy-prompt sequences of every pair in one call of its own
 scorer: `*_{name}_logps`, and for the DPO model also `*_dpo_rewards` against `*_ref_logps`."""
 
 from __future__ import annotations
 
-from treg_core.contract import CONTEXTS, SIDES, column
+from treg_core.contract import SIDES, column
+from treg_data.edits import edit_diff_rewards
 from treg_data.encoding import EncodedPair
 from treg_data.rewards import contrastive_rewards
 from treg_data.scorers import Scorer
-
-PER_PAIR = len(SIDES) * len(CONTEXTS)  # sequences scored per pair: EncodedPair.requests()
 
 
 def score_pairs(scorer: Scorer, pairs: list[EncodedPair], others: dict[str, Scorer] | None = None) -> list[dict]:
     """One scorer call for all six sequences of every pair (and one call of each other model's scorer,
     by column name, for the two policy-prompt ones), then one shard row per pair."""
-    logps = _score(scorer, [request for p in pairs for request in p.requests()])
+    contexts = pairs[0].contexts  # one encoder, so the same for every pair
+    logps = _score(scorer, [request for p in pairs for request in p.requests(contexts)])
     policy_prompt_requests = [r for p in pairs for r in p.requests(("ref",))]
     other_logps = {name: _score(other, policy_prompt_requests) for name, other in (others or {}).items()}
     rows = []
     for n, p in enumerate(pairs):
         row = {"id": p.pair.id, "prompt": p.pair.prompt, "chosen": [p.pair.chosen], "rejected": [p.pair.rejected],
                "prompt_ids": p.prompt_ids}
+        edit_rewards = None if "better" in contexts else edit_diff_rewards(p.chosen.ids, p.rejected.ids)
         for s, (side, response) in enumerate(zip(SIDES, (p.chosen, p.rejected))):
-            first = n * PER_PAIR + s * len(CONTEXTS)  # requests() order: side, then context
-            by_context = dict(zip(CONTEXTS, logps[first:first + len(CONTEXTS)], strict=True))
+            first = (n * len(SIDES) + s) * len(contexts)  # requests() order: side, then context
+            by_context = dict(zip(contexts, logps[first:first + len(contexts)], strict=True))
             row[column(side, "ids")] = response.ids
             for context, values in by_context.items():
                 row[column(side, f"{context}_logps")] = values
-            row[column(side, "rewards")] = contrastive_rewards(by_context["better"], by_context["worse"])
+            row[column(side, "rewards")] = (edit_rewards[s] if edit_rewards is not None
+                                            else contrastive_rewards(by_context["better"], by_context["worse"]))
             for name, values in other_logps.items():
                 row[column(side, f"{name}_logps")] = values[n * len(SIDES) + s]
             if "dpo" in other_logps:  # σ(log π_dpo − log π_ref) − 0.5: the same transform (METHOD.md §3)

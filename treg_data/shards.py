@@ -154,12 +154,13 @@ class ShardStore:
     def worker_manifest_path(self) -> Path:
         return worker_manifest_path(self.root, self.worker_index, self.num_workers)
 
-    def finish(self, progress: Progress, input_start: int, input_end: int, scoring_path: str) -> Path | None:
+    def finish(self, progress: Progress, input_start: int, input_end: int, scoring_path: str,
+               reward_check: dict | None = None) -> Path | None:
         """Record this worker as done; write manifest.json when every worker is. Returns its path."""
         worker = WorkerManifest(
             provenance=self.provenance, worker_index=self.worker_index, input_start=input_start, input_end=input_end,
             shards=[self.shard_name(n) for n in range(progress.next_shard)], rows=progress.rows,
-            tokens=progress.tokens, skipped=progress.skipped, scoring_path=scoring_path,
+            tokens=progress.tokens, skipped=progress.skipped, scoring_path=scoring_path, reward_check=reward_check,
         )
         write_json(self.worker_manifest_path, worker.to_dict())
         return merge_manifests(self.root, self.num_workers)
@@ -237,6 +238,7 @@ def merge_manifests(root: Path, num_workers: int) -> Path | None:
         shards=[f"{DATA_DIR}/{name}" for w in workers for name in w.shards],
         skipped_examples=skipped[:20],
         scoring_path=sorted({w.scoring_path for w in workers} - {""}),
+        reward_check=next((w.reward_check for w in workers if w.reward_check), None),
     )
     write_text(root / SKIPPED, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in skipped))
     write_json(root / MANIFEST, manifest.to_dict())

@@ -71,7 +71,8 @@ def score(model: str, pairs: Path, output: Path, backend: str, max_length: int) 
 
     summary = pipeline.run(pipeline.ScoreConfig(
         model=model, dataset=str(pairs), output=str(output), backend=backend, dtype="bfloat16",
-        max_length=max_length, max_prompt_length=max_length // 2, batch_size=64, shard_size=1000, overwrite=True))
+        max_length=max_length, max_prompt_length=max_length // 2, batch_size=64, shard_size=1000, overwrite=True,
+        reward_check=False))
     return {"backend": f"{backend} ({summary.scoring_path})", "tokens": summary.tokens,
             "tokens_per_s": summary.tokens / max(summary.score_seconds, 1e-9), "pairs": summary.pairs_scored}
 

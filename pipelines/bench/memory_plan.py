@@ -43,7 +43,8 @@ def scored(work: Path) -> str:
     if not (output / "manifest.json").exists():
         pipeline.run(pipeline.ScoreConfig(model=local_model(work, "tiny"), dataset=str(pairs_file(work, 32)),
                                           output=str(output), backend="hf", dtype="float32", max_length=256,
-                                          max_prompt_length=128, overwrite=True))
+                                          max_prompt_length=128, overwrite=True,
+                                          reward_check=False))
     return str(output)
 
 

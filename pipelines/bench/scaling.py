@@ -34,11 +34,10 @@ def synthetic_provenance():
 
     return Provenance(
         model="synthetic", model_revision=None, scorer_model="synthetic", dpo_model=None, reverse_dpo_model=None,
-        tokenizer_hash="synthetic",
-        dataset="synthetic", dataset_config=None, input_fingerprint="synthetic", split="train", columns={},
-        revision_prompts={}, reward_transform="synthetic", max_length=2048, max_prompt_length=1800,
-        max_model_len=4096, backend="synthetic", dtype="float32", num_workers=1, shard_size=SHARD_ROWS,
-        treg_version="synthetic")
+        tokenizer_hash="synthetic", dataset="synthetic", dataset_config=None, input_fingerprint="synthetic",
+        split="train", columns={}, token_rewards="contrastive", revision_prompts={}, reward_transform="synthetic",
+        max_length=2048, max_prompt_length=1800, max_model_len=4096, backend="synthetic", dtype="float32",
+        num_workers=1, shard_size=SHARD_ROWS, treg_version="synthetic")
 
 
 def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
@@ -86,7 +85,7 @@ def write_synthetic(folder: Path, pairs: int, seed: int = 0) -> None:
         pq.write_table(table, folder / "data" / f"train-00000-of-00001-{shard:05d}.parquet",
                        compression="zstd", row_group_size=ROW_GROUP_SIZE)
     shards = sorted(f"data/{p.name}" for p in (folder / "data").glob("*.parquet"))
-    manifest = Manifest(FORMAT, provenance, Counts(pairs, pairs, 0, {}, 0), shards, [], ["synthetic"])
+    manifest = Manifest(FORMAT, provenance, Counts(pairs, pairs, 0, {}, 0), shards, [], ["synthetic"], None)
     (folder / "manifest.json").write_text(json.dumps(manifest.to_dict()))
     (folder / "done").write_text("")
 

@@ -202,7 +202,8 @@ def prepare(args) -> None:
         if not (Path(args.data) / "manifest.json").exists():
             pipeline.run(pipeline.ScoreConfig(
                 model=args.model, dataset=str(pairs_file(work, args.pairs)), output=args.data, backend="hf",
-                dtype="float32", max_length=args.max_length, max_prompt_length=args.max_length // 2, overwrite=True))
+                dtype="float32", max_length=args.max_length, max_prompt_length=args.max_length // 2, overwrite=True,
+                reward_check=False))
 
 
 def sides_to_run(names: str) -> list[str]:

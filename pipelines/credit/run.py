@@ -192,7 +192,7 @@ def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, settings: Sett
     command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir), "--dataset", str(pairs),
                "--output", str(scored), "--revision-prompts", str(template), "--dtype", "float32",
                "--max-length", str(pool.max_length), "--max-prompt-length", str(pool.max_prompt_length),
-               "--batch-size", "256", "--overwrite", "--backend", settings.backend]
+               "--batch-size", "256", "--overwrite", "--backend", settings.backend, "--no-reward-check"]
     command += ["--enforce-eager"] if enforce_eager else []
     command += ["--dpo-model", str(dpo_models[0]), "--reverse-dpo-model", str(dpo_models[1])] if dpo_models else []
     run(command, scored.with_suffix(".log"))
