@@ -25,6 +25,8 @@ from pathlib import Path
 
 import quickstart_model
 
+from treg_data.probe import check_line
+
 HERE = Path(__file__).resolve().parent
 PAIRS = HERE / "data" / "quickstart-pairs.jsonl"
 BETA = 0.1
@@ -89,7 +91,8 @@ def main() -> None:
     timings["report"] = time.perf_counter() - t
 
     metrics = [json.loads(line) for line in (train / "metrics.jsonl").read_text().splitlines()]
-    manifest = json.loads((scored / "manifest.json").read_text())["counts"]
+    manifest = json.loads((scored / "manifest.json").read_text())
+    check, manifest = manifest["reward_check"], manifest["counts"]
     stages = (f"model {timings['model']:.0f}s, scoring {timings['scoring']:.0f}s, "
               f"training {timings['training']:.0f}s, report {timings['report']:.0f}s")
     first, last = metrics[0], metrics[-1]
@@ -100,6 +103,7 @@ def main() -> None:
   stages           {stages}
   pairs            {manifest['pairs_scored']} scored, {manifest['pairs_skipped']} skipped
   token rewards    {credit_line(scored)}
+  reward check     {check_line(f"set {check['used']}", check['sets'][check['used']])} (treg's probe pairs)
   training         {training}
   scored shards    {scored}/data  (manifest.json beside them)
   trained model    {train / 'final'}

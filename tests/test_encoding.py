@@ -93,7 +93,8 @@ def test_bad_revision_templates_are_refused(tmp_path, text, message):
 def test_shipped_sets_by_name_and_an_unknown_name():
     assert load_revision_prompts(None) is SHIPPED["revision"]
     assert {name: load_revision_prompts(name).name for name in SHIPPED} == {name: name for name in SHIPPED}
-    assert sum(p.role == "system" and "{response}" not in p.better for p in SHIPPED.values()) >= 2
+    unquoted = [p for p in SHIPPED.values() if "{response}" not in p.better + p.worse]  # contrastive instructions
+    assert len(unquoted) >= 2 and any(p.role == "system" for p in unquoted)
     with pytest.raises(UserError, match="neither a shipped set"):
         load_revision_prompts("truthfull")
 

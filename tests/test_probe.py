@@ -13,6 +13,7 @@ from treg_core.contract import read_manifest, shard_files
 from treg_core.errors import UserError
 from treg_data.edits import common_ends, edit_diff_rewards, edited_mask, not_near_edit
 from treg_data.encoding import PairEncoder
+from treg_data.hub import write_card
 from treg_data.lengths import LengthLimits
 from treg_data.probe import (
     BASELINE,
@@ -165,6 +166,8 @@ def test_treg_score_checks_its_rewards_and_records_the_check(tiny_model, probe_p
     if manifest.reward_check["sets"]["revision"]["ci"][1] < 0.6:  # a random model: the warning, with its options
         assert "warning: the token rewards of 'revision'" in checked.stderr
         assert set(manifest.reward_check["sets"]) == set(SHIPPED)
+    card = write_card(tmp_path / "checked", "me/checked").read_text()
+    assert "located the edited tokens with an AUROC of" in card and "| arithmetic |" in card
     auto = run(score_command(*base, "--output", tmp_path / "auto", "--revision-prompts", "auto"))
     assert auto.returncode == 0, auto.stderr[-3000:]
     chosen = read_manifest(tmp_path / "auto").reward_check["best"]
@@ -184,6 +187,8 @@ def test_edit_diff_rewards_end_to_end(tiny_model, probe_pairs, tmp_path):
     manifest = read_manifest(scored)
     assert manifest.counts.skipped_by_reason.get("not_near_edit", 0) >= 1  # the pair "far" at least
     assert manifest.provenance.token_rewards == "edit-diff" and manifest.provenance.revision_prompts == {}
+    card = write_card(scored, "me/edits").read_text()
+    assert "edit-diff: +0.5" in card and "Not run" in card and "x_better" not in card
     table = pq.read_table(shard_files(scored)[0])
     assert "chosen_better_logps" not in table.column_names
     for row in table.to_pylist():

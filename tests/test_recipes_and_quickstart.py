@@ -15,7 +15,8 @@ from treg_train.config import build_config
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "pipelines" / "recipes").glob("*/*.yaml"))
 SCORE_RECIPES = [p for p in RECIPES if p.stem == "score" or p.stem.startswith("score_")]  # e.g. score_dpo_reward
-TRAIN_RECIPES = [p for p in RECIPES if p not in SCORE_RECIPES]
+PROBE_RECIPES = [p for p in RECIPES if p.stem == "probe"]
+TRAIN_RECIPES = [p for p in RECIPES if p not in SCORE_RECIPES + PROBE_RECIPES]
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -64,6 +65,15 @@ def test_score_recipes_are_treg_score_configs(path):
     assert flagged.max_length == 512  # a flag overrides the recipe
 
 
+@pytest.mark.parametrize("path", PROBE_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_probe_recipes_are_treg_probe_configs(path):
+    from treg_core.command_line import load_settings
+    from treg_data.probe_cli import ProbeConfig
+
+    config = load_settings(ProbeConfig, str(path), {})
+    assert config.model == yaml.safe_load(path.read_text())["model"] and config.backend in ("vllm", "hf")
+
+
 def _fake(bin_dir: Path, name: str) -> None:
     script = bin_dir / name
     script.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$0" "$@"\n')
@@ -110,6 +120,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     out = result.stdout
     assert "=== [4/4]" in out and "quickstart finished" in out and "pairs            320 scored" in out
     assert "token rewards    mean Σ r̂" in out and "on its first wrong token in" in out
+    assert "reward check     AUROC" in out and "reward check: AUROC" in result.stderr  # the probe line, then summed up
     assert (tmp_path / "cache" / "quickstart-model-v2" / "config.json").exists()  # built once, then cached
     for path in ("scored/manifest.json", "train/final/model.safetensors", "train/metrics.jsonl", "report.html"):
         assert (tmp_path / "qs" / path).exists(), path

@@ -56,7 +56,7 @@ class ScoreConfig:
         "contrastive", SCORING, "contrastive: r̂ from the two revision prompts (T-REG); edit-diff: +0.5 / -0.5 on the "
         "tokens where chosen and rejected differ, for near-edit pairs (no revision scoring).")
     revision_prompts: str | None = setting(
-        None, SCORING, "A shipped prompt set (revision, the default; truthful; correct; instruct), 'auto' (the set "
+        None, SCORING, "A shipped prompt set (revision, the default; truthful; instruct; examples), 'auto' (the set "
         "whose reward check is best on this model), or a YAML/JSON file: 'better', 'worse', optional 'role' "
         "(user/system).")
     reward_check: bool = setting(

@@ -11,9 +11,20 @@ import pyarrow.parquet as pq
 import yaml
 
 from treg_core.atomic import write_text
-from treg_core.contract import DATA_DIR, MANIFEST, SHARD_GLOB, SKIPPED, Manifest, output_root, read_manifest
+from treg_core.contract import (
+    DATA_DIR,
+    MANIFEST,
+    SHARD_GLOB,
+    SKIPPED,
+    Manifest,
+    Provenance,
+    output_root,
+    read_manifest,
+)
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
+from treg_data.edits import EDIT_DIFF_TRANSFORM
+from treg_data.probe import BASELINE
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
 from treg_data.rewards import DPO_REWARD_TRANSFORM, REWARD_TRANSFORM
 
@@ -62,17 +73,48 @@ def dataset_card(manifest: Manifest, repo_id: str, license: str | None, num_byte
     if provenance.reverse_dpo_model:
         optional_rows += (f"| `*_rev_dpo_logps` | the same under `{provenance.reverse_dpo_model}`, trained with "
                           "chosen and rejected swapped (TIS-DPO's contrastive pair, with `*_dpo_logps`) |\n")
+    if provenance.token_rewards == "contrastive":
+        optional_rows = ("| `*_better_logps`, `*_worse_logps` | log-prob of each response token after `x_better` / "
+                         "`x_worse` |\n") + optional_rows
     return Template(CARD.read_text(encoding="utf-8")).substitute(
         front_matter=front_matter(manifest, license, num_bytes), repo_id=repo_id, dataset=provenance.dataset,
         split=provenance.split, scorer_model=provenance.scorer_model, model=provenance.model,
-        reward_transform=REWARD_TRANSFORM, distribution_summary=summary_line(distribution),
+        reward_section=reward_section(provenance), reward_check=reward_check_text(manifest.reward_check),
+        distribution_summary=summary_line(distribution),
         distribution_table=markdown_table(distribution), optional_column_rows=optional_rows,
-        better_prompt=provenance.revision_prompts["better"], worse_prompt=provenance.revision_prompts["worse"],
         pairs_read=counts.pairs_read, pairs_scored=counts.pairs_scored, pairs_skipped=counts.pairs_skipped,
         skipped_by_reason=", ".join(f"{k}: {v}" for k, v in counts.skipped_by_reason.items()) or "none",
         tokens=counts.tokens, license=license or "unknown",
         provenance_json=json.dumps(provenance.to_dict(), indent=2, ensure_ascii=False), card_mark=CARD_MARK,
     )
+
+
+def reward_section(provenance: Provenance) -> str:
+    """What `*_rewards` holds: the revision prompts' r̂ with their texts, or edit-diff's labels."""
+    if provenance.token_rewards == "edit-diff":
+        return (f"`{EDIT_DIFF_TRANSFORM}`: the edited tokens are those outside the longest common prefix and suffix "
+                "of the two answers' token ids; no revision prompt was scored.")
+    prompts = provenance.revision_prompts
+    return (f"For each response token `y_t`, with the model's log-probs of that same token id after two contexts "
+            f"(`x_better`, `x_worse`; prompt set `{prompts['name']}`, {prompts['role']} role):\n\n"
+            f"    {REWARD_TRANSFORM}   (the *_better_logps and *_worse_logps columns)\n\nwhich lies in (-0.5, 0.5). "
+            "The raw log-probs are kept, so other transforms need no rescoring.\n\n`x_better`:\n\n```\n"
+            f"{prompts['better']}\n```\n\n`x_worse`:\n\n```\n{prompts['worse']}\n```")
+
+
+def reward_check_text(check: dict | None) -> str:
+    """treg-score's reward check, as a sentence and a table by kind."""
+    if not check:
+        return "Not run (treg-score --no-reward-check, or edit-diff rewards: labels, not a model's judgement)."
+    result, baseline = check["sets"][check["used"]], check[BASELINE]
+    kinds = "\n".join(f"| {kind} | {r['auroc']:.2f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['lowest_on_edit']:.0%} |"
+                      for kind, r in result["by_kind"].items())
+    return (f"On treg's {check['pairs']} labelled minimal-edit pairs, the rewards of prompt set `{check['used']}` "
+            f"located the edited tokens with an AUROC of {result['auroc']:.2f} (95% interval {result['ci'][0]:.2f}-"
+            f"{result['ci'][1]:.2f}; 0.5 is chance); the scoring model's own log-prob alone gives "
+            f"{baseline['auroc']:.2f}. The lowest r̂ of a rejected answer fell on the edit in "
+            f"{result['lowest_on_edit']:.0%} of them.\n\n| kind | AUROC [95% interval] | lowest on the edit |\n"
+            f"|---|---|---|\n{kinds}")
 
 
 def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> Path:

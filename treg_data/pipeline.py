@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -88,35 +89,47 @@ def run(config: ScoreConfig) -> Summary:
 
     source = open_source(config.dataset, config.split, config.dataset_config)
     start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
+    _check_columns(list(islice(source.rows(start, stop), config.batch_size)), config)
     engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
                      config.other_engine_options(dtype, max_model_len))
-    revision_prompts, check = (candidates[0] if len(candidates) == 1 else None), None
-    if config.revision_prompts == AUTO:  # the set is part of the provenance: chosen before the folder is read
-        revision_prompts, check = run_check(engine.main(), tokenizer, limits, None, config.seed)
-    encoder = PairEncoder(tokenizer, revision_prompts, limits,
-                          config.max_edit_tokens if config.token_rewards == "edit-diff" else None)
-    store = ShardStore(config.output, config.split, config.worker_index, config.num_workers,
-                       provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
-    progress = store.resume(start, config.overwrite)
-    if config.reward_check and revision_prompts and check is None and not progress.finished:
-        _, check = run_check(engine.main(), tokenizer, limits, revision_prompts, config.seed)
-    tokens_before, rows_before, duplicate_ids = progress.tokens, progress.rows, 0
-    if progress.finished:
-        print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
-        manifest = merge_manifests(store.root, config.num_workers)
-    else:
+    try:
+        # The prompt set is part of the provenance: under auto it is chosen before the folder is read.
+        revision_prompts, check = (candidates[0] if len(candidates) == 1 else None), None
+        if config.revision_prompts == AUTO:
+            revision_prompts, check = run_check(engine.main(), tokenizer, limits, None, config.seed)
+        store = ShardStore(config.output, config.split, config.worker_index, config.num_workers,
+                           provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
+        progress = store.resume(start, config.overwrite)
+        if progress.finished:
+            print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
+            return _summary(config, progress, start, stop, started, engine, merge_manifests(store.root,
+                                                                                            config.num_workers))
+        if config.reward_check and revision_prompts and check is None:
+            _, check = run_check(engine.main(), tokenizer, limits, revision_prompts, config.seed)
         if progress.next_input > start:
             print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}",
                   file=sys.stderr)
+        tokens_before, rows_before = progress.tokens, progress.rows
         # Re-read from the start of the chunk the last run was in, so every chunk holds the same
         # pairs as in an uninterrupted run and batch-dependent rounding cannot differ.
         chunk_start = progress.next_input - (progress.next_input - start) % config.batch_size
-        try:
-            duplicate_ids = _score_chunks(source.rows(chunk_start, stop), stop - chunk_start, config, encoder, engine,
-                          ShardCutter(store, progress, config.shard_size))
-        finally:
-            engine.close()
-        manifest = store.finish(progress, start, stop, engine.scoring_path, check)
+        encoder = PairEncoder(tokenizer, revision_prompts, limits,
+                              config.max_edit_tokens if config.token_rewards == "edit-diff" else None)
+        duplicate_ids = _score_chunks(source.rows(chunk_start, stop), stop - chunk_start, config, encoder, engine,
+                                      ShardCutter(store, progress, config.shard_size))
+    finally:
+        engine.close()
+    manifest = store.finish(progress, start, stop, engine.scoring_path, check)
+    return _summary(config, progress, start, stop, started, engine, manifest, tokens_before, rows_before,
+                    duplicate_ids)
+
+
+def _summary(config: ScoreConfig, progress, start: int, stop: int, started: float, engine: _Engine,
+             manifest: Path | None, tokens_before: int | None = None, rows_before: int | None = None,
+             duplicate_ids: int = 0) -> Summary:
+    """This run's summary; with no `*_before`, of a run that found its part done and scored nothing."""
+    tokens_before = progress.tokens if tokens_before is None else tokens_before
+    rows_before = progress.rows if rows_before is None else rows_before
     return Summary(
         output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
@@ -217,9 +230,7 @@ def _score_chunks(rows, total: int, config: ScoreConfig, encoder: PairEncoder, e
     Returns how many of this run's rows repeat an earlier row's id."""
     bar = tqdm(total=total, unit="pair", desc="scoring", dynamic_ncols=True, file=sys.stderr)
     skips, notices, tokens = _SkipReport(config.strict), RowNotices(), 0
-    for number, chunk in enumerate(_chunks(rows, config.batch_size)):
-        if number == 0:
-            _check_columns(chunk, config)
+    for chunk in _chunks(rows, config.batch_size):
         encoded = []
         for index, row in chunk:
             item = _encode(row, encoder, config.columns)

@@ -55,6 +55,16 @@ def _revise(direction: str) -> str:
             "only.\n\n### Conversation\n{prompt}\n\n### Response\n{response}")
 
 
+_EXAMPLE_QUESTIONS = ("What is 2 + 2?", "What is the capital of Canada?",
+                      "What colour is snow? Write the answer in capital letters.",
+                      "Noor has 2 pens and buys 3 more. How many pens does she have?")
+
+
+def _examples(manner: str, answers: tuple[str, ...]) -> str:
+    shots = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in zip(_EXAMPLE_QUESTIONS, answers, strict=True))
+    return f"Answer {manner}, as in these examples.\n\n{shots}Q: {{prompt}}"
+
+
 # The shipped sets, by name; docs/REWARDS.md gives each one's reward check on the models measured.
 SHIPPED = {
     "revision": RevisionPrompts(  # the paper's style: revise the quoted response
@@ -63,13 +73,14 @@ SHIPPED = {
     "truthful": RevisionPrompts(  # contrastive system messages that do not quote the answer
         better="Answer correctly and truthfully.",
         worse="Answer incorrectly, with false information.", role="system", name="truthful"),
-    "correct": RevisionPrompts(
-        better="You are an expert who always gives correct answers and follows instructions exactly.",
-        worse="You are a prankster who always gives wrong answers and ignores instructions.",
-        role="system", name="correct"),
     "instruct": RevisionPrompts(  # the same contrast in the user turn, for templates that handle system text badly
         better="{prompt}\n\nAnswer correctly and follow the instructions exactly.",
         worse="{prompt}\n\nAnswer incorrectly and ignore the instructions.", name="instruct"),
+    "examples": RevisionPrompts(  # the contrast shown by right and wrong answers to other questions (few-shot)
+        better=_examples("correctly", ("2 + 2 = 4.", "The capital of Canada is Ottawa.", "The answer is WHITE.",
+                                       "Noor has 2 + 3 = 5 pens. She has 5 pens.")),
+        worse=_examples("incorrectly", ("2 + 2 = 5.", "The capital of Canada is Toronto.", "The answer is white.",
+                                        "Noor has 2 + 3 = 6 pens. She has 6 pens.")), name="examples"),
 }
 DEFAULT = "revision"
 DEFAULT_REVISION_PROMPTS = SHIPPED[DEFAULT]

@@ -8,6 +8,7 @@ import sys
 
 from tqdm import tqdm
 
+from treg_core.errors import UserError
 from treg_data.encoding import PairEncoder
 from treg_data.lengths import LengthLimits
 from treg_data.probe import BASELINE, best_set, check_line, load_probe_pairs, probe, warn_if_weak
@@ -16,12 +17,21 @@ from treg_data.scorers import Scorer
 
 
 def run_check(scorer: Scorer, tokenizer, limits: LengthLimits, chosen: RevisionPrompts | None,
-              seed: int = 0) -> tuple[RevisionPrompts, dict]:
+              seed: int = 0) -> tuple[RevisionPrompts, dict | None]:
     """The set to score with (`chosen`, or with None the shipped set that checks best) and the record for the
-    manifest: treg-probe's JSON object plus `used`, the set scored with."""
+    manifest: treg-probe's JSON object plus `used`, the set scored with (None when no probe pair fits the
+    engine's context)."""
     items, _ = load_probe_pairs()
+    # The probe pairs need only fit the engine, whatever the run's own length limits for its data.
+    limits = LengthLimits(limits.max_model_len, limits.max_model_len, limits.max_model_len)
     candidates = dict(SHIPPED) if chosen is None else {chosen.name: chosen}
-    result = probe(items, _encoders(tokenizer, candidates, limits), scorer, seed=seed)
+    try:
+        result = probe(items, _encoders(tokenizer, candidates, limits), scorer, seed=seed)
+    except UserError as err:
+        if chosen is None:
+            raise UserError(f"--revision-prompts auto: {err}") from None
+        _say(f"reward check: not run ({err})")
+        return chosen, None
     used = SHIPPED[result["best"]] if chosen is None else chosen
     _say(f"reward check: {check_line(f'set {used.name}', result['sets'][used.name])}; the reference log-prob "
          f"alone: {result[BASELINE]['auroc']:.2f}")
