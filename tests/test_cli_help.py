@@ -9,6 +9,7 @@ import pytest
 
 from treg_data.cli import command as score_command
 from treg_data.inspect_cli import command as inspect_command
+from treg_data.probe_cli import command as probe_command
 from treg_data.push_cli import command as push_command
 from treg_train.cli import command as train_command
 from treg_train.curves_cli import command as curves_command
@@ -17,6 +18,7 @@ COMMANDS = {
     "treg_data.cli": score_command,
     "treg_train": train_command,
     "treg_data.inspect_cli": inspect_command,
+    "treg_data.probe_cli": probe_command,
     "treg_data.push_cli": push_command,
     "treg_train.curves_cli": curves_command,
 }

@@ -129,3 +129,22 @@ def test_export_reloads_in_transformers_and_scores_in_vllm(family):
     rescored = family["rescored"]
     assert rescored.returncode == 0, rescored.stderr[-3000:]
     assert "pairs scored   4" in rescored.stdout
+
+
+def test_a_system_role_prompt_set_reaches_the_model_in_every_family(family):
+    """Gemma-2's template refuses a system turn: the text then heads the first user turn."""
+    from transformers import AutoTokenizer
+
+    from treg_data.encoding import PairEncoder, keeps_system
+    from treg_data.lengths import LengthLimits
+    from treg_data.pairs import Columns, parse_pair
+    from treg_data.revision_prompts import SHIPPED
+
+    tokenizer = AutoTokenizer.from_pretrained(family["model"])
+    encoded = PairEncoder(tokenizer, SHIPPED["truthful"], LengthLimits(384, 256, 1024)).encode(
+        parse_pair(make_learnable_pairs(1)[0], Columns()))
+    for direction in ("better", "worse"):
+        text = tokenizer.decode(encoded.rejected.prefixes[direction])
+        assert text.count(getattr(SHIPPED["truthful"], direction)) == 1 and "Please add" in text
+    if family["name"] != "mistral":  # Mistral's keeps the text of a conversation that ends with a user turn
+        assert keeps_system(tokenizer) == (family["name"] != "gemma2")

@@ -1,5 +1,5 @@
 """A real pretrained model, SmolLM2-135M-Instruct (pipelines/real_model.py: built once from its GGUF and cached):
-vLLM and the transformers scorer agree on it in fp32 with a system-role prompt set through its own ChatML
+vLLM and the transformers scorer agree on it in fp32 with a contrastive prompt set through its own ChatML
 template, the reward check runs in vLLM's engine, and dpo_reg trains on it and exports a model that generates."""
 
 import json
@@ -39,7 +39,7 @@ def scored(smollm2, tmp_path_factory):
             kinds[row["kind"]] += 1
             rows.append(row)
     data = write_jsonl(root / "pairs.jsonl", rows)
-    common = ["--model", smollm2, "--dataset", data, "--dtype", "float32", "--revision-prompts", "truthful",
+    common = ["--model", smollm2, "--dataset", data, "--dtype", "float32", "--revision-prompts", "instruct",
               "--max-length", "256", "--max-prompt-length", "128"]
     vllm_run = run(score_command(*common, "--output", root / "vllm", "--enforce-eager", "--reward-check"))
     assert vllm_run.returncode == 0, vllm_run.stderr[-3000:]
@@ -61,9 +61,9 @@ def test_vllm_and_transformers_agree_on_the_real_model(scored):
 
 def test_the_reward_check_ran_in_the_engine(scored):
     check = read_manifest(scored["root"] / "vllm").reward_check
-    assert check["used"] == "truthful" and check["pairs"] >= 150
+    assert check["used"] == "instruct" and check["pairs"] >= 150
     assert "reward check: AUROC" in scored["vllm"].stderr
-    assert 0 <= check["sets"]["truthful"]["auroc"] <= 1 and set(check["sets"]["truthful"]["by_kind"]) == {
+    assert 0 <= check["sets"]["instruct"]["auroc"] <= 1 and set(check["sets"]["instruct"]["by_kind"]) == {
         "fact", "arithmetic", "format", "reasoning"}
 
 

@@ -43,6 +43,7 @@ class ProbeConfig:
     bootstrap: int = setting(BOOTSTRAP, PROBE, "Bootstrap resamples of the pairs for the 95% intervals.")
     seed: int = setting(0, PROBE, "Seed of the bootstrap (and of the engine).")
     gpu_memory_utilization: float = setting(0.9, SCORING, "vLLM GPU memory fraction (shared with --dpo-model).")
+    enforce_eager: bool = setting(False, SCORING, "vLLM: skip graph compilation (faster start, slower steps).")
     output: str | None = setting(None, PROBE, "Also write the JSON object to this file.")
 
 
@@ -70,7 +71,8 @@ def run(config: ProbeConfig) -> dict:
     # The engine is treg-score's, with the same settings: what is measured here is what scoring would give.
     score_config = ScoreConfig(dataset="-", output="-", model=config.model, dpo_model=config.dpo_model,
                                backend=config.backend, seed=config.seed,
-                               gpu_memory_utilization=config.gpu_memory_utilization)
+                               gpu_memory_utilization=config.gpu_memory_utilization,
+                               enforce_eager=config.enforce_eager)
     options = score_config.engine_options(resolve_dtype(config.dtype, model_config), max_model_len)
     scorers = [build_scorer(config.backend, options)]
     try:

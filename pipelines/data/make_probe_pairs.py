@@ -9,7 +9,7 @@ Two files come out of one pool of items, split so that no question is in both:
 Every edit sits after the first character and both answers end with the same text, so the edited tokens are a
 span in the middle or near the end (treg_data.edits finds them by common prefix and suffix). The content is
 hand-written here; nothing is downloaded. Run again to regenerate the same files:
-python3 pipelines/data/make_probe_pairs.py
+.venv/bin/python pipelines/data/make_probe_pairs.py
 """
 
 import json
@@ -17,6 +17,8 @@ import random
 import re
 from fractions import Fraction
 from pathlib import Path
+
+from treg_data.edits import common_ends
 
 SEED = 20250101
 N_SHIPPED, N_DEV = 40, 12
@@ -444,18 +446,6 @@ def check(shipped: list[dict], dev: list[dict]) -> None:
     for r in rows:
         prefix, suffix = common_ends(r["chosen"], r["rejected"])
         assert 0 < prefix and 0 < suffix and prefix + suffix < len(r["rejected"]), r
-
-
-def common_ends(a: str, b: str) -> tuple[int, int]:
-    """The common prefix and the common suffix that does not overlap it, as treg_data.edits measures them."""
-    limit = min(len(a), len(b))
-    prefix = 0
-    while prefix < limit and a[prefix] == b[prefix]:
-        prefix += 1
-    suffix = 0
-    while suffix < limit - prefix and a[-1 - suffix] == b[-1 - suffix]:
-        suffix += 1
-    return prefix, suffix
 
 
 def write(path: Path, rows: list[dict]) -> None:
