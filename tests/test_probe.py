@@ -72,6 +72,7 @@ def test_the_warning_names_a_better_set_only_when_the_interval_is_low():
     assert warn_if_weak("a", good) is None
     assert "--revision-prompts b" in warn_if_weak("a", weak, {"a": weak, "b": good})
     assert "edit-diff" in warn_if_weak("a", weak, {"a": weak})
+    assert "edit-diff" in warn_if_weak("a", weak, {"a": weak, "b": {"auroc": 0.52, "ci": [0.5, 0.55]}})  # weak too
 
 
 def test_edit_diff_rewards_and_the_near_edit_rule():
@@ -164,7 +165,7 @@ def test_treg_score_checks_its_rewards_and_records_the_check(tiny_model, probe_p
     manifest = read_manifest(tmp_path / "checked")
     assert manifest.reward_check["used"] == "revision" and manifest.reward_check["pairs"] >= 150
     if manifest.reward_check["sets"]["revision"]["ci"][1] < 0.6:  # a random model: the warning, with its options
-        assert "warning: the token rewards of 'revision'" in checked.stderr
+        assert "the token rewards of 'revision' do not locate errors" in checked.stderr
         assert set(manifest.reward_check["sets"]) == set(SHIPPED)
     card = write_card(tmp_path / "checked", "me/checked").read_text()
     assert "located the edited tokens with an AUROC of" in card and "| arithmetic |" in card

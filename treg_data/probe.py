@@ -196,12 +196,14 @@ def table(result: dict) -> str:
 
 
 def warn_if_weak(name: str, result: dict, others: dict | None = None) -> str | None:
-    """The warning treg-score prints when the interval's upper end is below WARN_BELOW, naming the better set."""
+    """The warning treg-score prints when the interval's upper end is below WARN_BELOW, naming the best of
+    `others` when that one is not weak itself."""
     if not result["ci"][1] < WARN_BELOW:
         return None
     better = best_set(others) if others else None
     hint = (f"--revision-prompts {better} does better here (AUROC {others[better]['auroc']:.2f})"
-            if better and better != name and others[better]["auroc"] > result["auroc"] else
+            if better and better != name and others[better]["ci"][1] >= WARN_BELOW else
             "no shipped set does better; consider --token-rewards edit-diff for near-edit data, or a larger model")
-    return (f"warning: the token rewards of {name!r} do not locate errors on this model (AUROC interval below "
-            f"{WARN_BELOW}); training on them regularises towards noise. {hint}, or measure more with treg-probe")
+    return (f"warning: on treg's probe pairs, the token rewards of {name!r} do not locate errors (AUROC interval "
+            f"below {WARN_BELOW}), so on data like them T-REG would regularise towards noise. {hint}; measure on "
+            "pairs like yours with treg-probe --pairs")
