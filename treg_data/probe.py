@@ -203,7 +203,7 @@ def warn_if_weak(name: str, result: dict, others: dict | None = None) -> str | N
     better = best_set(others) if others else None
     hint = (f"--revision-prompts {better} does better here (AUROC {others[better]['auroc']:.2f})"
             if better and better != name and others[better]["ci"][1] >= WARN_BELOW else
-            "no shipped set does better; consider --token-rewards edit-diff for near-edit data, or a larger model")
+            "No shipped set does better; consider --token-rewards edit-diff for near-edit data, or a larger model")
     return (f"warning: on treg's probe pairs, the token rewards of {name!r} do not locate errors (AUROC interval "
             f"below {WARN_BELOW}), so on data like them T-REG would regularise towards noise. {hint}; measure on "
             "pairs like yours with treg-probe --pairs")
