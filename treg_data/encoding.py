@@ -124,7 +124,7 @@ def token_ids(tokenizer, text: str) -> list[int]:
 
 
 def keeps_system(tokenizer) -> bool:
-    """Whether the chat template writes a system message's text (Gemma's refuses one, Mistral's drops it)."""
+    """Whether the chat template writes a system message's text before a question (Gemma-2's refuses one)."""
     from jinja2 import TemplateError
 
     marker = "treg system marker"

@@ -1,8 +1,7 @@
 """One scorer call for a chunk of encoded pairs, and the shard rows it becomes (treg_core.contract):
-six sequences per pair (each response after the policy prompt, x_better and x_worse), then
-r̂ per response token from the two revision contexts (treg_data.rewards); without revision prompts
-(--token-rewards edit-diff) only the policy prompt's two, and the rewards from the answers' edit
-(treg_data.edits). Each other model (treg-score
+six sequences per pair (each response after the policy prompt, x_better and x_worse), then r̂ per response
+token from the two revision contexts (treg_data.rewards); without revision prompts (--token-rewards edit-diff),
+the policy prompt's two and the rewards of the answers' edit (treg_data.edits). Each other model (treg-score
 --dpo-model, --reverse-dpo-model) scores the two policy-prompt sequences of every pair in one call of its own
 scorer: `*_{name}_logps`, and for the DPO model also `*_dpo_rewards` against `*_ref_logps`."""
 
