@@ -196,6 +196,16 @@ def test_ctrl_c_under_a_script_that_ignores_it_ends_the_run_in_one_line(tiny_mod
     _stop_while_scoring(args, tmp_path / "out", 1, lambda process, engines: os.killpg(process.pid, signal.SIGINT))
 
 
+def _command_line(process) -> str:
+    """A process's command line and name; empty for one that exited (a zombie) while the tree was listed."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline()) + process.name()
+    except psutil.Error:
+        return ""
+
+
 def _stop_while_scoring(args: list, output, engines_at_least: int, stop) -> None:
     """Start `args` in a session of its own, `stop(process, engine processes)` once shards are being written, then
     check the run ends within 30 s, saying the engine died and the complete shards are kept, and leaves no process."""
@@ -209,7 +219,7 @@ def _stop_while_scoring(args: list, output, engines_at_least: int, stop) -> None
             assert process.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
             time.sleep(0.05)
         tree = psutil.Process(process.pid).children(recursive=True)
-        engines = [p for p in tree if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        engines = [p for p in tree if "EngineCore" in _command_line(p)]
         assert len(engines) >= engines_at_least, [(p.name(), p.cmdline()) for p in tree]
         stop(process, engines)
         stopped = time.time()
