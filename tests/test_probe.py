@@ -196,6 +196,9 @@ def test_edit_diff_rewards_end_to_end(tiny_model, probe_pairs, tmp_path):
         chosen, rejected = edit_diff_rewards(row["chosen_ids"], row["rejected_ids"])
         assert row["chosen_rewards"] == chosen.tolist() and row["rejected_rewards"] == rejected.tolist()
         assert min(row["rejected_rewards"]) == -0.5 and len(row["rejected_ref_logps"]) == len(row["rejected_ids"])
+    wider = run(score_command("--model", tiny_model, "--dataset", probe_pairs, "--backend", "hf", "--dtype",
+                              "float32", "--output", scored, "--token-rewards", "edit-diff", "--max-edit-tokens", "40"))
+    assert wider.returncode != 0 and "reward_transform" in wider.stderr  # another near-edit rule: not mixed in
     trained = run(train_command("--model", tiny_model, "--data", scored, "--output", tmp_path / "run", "--loss",
                                 "dpo_reg", "--max-steps", "2", "--global-batch-size", "4"))
     assert trained.returncode == 0, trained.stderr[-3000:]

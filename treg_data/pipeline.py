@@ -102,8 +102,8 @@ def run(config: ScoreConfig) -> Summary:
         progress = store.resume(start, config.overwrite)
         if progress.finished:
             print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
-            return _summary(config, progress, start, stop, started, engine, merge_manifests(store.root,
-                                                                                            config.num_workers))
+            return _summary(config, progress, start, stop, started, engine,
+                            merge_manifests(store.root, config.num_workers), progress.tokens, progress.rows)
         if config.reward_check and revision_prompts and check is None:
             _, check = run_check(engine.main(), tokenizer, limits, revision_prompts, config.seed)
         if progress.next_input > start:
@@ -125,11 +125,8 @@ def run(config: ScoreConfig) -> Summary:
 
 
 def _summary(config: ScoreConfig, progress, start: int, stop: int, started: float, engine: _Engine,
-             manifest: Path | None, tokens_before: int | None = None, rows_before: int | None = None,
-             duplicate_ids: int = 0) -> Summary:
-    """This run's summary; with no `*_before`, of a run that found its part done and scored nothing."""
-    tokens_before = progress.tokens if tokens_before is None else tokens_before
-    rows_before = progress.rows if rows_before is None else rows_before
+             manifest: Path | None, tokens_before: int, rows_before: int, duplicate_ids: int = 0) -> Summary:
+    """This run's summary: what it added to the tokens and rows it found done (`*_before`)."""
     return Summary(
         output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
         skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
@@ -165,7 +162,9 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
         columns=vars(config.columns),
         token_rewards=config.token_rewards,
         revision_prompts=revision_prompts.as_dict() if revision_prompts else {},
-        reward_transform=REWARD_TRANSFORM if revision_prompts else EDIT_DIFF_TRANSFORM,
+        # Under edit-diff the near-edit rule decides which pairs are kept: a rerun with another one is refused.
+        reward_transform=REWARD_TRANSFORM if revision_prompts else
+        f"{EDIT_DIFF_TRANSFORM}; near edits of at most {config.max_edit_tokens} tokens",
         max_length=config.max_length,
         max_prompt_length=config.max_prompt_length,
         max_model_len=max_model_len,

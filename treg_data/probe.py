@@ -54,6 +54,8 @@ class Scored:
 def load_probe_pairs(path: str | Path | None = None) -> tuple[list[ProbeItem], dict[str, int]]:
     """The pairs of a probe file (treg-score's input format, an optional `kind` column), and the rows skipped by
     reason."""
+    if path and not Path(path).exists():
+        raise UserError(f"--pairs {path}: no such file; give a JSONL, JSON or Parquet file of labelled pairs")
     source = open_source(str(path or SHIPPED_PAIRS))
     items, skipped = [], {}
     for _, row in source.rows(0, source.num_rows):
