@@ -96,7 +96,7 @@ def main() -> None:
     stages = (f"model {timings['model']:.0f}s, scoring {timings['scoring']:.0f}s, "
               f"training {timings['training']:.0f}s, report {timings['report']:.0f}s")
     first, last = metrics[0], metrics[-1]
-    training = (f"{last['epoch'] + 1} epochs, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+    training = (f"{last['epoch']:g} epochs, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
                 f"reward accuracy {first['rewards/accuracies']:.2f} -> {last['rewards/accuracies']:.2f}")
     print(f"""
 === quickstart finished in {time.perf_counter() - started:.0f}s ===

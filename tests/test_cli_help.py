@@ -62,3 +62,10 @@ def test_every_training_setting_has_help_and_a_group():
 
     for field in dataclasses.fields(TrainConfig):
         assert field.metadata.get("help") and field.metadata.get("group"), field.name
+
+
+def test_help_says_which_attention_kernels_need_a_gpu():
+    result = subprocess.run([sys.executable, "-m", "treg_train", "--help"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "200"})
+    offered = " ".join(re.search(r"--attn-implementation TEXT(.*?)--compile", result.stdout, re.S).group(1).split())
+    assert "on a GPU only: flash_attention_2, flash_attention_3, flex_attention" in offered, offered

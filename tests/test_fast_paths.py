@@ -8,6 +8,7 @@ import copy
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 from helpers import assert_one_line_error, make_training_pair, train_command
 
@@ -122,5 +123,27 @@ def test_liger_kernels_off_cuda_are_one_line(tiny_model, learnable_shards, tmp_p
     result = subprocess.run(train_command("--model", tiny_model, "--data", learnable_shards, "--output",
                                           tmp_path / "run", "--global-batch-size", "8", "--use-liger-kernel"),
                             capture_output=True, text=True, timeout=300)
-    assert_one_line_error(result, "--use-liger-kernel")
+    assert_one_line_error(result, "--use-liger-kernel needs a GPU")
+    assert "pip install" not in result.stderr  # installing it would not help on a CPU
     assert not (tmp_path / "run" / ".treg").exists()  # refused before the folder was claimed
+
+
+def test_flex_attention_on_a_cpu_is_refused_before_any_work(tiny_model, learnable_shards, tmp_path):
+    """Flex attention has no backward on a CPU: refused up front, with what runs there."""
+    result = subprocess.run(train_command("--model", tiny_model, "--data", learnable_shards, "--output",
+                                          tmp_path / "run", "--global-batch-size", "8", "--max-steps", "1",
+                                          "--attn-implementation", "flex_attention"),
+                            capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, "--attn-implementation flex_attention needs a GPU", "varlen", "sdpa")
+    assert not (tmp_path / "run" / ".treg").exists()
+
+
+def test_gpu_kernels_are_refused_on_a_cpu_only():
+    from treg_core.errors import UserError
+    from treg_train.config import TrainConfig
+    from treg_train.preflight import check_device
+
+    for settings in ({"attn_implementation": "flex_attention"}, {"use_liger_kernel": True}):
+        check_device(TrainConfig(**settings), "cuda")
+        with pytest.raises(UserError, match="needs a GPU"):
+            check_device(TrainConfig(**settings), "cpu")

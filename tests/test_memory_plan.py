@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run, train_command
+from helpers import assert_one_line_error, run, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "pipelines" / "bench"))
@@ -101,8 +101,66 @@ def test_auto_checkpoints_only_as_much_as_the_device_needs(tmp_path, monkeypatch
         if note:
             assert "activation checkpointing on" in note and "--gradient-checkpointing auto" in note
     monkeypatch.setattr(plans, "device_memory_gb", lambda device: full["every layer"] * 0.5)
-    with pytest.raises(UserError, match="lower --micro-batch-tokens .*--lora-r.*more processes"):
+    with pytest.raises(UserError, match=r"lower --micro-batch-tokens to \d+ \(now 65536\)") as refused:
         plans.plan_run(config, 1, cpu, torch.float32)
+    assert "--lora-r" not in str(refused.value)  # the activations set the peak: LoRA would not lower it
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("missing", "model folder {tmp}/missing does not exist"),
+    ("empty", "the folder has no config.json"),
+    ("treg-tests/not-cached", "cannot load the config of --model 'treg-tests/not-cached'"),
+])
+def test_plan_on_a_model_it_cannot_read_is_one_line(model, expected, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run(train_command("--plan", "--model", model if "/" in model else tmp_path / model), timeout=300)
+    assert_one_line_error(result, expected.format(tmp=tmp_path))
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _not_fitting(monkeypatch, model: Path, gb: float, device: str = "cuda", world_size: int = 1, **settings) -> str:
+    """The line --plan prints for these settings on a device of `gb` GB, where nothing fits."""
+    from treg_train import plan as plans
+    from treg_train.config import TrainConfig
+
+    monkeypatch.setattr(plans, "device_memory_gb", lambda device: gb)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    memory, note = plans.plan_run(TrainConfig(model=str(model), **settings), world_size, torch.device(device), dtype,
+                                  strict=False)
+    assert note and "the run needs" in note and " on none" not in note, note
+    return note
+
+
+def test_a_cpu_load_peak_is_advised_on_as_such(tmp_path, monkeypatch):
+    """Rank 0's full copy of the checkpoint sets the peak: LoRA (already on) and more processes (8) do not lower it."""
+    note = _not_fitting(monkeypatch, llama_1b_shape(tmp_path), 10.0, "cpu", 8, lora_r=16)
+    assert "full fp32 copy of the checkpoint" in note and "more memory" in note
+    for wrong in ("(--lora-r 16)", "processes (now", "lower --micro-batch-tokens to"):
+        assert wrong not in note, note
+
+
+def test_the_advice_never_offers_what_is_set(tmp_path, monkeypatch):
+    """LoRA and processes are offered where they would help, and not once LoRA is on and there are as many processes
+    as pairs in a global batch (each forward then holds one pair already)."""
+    model = llama_1b_shape(tmp_path)
+    note = _not_fitting(monkeypatch, model, 20.0)
+    assert "train LoRA adapters (--lora-r 16)" in note and "run 4 processes (now 1)" in note, note
+    note = _not_fitting(monkeypatch, model, 5.0, world_size=8, lora_r=16, global_batch_size=8)
+    assert "--lora-r" not in note and "processes" not in note and "--micro-batch-tokens" not in note, note
+    assert "no setting lowers it" in note, note
+
+
+def test_a_checkpointing_mode_given_is_the_one_planned(tmp_path, monkeypatch):
+    """--gradient-checkpointing false: the plan shown is without checkpointing, and turning it on is advised."""
+    model = llama_1b_shape(tmp_path)
+    note = _not_fitting(monkeypatch, model, 10.0, gradient_checkpointing="false", max_length=8192,
+                        micro_batch_tokens=16384)
+    assert "without activation checkpointing" in note and "--gradient-checkpointing true (now false) gives" in note
+    result = run(train_command("--plan", "--model", model, "--gradient-checkpointing", "false", "--micro-batch-tokens",
+                               "4000000", "--max-length", "2048"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1])["checkpointing"] == "none"
+    assert "needs" in result.stdout and "without activation checkpointing" in result.stdout, result.stdout
 
 
 def test_every_run_prints_its_plan_first(tiny_model, learnable_shards, tmp_path):

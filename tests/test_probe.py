@@ -220,3 +220,141 @@ def test_settings_that_cannot_work_are_refused(tiny_model, tmp_path, settings, m
     config = ScoreConfig(model=tiny_model, dataset="x.jsonl", output=str(tmp_path / "o"), **settings)
     with pytest.raises(UserError, match=message):
         candidate_prompt_sets(validate(config))
+
+
+# ---- hostile inputs: refused in one line, or left out with a reason ---------------------------------------
+
+
+class _FlatScorer:
+    """Every token -1 after every context: r̂ is 0 everywhere, so a set's check is weak and the others are measured."""
+
+    def score(self, requests):
+        return [np.full(len(response), -1.0, dtype=np.float32) for _, response in requests]
+
+
+def _items(rows):
+    from treg_data.pairs import Columns, parse_pair
+    from treg_data.probe import ProbeItem
+
+    return [ProbeItem(parse_pair(row, Columns()), "k") for row in rows]
+
+
+def test_pairs_whose_rejected_answer_has_no_measurable_edit_are_left_out(tokenizer):
+    from treg_data.probe import NoProbePair
+
+    edit = {"prompt": "Name a colour.", "chosen": "The colour is red today.", "rejected": "The colour is blue today."}
+    deletion = {"prompt": "Copy: one two three", "chosen": "one two three", "rejected": "one three"}
+    whole = {"prompt": "Name a metal.", "chosen": "Copper", "rejected": "I cannot help with that."}
+    encoders = {"truthful": PairEncoder(tokenizer, SHIPPED["truthful"], LIMITS)}
+    result = probe(_items([edit, deletion, whole]), encoders, _FlatScorer(), samples=50)
+    assert result["pairs"] == 1 and result["skipped"] == {"no_edit": 1, "whole_answer_edited": 1}
+    assert not np.isnan(result["sets"]["truthful"]["auroc"])
+    with pytest.raises(NoProbePair, match="no_edit.*changes a span inside text"):  # once NaN, printed as success
+        probe(_items([deletion]), encoders, _FlatScorer(), samples=50)
+
+
+def test_a_probe_file_says_which_row_is_wrong_and_refuses_odd_kinds(tmp_path):
+    rows = [{"prompt": "Q?", "chosen": "It is red.", "rejected": "It is blue.", "kind": kind}
+            for kind in ("fact", ["a", "b"], None, 3)]
+    items, skipped = load_probe_pairs(write_jsonl(tmp_path / "kinds.jsonl", rows))
+    assert [i.kind for i in items] == ["fact", "all", "3"] and skipped == {"malformed_field": 1}
+    (tmp_path / "broken.jsonl").write_bytes(b'{"prompt": "Q?", "chosen": "\xff"}\n')
+    with pytest.raises(UserError, match=r"row 1: invalid_json: .*utf-8.*give rows with prompt, chosen and rejected"):
+        load_probe_pairs(tmp_path / "broken.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="--pairs") as empty:
+        load_probe_pairs(tmp_path / "empty.jsonl")
+    assert "--dataset" not in str(empty.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("better: '{prompt} Be right.'\nworse: '{prompt} Be right.'\n", "the same text, so every token reward would be 0"),
+    ("better: '{prompt} a'\nworse: '{prompt} b'\nbetter: 'c'\n", "better given twice .line 1"),
+    ('better: "{prompt}\n', r"found unexpected end of stream \(line 2, column 1\); fix the YAML"),
+])
+def test_prompt_set_files_that_cannot_work_are_refused_in_one_line(tmp_path, text, message):
+    from treg_data.revision_prompts import load_revision_prompts
+
+    (tmp_path / "set.yaml").write_text(text)
+    with pytest.raises(UserError, match=message) as refused:
+        load_revision_prompts(tmp_path / "set.yaml")
+    assert "\n" not in str(refused.value)
+
+
+def test_prompt_set_files_not_utf8_named_like_a_shipped_set_or_with_a_mistyped_placeholder(tmp_path, monkeypatch,
+                                                                                          capsys):
+    from treg_data.revision_prompts import load_revision_prompts
+
+    (tmp_path / "latin1.yaml").write_bytes("better: '{prompt} café'\nworse: '{prompt} x'\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8; save the file as UTF-8"):
+        load_revision_prompts(tmp_path / "latin1.yaml")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "truthful").write_text("better: '{prompt} a'\nworse: '{prompt} b'\n")
+    with pytest.raises(UserError, match=r"names both a shipped set and a file here; give the file as \./truthful"):
+        load_revision_prompts("truthful")
+    assert load_revision_prompts("./truthful").better == "{prompt} a"
+    (tmp_path / "typo.yaml").write_text('better: "{prompt} Fix: {answer} {\\"a\\": 1}"\nworse: "{prompt} {answer}"\n')
+    assert load_revision_prompts("typo.yaml").better.endswith('{answer} {"a": 1}')  # braces stay text...
+    assert "{answer} is kept as written, not filled in" in capsys.readouterr().err  # ...but a near-placeholder is said
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"output": "{tmp}"}, "is a folder"),
+    ({"output": "{tmp}/pairs.jsonl"}, "exists and is not a treg-probe result"),
+    ({"dpo_model": "{model}/"}, "is --model itself"),
+    ({"revision_prompts": "auto"}, "treg-probe measures every shipped set already"),
+    ({"bootstrap": 10}, "at least 50"),
+    ({"gpu_memory_utilization": 2.0}, r"in \(0, 1\]"),
+])
+def test_treg_probe_refuses_settings_before_any_work(tiny_model, tmp_path, settings, message):
+    from treg_data import probe_cli
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "It is red.", "rejected": "It is blue."}])
+    before = (tmp_path / "pairs.jsonl").read_text()
+    settings = {k: v.format(tmp=tmp_path, model=tiny_model) if isinstance(v, str) else v for k, v in settings.items()}
+    with pytest.raises(UserError, match=message):
+        probe_cli.run(probe_cli.ProbeConfig(model=tiny_model, pairs=pairs, backend="hf", dtype="float32",
+                                            **{"bootstrap": 50, **settings}))
+    assert (tmp_path / "pairs.jsonl").read_text() == before  # the pairs were never replaced by the result
+
+
+def test_treg_probe_says_when_the_chat_template_refuses_every_conversation(tiny_model, tmp_path):
+    from treg_data import probe_cli
+
+    template = tmp_path / "refuses.jinja"
+    template.write_text("{% for m in messages %}{{ raise_exception('no system role') }}{% endfor %}")
+    with pytest.raises(UserError, match="no system role; fix the template or give another with --chat-template"):
+        probe_cli.run(probe_cli.ProbeConfig(model=tiny_model, chat_template=str(template), backend="hf", bootstrap=50))
+
+
+def test_the_reward_check_names_treg_scores_flags_and_goes_on_when_a_set_fits_nothing(tokenizer, capsys):
+    from treg_data.reward_check import run_check
+
+    # 120 tokens: truthful and instruct fit most probe pairs, revision and examples (longer prompts) none.
+    fits_some = LengthLimits(max_length=120, max_prompt_length=120, max_model_len=120)
+    used, record = run_check(_FlatScorer(), tokenizer, fits_some, SHIPPED["truthful"])
+    assert used == SHIPPED["truthful"] and set(record["sets"]) == {"truthful", "instruct"}
+    assert "do not locate errors" in capsys.readouterr().err
+    nothing_fits = LengthLimits(max_length=20, max_prompt_length=20, max_model_len=20)
+    assert run_check(_FlatScorer(), tokenizer, nothing_fits, SHIPPED["truthful"]) == (SHIPPED["truthful"], None)
+    assert "not run" in (err := capsys.readouterr().err) and "raise --max-model-len" in err and "--pairs" not in err
+    with pytest.raises(UserError, match="auto: .*raise --max-model-len, or name a set"):
+        run_check(_FlatScorer(), tokenizer, nothing_fits, None)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"loss_type": "sepo"}, "weights tokens its own way"),  # else plain SimPO under SePO's name
+    ({"loss_type": "d2po", "weighting": "none"}, "weights tokens its own way"),
+    ({"loss_type": "dpo", "beta": 0.0}, "beta must be a finite number above 0"),
+    ({"loss_type": "dpo", "beta": float("nan")}, "beta must be"),
+    ({"loss_type": "sepo", "weighting": "sepo", "sepo_ratio": 0.0}, r"sepo_ratio must be a finite number in \(0, 1\]"),
+    ({"loss_type": "dpo_reg", "weighting": "d2po", "d2po_discount": 1.5}, "d2po_discount must be"),
+    ({"loss_type": "dpo", "weighting": "nonesuch"}, "unknown token weighting"),
+])
+def test_loss_settings_that_no_objective_means_are_refused_when_made(settings, message):
+    from treg_train.losses import LossSettings
+
+    with pytest.raises(ValueError, match=message):
+        LossSettings(**settings)
+    LossSettings("sepo", beta=1.0, weighting="sepo", sepo_ratio=1.0)  # the edges that mean something stay allowed
+    LossSettings("d2po", weighting="d2po", d2po_discount=1.0, alpha=0.0, gamma=-3.0)

@@ -1,6 +1,7 @@
 """One run per folder, held by a lock that a killed run does not leave behind; a start that failed before its
 first checkpoint can be run again; what can be checked is checked before a folder is claimed."""
 
+import json
 import subprocess
 import sys
 import time
@@ -78,6 +79,72 @@ def test_a_second_scoring_run_of_the_same_worker_is_refused(tiny_model, tmp_path
         holder.wait()
     summary = pipeline.run(hf_score_config(tiny_model, data, folder, num_workers=2, worker_index=0))
     assert summary.manifest is not None  # both workers finished: the folder is complete
+
+
+def _settings(**changed) -> dict:
+    """A scoring run's recorded settings, two workers unless `changed` (no model runs: the folder's lock and its
+    checks read nothing else)."""
+    return {"model": "m", "model_revision": None, "scorer_model": "m", "dpo_model": None, "reverse_dpo_model": None,
+            "tokenizer_hash": "t", "dataset": "d.jsonl", "dataset_config": None, "input_fingerprint": "f",
+            "split": "train", "columns": {}, "token_rewards": "contrastive", "revision_prompts": {},
+            "reward_transform": "r", "max_length": 256, "max_prompt_length": 128, "max_model_len": 1024,
+            "backend": "hf", "dtype": "float32", "num_workers": 2, "shard_size": 8, "treg_version": "0", **changed}
+
+
+def _store(folder, settings: dict, worker: int):
+    """treg-score's store of one worker of the run `settings` describes."""
+    from treg_core.contract import Provenance
+    from treg_data.shards import ShardStore
+
+    return ShardStore(folder, "train", worker, settings["num_workers"], Provenance.from_dict(settings, "test"))
+
+
+def _start_worker(folder, settings: dict, worker: int, overwrite: bool = False) -> subprocess.Popen:
+    """Another process scoring as worker `worker` of the run `settings` describes: it holds the folder as treg-score
+    does, and has written its first shard."""
+    code = ("import json, time; from treg_core.contract import Provenance, ShardInfo; "
+            "from treg_data.shards import ShardStore; "
+            f"settings = json.loads({json.dumps(settings)!r}); "
+            f"store = ShardStore({str(folder)!r}, 'train', {worker}, settings['num_workers'], "
+            "Provenance.from_dict(settings, 'test')); "
+            f"store.resume(0, {overwrite}); store.write_shard(0, [], ShardInfo(0, 0, 0, 0, [])); "
+            "print('held', flush=True); time.sleep(120)")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+
+def _holds(worker: subprocess.Popen) -> bool:
+    return worker.stdout.readline().strip() == "held"
+
+
+def test_the_workers_of_one_run_share_the_folder_and_no_other_run_may_write_or_clear_it(tmp_path):
+    """Workers of one run (--data-parallel-size 2 --overwrite: both at once) hold the folder together; while they
+    do, a worker of another --num-workers or other settings is refused, and so is an --overwrite, which would
+    otherwise clear the shards they are writing. Once they are killed, nothing of their lock is left."""
+    import pytest
+
+    from treg_core.errors import UserError
+
+    folder = tmp_path / "scored"
+    workers = [_start_worker(folder, _settings(), worker, overwrite=True) for worker in (0, 1)]
+    try:
+        assert all(_holds(worker) for worker in workers)
+        shards = sorted((folder / "data").glob("*.parquet"))
+        assert [p.name[:len("train-00000-of-00002")] for p in shards] == ["train-00000-of-00002",
+                                                                           "train-00001-of-00002"]
+        for settings, overwrite, differ in ((_settings(num_workers=1), False, "num_workers differ"),
+                                            (_settings(num_workers=1), True, "num_workers differ"),
+                                            (_settings(max_length=512), True, "max_length differ")):
+            first = "|".join(str(worker.pid) for worker in workers)  # whichever took the folder first
+            with pytest.raises(UserError, match=f"is in use by treg-score \\(pid ({first}) .*\\), a run with other "
+                                                f"settings \\({differ}\\); wait for it to end"):
+                _store(folder, settings, 0).resume(0, overwrite)
+            assert sorted((folder / "data").glob("*.parquet")) == shards
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    _store(folder, _settings(num_workers=1), 0).resume(0, overwrite=True)
+    assert not list((folder / "data").glob("*.parquet"))  # the other run's shards, replaced as asked
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_can_be_run_again(tiny_model, learnable_shards, tmp_path):
@@ -182,6 +249,7 @@ def test_a_full_disk_during_a_checkpoint_or_the_export_is_one_line_and_leaves_no
                              "2", "--global-batch-size", "8", "--save-steps", save_steps)
         result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=600,
                                 preexec_fn=limited)
-        assert_one_line_error(result, what, "nothing partial was kept")
+        # No checkpoint was written before, so the advice is the command that works: the same one, not --resume.
+        assert_one_line_error(result, what, "nothing partial was kept", "rerun the same command (without --resume")
         assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
         assert not (folder / "final").exists() and not list(folder.glob("checkpoints/step-*"))

@@ -2,6 +2,7 @@
 all, while reporting success."""
 
 import math
+import re
 
 import pytest
 from helpers import assert_one_line_error, read_metrics, run, train_command
@@ -66,6 +67,24 @@ def test_a_column_that_is_not_a_token_reward_is_refused_as_one(column, what):
 def test_conventional_zeros_keep_their_meaning():
     config = _train_config(max_grad_norm=0.0, save_steps=0, eval_steps=0, alpha=0.0, lora_r=0, weight_decay=0.0)
     assert config.max_grad_norm == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("max-length: 512\nbeta: 0.1\nmax_length: 1024\n", "gives max_length twice, as max-length and max_length"),
+    ("max-length: 512\nbeta: 0.1\nmax-length: 1024\n", "max-length is given twice (lines 1 and 3)"),
+])
+def test_a_setting_given_twice_in_config_is_refused_naming_both(text, expected, tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(expected) + ".*keep one"):
+        load_settings(TrainConfig, str(path), {})
+
+
+def test_a_setting_given_twice_in_config_is_one_line(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("max_length: 512\nmax-length: 1024\n")
+    result = run(train_command("--plan", "--model", "m", "--config", path), timeout=120)
+    assert_one_line_error(result, "max_length twice, as max_length and max-length")
 
 
 def test_max_grad_norm_zero_trains_without_clipping(tiny_model, learnable_shards, tmp_path):

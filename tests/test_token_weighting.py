@@ -331,3 +331,77 @@ def test_swap_pairs_trains_on_the_reversed_preference(tiny_model, learnable_shar
         first[name] = read_metrics(tmp_path / name)[0]
     assert first["swapped"]["logps/chosen"] == pytest.approx(first["plain"]["logps/rejected"], rel=1e-5)
     assert first["swapped"]["logps/rejected"] == pytest.approx(first["plain"]["logps/chosen"], rel=1e-5)
+
+
+# ---- a token signal that is 0 on every token: said at scoring, refused at training --------------------------
+
+
+@pytest.fixture(scope="module")
+def self_scored(tiny_model, tmp_path_factory):
+    """Pairs scored by treg-score with the policy itself as --dpo-model and --reverse-dpo-model ("itself"), and with a
+    copy of it under another name as --dpo-model ("copy"): each folder, with the warnings its scoring printed."""
+    import contextlib
+    import io
+    import shutil
+
+    from helpers import hf_score_config, make_pairs, write_jsonl
+
+    from treg_data.cli import score
+
+    root = tmp_path_factory.mktemp("self-scored")
+    data = write_jsonl(root / "pairs.jsonl", make_pairs(8))
+    copy = str(shutil.copytree(tiny_model, root / "policy-copy"))
+    scored = {}
+    for name, models in (("itself", {"dpo_model": tiny_model, "reverse_dpo_model": tiny_model}),
+                         ("copy", {"dpo_model": copy})):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            score(hf_score_config(tiny_model, data, root / name, **models))
+        scored[name] = root / name, [line for line in stderr.getvalue().splitlines()
+                                     if line.startswith("treg-score: warning:")]
+    return scored
+
+
+def test_a_signal_of_one_model_against_itself_is_said_before_scoring_and_refused_at_training(tiny_model, self_scored,
+                                                                                             tmp_path):
+    from treg_core.errors import UserError
+    from treg_train.index import Reading, ShardIndex
+
+    folder, warnings = self_scored["itself"]
+    assert len(warnings) == 2, warnings  # one per signal, from the settings; not again once the shards show it
+    assert "--model and --dpo-model are one model" in warnings[0]
+    assert "*_dpo_rewards and the token signal *_dpo_logps - *_ref_logps" in warnings[0]
+    assert "will be 0 on every token; give a DPO-trained model as --dpo-model" in warnings[0]
+    assert "--dpo-model and --reverse-dpo-model are one model" in warnings[1]
+    assert "as --reverse-dpo-model, not the --dpo-model" in warnings[1]
+    for first, second in (("dpo_logps", "ref_logps"), ("dpo_logps", "rev_dpo_logps")):
+        with pytest.raises(UserError, match=f"{folder}: \\*_{first} - \\*_{second}, the token signal this weighting "
+                                            f"reads, is 0 on every token \\(both are log-probs of {tiny_model}\\)"):
+            ShardIndex(str(folder), Reading(signal=(first, second)))
+    assert ShardIndex(str(folder), Reading(signal=("better_logps", "worse_logps"))).num_pairs == 8
+    result = _train(tiny_model, folder, tmp_path / "tgdpo", "--loss", "tgdpo")
+    assert_one_line_error(result, f"{folder}: *_dpo_logps - *_ref_logps", "is 0 on every token",
+                          "score the data again with a DPO-trained model as --dpo-model")
+
+
+def test_a_signal_every_shard_records_as_zero_is_said_after_scoring_and_refused_unless_a_shard_lacks_the_record(
+        self_scored, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from treg_core.contract import SIGNALS_KEY
+    from treg_core.errors import UserError
+    from treg_train.index import Reading, ShardIndex
+
+    folder, warnings = self_scored["copy"]  # another name: only the scores show that the two models are one
+    assert len(warnings) == 1 and f"*_dpo_logps equals *_ref_logps on every token in {folder}" in warnings[0]
+    signal = Reading(signal=("dpo_logps", "ref_logps"))
+    with pytest.raises(UserError, match="is 0 on every token \\(as every shard records\\); score the data again"):
+        ShardIndex(str(folder), signal)
+    unrecorded = shutil.copytree(folder, tmp_path / "unrecorded")  # as if one shard were written before the record
+    shard = sorted((unrecorded / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    pq.write_table(table.replace_schema_metadata({key: value for key, value in table.schema.metadata.items()
+                                                  if key != SIGNALS_KEY}), shard)
+    assert ShardIndex(str(unrecorded), signal).num_pairs == 8

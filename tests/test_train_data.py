@@ -38,7 +38,7 @@ def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shar
     dataset = ShardIndex(learnable_shards)
     stream = TrainingStream(dataset, 0, 32).global_batches(16)
     batches = _ids(next(stream) for _ in range(9))  # crosses into the second epoch (6 per epoch)
-    assert [(e, i) for e, i, _ in batches][5:7] == [(0, 5), (1, 0)]
+    assert [(e, i) for e, i, _ in batches][5:7] == [(1.0, 5), (7 / 6, 6)]  # epochs done after it, as TRL logs
     resumed = TrainingStream(dataset, 0, 32).global_batches(16, start_batch=4)
     assert _ids(next(resumed) for _ in range(5)) == batches[4:9]
     _, _, batch = batches[0]
@@ -46,6 +46,22 @@ def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shar
               for r in range(4)]
     assert sorted(x for share in shares for x in share) == sorted(batch) and all(len(s) == 4 for s in shares)
     assert rank_slice(batch, 1, 4) == shares[1]
+
+
+@pytest.mark.parametrize("start_batch", [0, 4, 5])
+def test_no_pair_is_dropped_when_the_global_batch_does_not_divide_them(learnable_shards, start_batch):
+    """96 pairs in batches of 20: the 16 left over from an epoch open the next one's first batch, with the
+    epochs' own orders one after the other; resuming mid-way, even inside the straddling batch, gives the same."""
+    dataset = ShardIndex(learnable_shards)
+    reader = EvalReader(dataset)
+    stream = [reader.read(*c).id for e in (0, 1, 2) for c in TrainingStream(dataset, 0, 16).order(e)]
+    batches = _ids(itertools.islice(TrainingStream(dataset, 0, 16).global_batches(20, start_batch), 9 - start_batch))
+    assert [ids for _, _, ids in batches] == [stream[20 * b:20 * b + 20] for b in range(start_batch, 9)]
+    assert [e for e, _, _ in batches] == [20 * (b + 1) / 96 for b in range(start_batch, 9)]
+    assert sorted(stream[:96]) == sorted(pair.id for pair in map(reader.read, *zip(*reader.coordinates())))
+    shares = [[pair.id for pair in next(TrainingStream(dataset, 0, 16).global_batches(20, 4, r, 3))[2]]
+              for r in range(3)]
+    assert [shares[i % 3][i // 3] for i in range(20)] == stream[80:100]  # the straddling batch, split by rank
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])

@@ -15,6 +15,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from treg_core.errors import writing
+
 
 def temporary_name(target: Path) -> Path:
     """Hidden, beside the target, and per process, so that two writers never share one."""
@@ -50,7 +52,9 @@ def publish(tmp: Path, target: Path) -> None:
 
 
 def write_text(target: str | Path, text: str) -> Path:
-    with replacing(target) as tmp:
+    """A write the file system refuses (read-only, full, a file-size limit) is one line naming `target`, which is left
+    as it was."""
+    with writing(target), replacing(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(target)
 

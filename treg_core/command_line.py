@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import yaml
 
-from treg_core.errors import UserError
+from treg_core.errors import Interrupted, UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 REQUIRED = ""  # the default of a setting that must be given, by flag or in --config
@@ -100,17 +100,46 @@ def settings_command(settings_class: type, callback, name: str) -> click.Command
                           params=[config] + [_option(settings_class, f) for f in fields(settings_class)])
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"{key} is given twice (lines {first} and {second}); keep one")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping, where PyYAML would keep the last silently."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_scalar(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise DuplicateKey(key, lines[key], line)
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def settings_file(config_file: str) -> dict:
+    """A --config file's settings by field name; a setting given twice, also as flag and field name
+    (max-length and max_length), is refused rather than one of them silently winning."""
+    try:
+        loaded = yaml.load(Path(config_file).read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(f"cannot read --config {config_file}: {err}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config {config_file} must be a mapping of setting: value")
+    values, spelled = {}, {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name in spelled:
+            raise UserError(f"--config {config_file} gives {name} twice, as {spelled[name]} and {key}; keep one")
+        values[name], spelled[name] = value, key
+    return values
+
+
 def load_settings(settings_class: type, config_file: str | None, flags: dict):
     """Defaults < YAML file (keys as flags or as field names) < flags given on the command line."""
-    values: dict = {}
-    if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read --config {config_file}: {err}") from None
-        if not isinstance(loaded, dict):
-            raise UserError(f"--config {config_file} must be a mapping of setting: value")
-        values.update({key.replace("-", "_"): value for key, value in loaded.items()})
+    values: dict = settings_file(config_file) if config_file else {}
     values.update({key: value for key, value in flags.items() if value is not None})
     known = [f.name for f in fields(settings_class)]
     unknown = sorted(set(values) - set(known))
@@ -156,8 +185,9 @@ def run_cli(command: click.Command, name: str, interrupted: str = "interrupted")
     except UserError as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        code = 130
+    except (KeyboardInterrupt, click.exceptions.Abort) as err:
+        code, cause = 130, err.__cause__ if isinstance(err, click.exceptions.Abort) else err  # click wraps Ctrl-C
+        interrupted = str(cause) if isinstance(cause, Interrupted) else interrupted
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

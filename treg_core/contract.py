@@ -15,7 +15,9 @@ per-token list has exactly the length of its `*_ids`, and its values in the colu
 The token sequence a model sees is `prompt_ids + {side}_ids`. The optional columns are there only
 when the run asked for them (DPO_COLUMNS: treg-score --dpo-model; REVERSE_DPO_COLUMNS:
 --reverse-dpo-model), and REVISION_COLUMNS are left out under --token-rewards edit-diff, so a folder's schema is
-its provenance's `schema`.
+its provenance's `schema`. Beside its ShardMetadata, a shard's Parquet metadata records (SIGNALS_KEY) the
+largest |s_t| of each token signal (SIGNALS) it holds, so that training refuses a signal that is 0 on every
+token without reading a row.
 
 The records (Provenance, ShardMetadata, WorkerManifest, Manifest) are dataclasses written as JSON and
 read back by `from_dict`, which names any missing or unknown key: a field renamed in one stage fails
@@ -27,13 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import typing
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from treg_core.errors import UserError
+from treg_core.errors import UserError, unreadable
 
 SIDES = ("chosen", "rejected")
 CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
@@ -52,6 +55,16 @@ COLUMN_SOURCES = {**{name: "--dpo-model" for name in DPO_COLUMNS}, **{name: "--r
                   **{name: "--token-rewards contrastive" for name in REVISION_COLUMNS}}
 METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata
 FORMAT = "treg-shards/1"
+# The token signals s_t = first − second that treg-train's token weightings read (TrainConfig.signal_columns), each
+# with what treg-score must be given for it to be other than 0 on every token.
+SIGNALS = {("dpo_logps", "ref_logps"): "a DPO-trained model as --dpo-model, not the policy (--model) itself",
+           ("dpo_logps", "rev_dpo_logps"): "the model trained with chosen and rejected swapped (treg-train "
+                                           "--swap-pairs) as --reverse-dpo-model, not the --dpo-model",
+           ("better_logps", "worse_logps"): "a revision prompt set whose two prompts differ (--revision-prompts)"}
+SIGNALS_KEY = b"treg-signals"  # Parquet metadata key of a shard's largest |s_t| of each signal it holds, by name
+# The columns of log-probs after the policy prompt, by the flag naming their model: one model in both columns of a
+# signal makes it 0 on every token.
+POLICY_PROMPT_COLUMNS = {"ref_logps": "--model", "dpo_logps": "--dpo-model", "rev_dpo_logps": "--reverse-dpo-model"}
 
 # ---- the folder's layout ----------------------------------------------------------------------------
 
@@ -116,6 +129,43 @@ def shard_schema(dpo: bool = False, reverse_dpo: bool = False, revision: bool = 
 
 
 SCHEMA = shard_schema()  # the default: no optional columns
+
+
+def signal_name(signal: tuple[str, str]) -> str:
+    """A signal as records key it and messages name it: "dpo_logps - ref_logps"."""
+    return " - ".join(signal)
+
+
+def model_identity(name: str | None, revision: str | None = None) -> str | None:
+    """One string per model: a local folder's resolved path, else the Hub id, with its revision if one is given."""
+    if name is None:
+        return None
+    local = Path(name).expanduser()
+    return (str(local.resolve()) if local.exists() else name) + (f"@{revision}" if revision else "")
+
+
+def zero_signals(scorer_model: str, revision: str | None, dpo_model: str | None,
+                 reverse_dpo_model: str | None) -> list[tuple[str, str]]:
+    """The SIGNALS that are 0 on every token by construction, given the models of the POLICY_PROMPT_COLUMNS (the
+    reference log-probs' under --model-revision, the others' without): both columns hold one model's log-probs
+    after the policy prompt."""
+    models = {"ref_logps": model_identity(scorer_model, revision), "dpo_logps": model_identity(dpo_model),
+              "rev_dpo_logps": model_identity(reverse_dpo_model)}
+    return [s for s in SIGNALS if models.get(s[0]) is not None and models.get(s[0]) == models.get(s[1])]
+
+
+def signal_extents(schema: pa.Schema) -> dict[str, float] | None:
+    """A shard's largest |s_t| of each signal it holds, by signal_name; None for a shard that does not record them
+    (written before treg did)."""
+    metadata = schema.metadata or {}
+    return json.loads(metadata[SIGNALS_KEY]) if SIGNALS_KEY in metadata else None
+
+
+def recorded_zero(signal: tuple[str, str], extents: list[dict[str, float] | None]) -> bool:
+    """Whether every shard (`extents`: each one's signal_extents) records `signal` as 0 on every token; a shard
+    without the record leaves it unknown, so not."""
+    name = signal_name(signal)
+    return bool(extents) and all(e is not None and e.get(name) == 0 for e in extents)
 
 
 # ---- the records ------------------------------------------------------------------------------------
@@ -245,10 +295,49 @@ class Manifest(Record):
 
 
 def read_shard_metadata(path: str | Path) -> ShardMetadata:
-    metadata = pq.read_schema(path).metadata or {}
+    with reading_shard(path):
+        metadata = pq.read_schema(path).metadata or {}
     if METADATA_KEY not in metadata:
         raise UserError(f"{path} is not a treg shard (no '{METADATA_KEY.decode()}' metadata)")
     return ShardMetadata.from_dict(json.loads(metadata[METADATA_KEY]), str(path))
+
+
+@contextmanager
+def reading_shard(path: str | Path):
+    """pyarrow's errors while the block reads the shard `path` (damaged, cut short, or unreadable) as one line naming
+    it."""
+    try:
+        yield
+    except (OSError, pa.ArrowInvalid) as err:
+        raise unreadable(path, err, "score the data again (treg-score --overwrite), or remove that shard") from None
+
+
+def open_shard(path: str | Path) -> pq.ParquetFile:
+    """A shard to read, its pages checked against the checksums treg-score writes with them: a damaged page is an
+    error, not wrong numbers (a shard written without checksums is read unchecked)."""
+    with reading_shard(path):
+        return pq.ParquetFile(path, page_checksum_verification=True)
+
+
+def check_column_types(path: str | Path, schema: pa.Schema, names: list[str]) -> None:
+    """The columns `names` of a shard hold what the readers take (token ids: lists of integers; per-token values:
+    lists of floats; texts: strings; messages: lists of structs), or one line naming the first that does not."""
+    expected = shard_schema(dpo=True, reverse_dpo=True)
+    for name in names:
+        if name in schema.names and name in expected.names:
+            found, wanted = schema.field(name).type, expected.field(name).type
+            if _kind(found) != _kind(wanted):
+                raise UserError(f"{path}: its column {name} is {found}, where treg-score writes {wanted}; score the "
+                                "data again with treg-score")
+
+
+def _kind(arrow_type: pa.DataType) -> str:
+    """A type as the readers rely on it, whatever its width: 32 or 64-bit numbers and offsets read alike."""
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        return f"list of {_kind(arrow_type.value_type)}"
+    kinds = {"integer": pa.types.is_integer, "float": pa.types.is_floating, "struct": pa.types.is_struct,
+             "string": lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)}
+    return next((kind for kind, test in kinds.items() if test(arrow_type)), str(arrow_type))
 
 
 def read_worker_manifest(path: Path) -> WorkerManifest:

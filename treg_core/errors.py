@@ -1,8 +1,16 @@
 """Errors that reach the user as one clear line, never as a traceback."""
 
+import errno
+import os
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """A problem with the command's inputs or settings; the message says what to do."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept and how to go on, said in place of its usual line."""
 
 
 class BadRow(Exception):
@@ -24,3 +32,35 @@ def first_line(err: BaseException, limit: int = 400) -> str:
         return text
     end = text.rfind(". ", 0, limit)
     return text[: end + 1] if end > 0 else text[:limit] + "…"
+
+
+# What the file system says when it refuses a write, and what to do about it.
+WRITE_REFUSALS = {
+    errno.EACCES: "make it and its folder writable, or give another --output",
+    errno.EPERM: "make it and its folder writable (lsattr shows an immutable file), or give another --output",
+    errno.EROFS: "its file system is read-only: give another --output",
+    errno.ENOSPC: "free some disk space there, or give another --output",
+    errno.EDQUOT: "free some of your disk quota, or give another --output",
+    errno.EFBIG: "it outgrew the file-size limit (ulimit -f) or the file system's largest file: raise the limit, "
+                 "or give another --output",
+}
+
+
+@contextmanager
+def writing(path):
+    """A write the file system refuses (permission, read-only, full, file too large) as one line naming `path`.
+    Nothing half-written is left under a final name: treg writes atomically (treg_core.atomic)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_REFUSALS:
+            raise
+        raise UserError(f"cannot write {path}: {os.strerror(err.errno)}; {WRITE_REFUSALS[err.errno]}") from None
+
+
+def unreadable(path, err: Exception, fix: str) -> UserError:
+    """A file that cannot be read, as one line: the OS's reason (permission, I/O error), or else the damage the
+    reader found (pyarrow's errors of a damaged file carry no errno), with `fix`."""
+    if isinstance(err, OSError) and err.errno:
+        return UserError(f"cannot read {path}: {os.strerror(err.errno)}")
+    return UserError(f"{path} is damaged ({first_line(err)}); {fix}")

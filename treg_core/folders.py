@@ -5,22 +5,31 @@ folder with files but without that marker belongs to someone else and is never w
 folder marked by the other command (a scoring folder given to treg-train as --output, say) is
 refused too.
 
-One run at a time: a run holds the folder's lock (`lock_folder`, a `.treg-lock*` file) from before
-it writes anything until its process ends, and a second run into the same folder is refused, naming
-the first. The lock is the kernel's (flock), so a killed run leaves none behind.
+One run at a time: a run holds the folder's lock (`.treg-lock`) from before it writes anything until
+its process ends, and a second run into the same folder is refused, naming the first. A treg-train run
+holds it alone (`lock_folder`). The workers of one treg-score run, separate processes started together or
+not, share it (`share_folder`): the first to take it records the run's layout (its number of workers and
+every setting that decides the shards) in `.treg-lock.run`, and a process of another layout (another
+--num-workers, other settings, an --overwrite of other data) is refused while any worker holds the folder,
+so nothing clears or mixes into a folder another run is writing. Within a run, each worker also holds a
+lock of its own (`lock_folder` with its name), so the same worker twice is refused. The locks are the
+kernel's (flock), so a killed process leaves none behind.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 from treg_core.errors import UserError
 
 MARKER = ".treg"
 LOCK = ".treg-lock"
+RUN = f"{LOCK}.run"  # the layout of the run sharing the folder's lock; its own flock guards joining it
 _held = {}  # the open lock files of this process, by path: a lock lasts as long as its file stays open
 
 
@@ -82,3 +91,88 @@ def lock_folder(path: str | Path, command: str, name: str = "") -> None:
     handle.write(f"{command} (pid {os.getpid()} on {socket.gethostname()})\n")
     handle.flush()
     _held[lock] = handle
+
+
+def share_folder(path: str | Path, command: str, layout: dict) -> None:
+    """Hold the folder's lock until this process ends, shared with the processes of the same `layout` (the workers
+    of one treg-score run); or refuse in one line, naming the holder, while a process of another layout, or a run
+    that holds the folder alone (lock_folder), has it."""
+    path = Path(path)
+    lock = (path / LOCK).resolve()
+    layout = json.loads(json.dumps(layout))  # as the record reads back
+    with _joining(path) as record:
+        _release(lock)  # this process's earlier run into the folder, which has ended
+        handle = _open(path, lock)
+        if _try_flock(handle, fcntl.LOCK_EX):  # nobody holds the folder: this run's layout becomes its own
+            holder = f"{command} (pid {os.getpid()} on {socket.gethostname()})"
+            _rewrite(record, json.dumps({"holder": holder, "layout": layout}))
+            _rewrite(handle, holder)
+            recorded = {"layout": layout}
+        else:
+            recorded = _read_record(record)
+        if recorded.get("layout") != layout or not _try_flock(handle, fcntl.LOCK_SH):
+            refusal = _in_use(path, handle, recorded, layout)
+            handle.close()
+            raise UserError(refusal)
+    _held[lock] = handle
+
+
+@contextmanager
+def _joining(path: Path):
+    """The record of the run that shares the folder, held alone while a process checks it and joins, so that two
+    processes never both find the folder free and record two layouts."""
+    record = _open(path, path / RUN)
+    try:
+        fcntl.flock(record, fcntl.LOCK_EX)  # held for a few file operations: waiting for it is right
+        yield record
+    finally:
+        record.close()
+
+
+def _in_use(path: Path, handle, recorded: dict, layout: dict) -> str:
+    """The refusal: who holds the folder, and how its run differs from this one."""
+    other = recorded.get("layout")
+    if isinstance(other, dict) and other != layout:
+        differ = sorted(key for key in other.keys() | layout.keys() if other.get(key) != layout.get(key))
+        return (f"{path} is in use by {recorded.get('holder', 'another run')}, a run with other settings "
+                f"({', '.join(differ)} differ); wait for it to end, or give another folder")
+    handle.seek(0)
+    return f"{path} is in use by {handle.read().strip() or 'another run'}; wait for it to end, or give another folder"
+
+
+def _open(path: Path, file: Path):
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return open(file, "a+", encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write into {path}: {err.strerror or err}") from None
+
+
+def _try_flock(handle, operation: int) -> bool:
+    try:
+        fcntl.flock(handle, operation | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _rewrite(handle, text: str) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(text + "\n")
+    handle.flush()
+
+
+def _read_record(record) -> dict:
+    record.seek(0)
+    try:
+        data = json.loads(record.read())
+    except ValueError:  # empty: no run recorded yet
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _release(lock: Path) -> None:
+    handle = _held.pop(lock, None)
+    if handle is not None:
+        handle.close()

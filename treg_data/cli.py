@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from treg_core.command_line import run_cli, settings_command
 from treg_data.config import ScoreConfig, validate
+from treg_data.signals import warn_on_settings, warn_on_shards
 
 
 def score(config: ScoreConfig) -> None:
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
     validate(config)
+    zero_by_settings = warn_on_settings(config)
     if config.data_parallel_size > 1:
         from treg_data.data_parallel import run_data_parallel
 
@@ -18,6 +20,8 @@ def score(config: ScoreConfig) -> None:
         from treg_data import pipeline
 
         summary = pipeline.run(config)
+    if summary.manifest is not None:  # the folder is finished: what its shards record is all of it
+        warn_on_shards(config.output, zero_by_settings)
     print(summary.text())
     if config.push_to_hub:
         if summary.manifest is None:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 from string import Template
 
-import pyarrow.parquet as pq
 import yaml
 
 from treg_core.atomic import write_text
@@ -18,6 +17,7 @@ from treg_core.contract import (
     SKIPPED,
     Manifest,
     Provenance,
+    open_shard,
     output_root,
     read_manifest,
 )
@@ -125,7 +125,7 @@ def write_card(folder: str | Path, repo_id: str, license: str | None = None) -> 
         return path
     manifest = read_manifest(folder)
     license = license or source_license(manifest.provenance.dataset)
-    shards = [pq.ParquetFile(folder / shard) for shard in manifest.shards]
+    shards = [open_shard(folder / shard) for shard in manifest.shards]
     num_bytes = sum(shard.metadata.row_group(g).total_byte_size
                     for shard in shards for g in range(shard.num_row_groups))
     distribution = reward_distribution([folder / shard for shard in manifest.shards])

@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from treg_core.errors import UserError, first_line
+from treg_core.errors import UserError, first_line, unreadable
 from treg_core.sources import looks_local
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+INTACT = "replace it with an intact copy (if some of it was scored, score it again with --overwrite)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class RowSource:
 
 
 def open_source(dataset: str, split: str = "train", config: str | None = None) -> RowSource:
+    source = _open(dataset, split, config)
+    if not source.num_rows:  # scoring nothing would end in a "finished" folder of no pairs
+        raise UserError(f"--dataset {dataset} holds no rows; give one of preference rows")
+    return source
+
+
+def _open(dataset: str, split: str, config: str | None) -> RowSource:
     path = Path(dataset)
     if not path.exists() and (looks_local(dataset) or path.suffix in LOCAL_SUFFIXES):
         raise UserError(f"--dataset {dataset}: no such file or folder (a Hub dataset is named ORG/NAME)")
@@ -50,7 +59,10 @@ def open_source(dataset: str, split: str = "train", config: str | None = None) -
         if not files or None in kinds or len(kinds) > 1:
             raise UserError(f"{dataset}: expected .json, .jsonl or .parquet files (one kind), "
                             f"found {[f.name for f in files] or 'none'}")
-        return ParquetSource(files) if kinds == {"parquet"} else JsonSource(files)
+        try:
+            return ParquetSource(files) if kinds == {"parquet"} else JsonSource(files)
+        except OSError as err:  # a file this process may not read
+            raise unreadable(err.filename or dataset, err, INTACT) from None
     return HubSource(dataset, split, config)
 
 
@@ -84,12 +96,28 @@ class JsonSource(RowSource):
 
 
 def _parquet_rows(file: Path) -> int:
+    """Its rows, counted once every row group has been read: a damaged file is refused before any engine starts, not
+    where scoring reaches the damage. An empty file has none."""
     import pyarrow.parquet as pq
 
+    if not file.stat().st_size:
+        return 0
+    with _reading(file):
+        parquet = pq.ParquetFile(file, page_checksum_verification=True)
+        for group in range(parquet.num_row_groups):
+            parquet.read_row_group(group)
+        return parquet.metadata.num_rows
+
+
+@contextmanager
+def _reading(file: Path):
+    """pyarrow's errors while the block reads an input file (damaged, cut short, or unreadable) as one line."""
+    import pyarrow as pa
+
     try:
-        return pq.ParquetFile(file).metadata.num_rows
-    except Exception as err:  # ArrowInvalid, OSError: a truncated or corrupt file
-        raise UserError(f"{file} is not a readable Parquet file ({first_line(err)}); is it complete?") from None
+        yield
+    except (OSError, pa.ArrowInvalid) as err:
+        raise unreadable(file, err, INTACT) from None
 
 
 class ParquetSource(RowSource):
@@ -109,16 +137,17 @@ class ParquetSource(RowSource):
             if index + count <= start or index >= stop:
                 index += count
                 continue
-            for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-                if index + batch.num_rows > start:
-                    for row in batch.to_pylist():
-                        if start <= index < stop:
-                            yield index, row
-                        index += 1
-                else:
-                    index += batch.num_rows
-                if index >= stop:
-                    return
+            with _reading(file):
+                for batch in pq.ParquetFile(file, page_checksum_verification=True).iter_batches(batch_size=1024):
+                    if index + batch.num_rows > start:
+                        for row in batch.to_pylist():
+                            if start <= index < stop:
+                                yield index, row
+                            index += 1
+                    else:
+                        index += batch.num_rows
+                    if index >= stop:
+                        return
 
 
 class HubSource(RowSource):

@@ -9,6 +9,9 @@ rejected answers' tokens, pooled over pairs:
 - a 95% bootstrap interval of that AUROC, resampling pairs;
 - lowest_on_edit: the share of rejected answers whose lowest r falls on an edited token (a tie shares its credit).
 
+A pair whose rejected answer has no edited token (its edit only removes text), or no unedited one but its last,
+measures nothing of that and is left out, counted by reason (`no_edit`, `whole_answer_edited`).
+
 Sources: each revision-prompt set (r̂ from its two contexts), the reference log-prob alone (a baseline:
 a surprising token is often a wrong one), and with a DPO model its DPO reward.
 """
@@ -56,18 +59,34 @@ def load_probe_pairs(path: str | Path | None = None) -> tuple[list[ProbeItem], d
     reason."""
     if path and not Path(path).exists():
         raise UserError(f"--pairs {path}: no such file; give a JSONL, JSON or Parquet file of labelled pairs")
-    source = open_source(str(path or SHIPPED_PAIRS))
-    items, skipped = [], {}
-    for _, row in source.rows(0, source.num_rows):
+    try:
+        source = open_source(str(path or SHIPPED_PAIRS))
+    except UserError as err:  # treg-score's reader names its own flag
+        raise UserError(str(err).replace("--dataset", "--pairs")) from None
+    items, skipped, first = [], {}, None
+    for number, row in source.rows(0, source.num_rows):
         try:
             if isinstance(row, InvalidRow):
                 raise BadRow(row.reason, row.detail)
-            items.append(ProbeItem(parse_pair(row, Columns()), str(row.get("kind") or "all")))
+            items.append(ProbeItem(parse_pair(row, Columns()), _kind(row.get("kind"))))
         except BadRow as bad:
             skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
+            first = first or f"row {number + 1}: {bad}"
     if not items:
-        raise UserError(f"{path or SHIPPED_PAIRS}: no usable pair to probe with ({skipped or 'the file is empty'})")
+        found = f"{skipped}; {first}" if skipped else "the file is empty"
+        raise UserError(f"{path or SHIPPED_PAIRS}: no usable pair to probe with ({found}); give rows with prompt, "
+                        "chosen and rejected, as treg-score reads them")
     return items, skipped
+
+
+def _kind(value) -> str:
+    """A row's `kind` label: missing or empty is "all"; a string or a number as written; anything else is refused,
+    since the table would show its Python repr as a kind."""
+    if value is None or value == "":
+        return "all"
+    if isinstance(value, str) or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return str(value)
+    raise BadRow("malformed_field", f"kind must be a string or a number, got {type(value).__name__}")
 
 
 # ---- the metric -----------------------------------------------------------------------------------
@@ -117,6 +136,30 @@ def _round(x: float) -> float:
 # ---- scoring the pairs -----------------------------------------------------------------------------
 
 
+UNLABELLED = ("no_edit", "whole_answer_edited")  # the reasons of `_unlabelled`: the pair's labels, not the model
+
+
+class NoProbePair(UserError):
+    """No pair is left to measure on; the caller adds the fix that its own flags allow."""
+
+    def __init__(self, skipped: dict[str, int], fix: str = "give --pairs that fit it"):
+        if set(skipped) <= set(UNLABELLED):
+            fix = "give pairs whose rejected answer changes a span inside text it shares with the chosen one"
+        super().__init__(f"no probe pair is left to measure on this model ({skipped}); {fix}")
+        self.skipped = skipped
+
+
+def _unlabelled(edited: np.ndarray) -> BadRow | None:
+    """Why a rejected answer's edit labels cannot be measured, or None: with no edited token there is nothing to
+    locate (the AUROC has no positive), and with every token but the last (the end of turn) edited, the lowest
+    reward is on the edit whatever the reward (the AUROC has at most that one negative)."""
+    if not edited.any():
+        return BadRow("no_edit", "the rejected answer has no edited token (the edit only removes text)")
+    if edited[:-1].all():
+        return BadRow("whole_answer_edited", "the edit is the whole rejected answer; leave shared text around it")
+    return None
+
+
 def score_sources(items: list[ProbeItem], encoders: dict[str, PairEncoder], scorer: Scorer,
                   dpo_scorer: Scorer | None = None) -> tuple[dict[str, list[Scored]], dict[str, int]]:
     """Each source's Scored pairs, in one call of each scorer; a pair that one set cannot encode is left out
@@ -125,14 +168,19 @@ def score_sources(items: list[ProbeItem], encoders: dict[str, PairEncoder], scor
     for item in items:
         try:
             encoded = {name: encoder.encode(item.pair) for name, encoder in encoders.items()}
+            response = next(iter(encoded.values()))
+            edited = edited_mask(response.rejected.ids, response.chosen.ids)
+            unlabelled = _unlabelled(edited)
+            if unlabelled:
+                raise unlabelled
         except BadRow as bad:
             skipped[bad.reason] = skipped.get(bad.reason, 0) + 1
             continue
-        kept.append((item, encoded))
+        kept.append((item, encoded, edited))
     if not kept:
-        raise UserError(f"no probe pair could be encoded for this model ({skipped}); give --pairs that fit it")
+        raise NoProbePair(skipped)
     requests = []
-    for _, encoded in kept:
+    for _, encoded, _ in kept:
         first = next(iter(encoded.values())).rejected
         requests.append((first.prefixes["ref"], first.ids))
         requests += [(e.rejected.prefixes[d], e.rejected.ids) for e in encoded.values() for d in ("better", "worse")]
@@ -140,9 +188,7 @@ def score_sources(items: list[ProbeItem], encoders: dict[str, PairEncoder], scor
     logps = scorer.score(requests)
     dpo_logps = dpo_scorer.score(requests[::step]) if dpo_scorer else None
     sources: dict[str, list[Scored]] = {name: [] for name in [*encoders, BASELINE] + ([DPO_SOURCE] * bool(dpo_scorer))}
-    for n, (item, encoded) in enumerate(kept):
-        response = next(iter(encoded.values()))
-        edited = edited_mask(response.rejected.ids, response.chosen.ids)
+    for n, (item, _, edited) in enumerate(kept):
         ref, rest = logps[n * step], logps[n * step + 1:(n + 1) * step]
         for k, name in enumerate(encoders):
             sources[name].append(Scored(contrastive_rewards(rest[2 * k], rest[2 * k + 1]), edited, item.kind))

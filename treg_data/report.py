@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import heapq
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from treg_core.contract import SIDES, column, shard_files, side_columns
+from treg_core.contract import SIDES, check_column_types, column, open_shard, reading_shard, shard_files, side_columns
 from treg_core.errors import UserError
 from treg_core.html import element, escape, page
 from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_line
@@ -22,6 +22,7 @@ from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_li
 COLUMNS = ["id", "prompt", "prompt_ids"] + [name for side in SIDES
                                            for name in side_columns(side, ("ids", "rewards", "ref_logps"))]
 OPTIONAL = [name for side in SIDES for name in side_columns(side, ("dpo_logps", "rev_dpo_logps"))]
+SHOWN_PER_ID = 50  # pairs shown of one --id that many pairs share
 # The rows a response can show, by kind: what each is, and the symbol of its values.
 KINDS = {
     "rhat": ("self-generated token reward r̂", "r̂"),
@@ -51,10 +52,33 @@ class PairView:
 
 def _rows(files: list[Path]):
     for file in files:
-        parquet = pq.ParquetFile(file)
+        parquet = open_shard(file)
         columns = COLUMNS + [name for name in OPTIONAL if name in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(batch_size=256, columns=columns):
-            yield from batch.to_pylist()
+        check_column_types(file, parquet.schema_arrow, columns)
+        with reading_shard(file):  # a damaged page is found where the batch holding it is read
+            for batch in parquet.iter_batches(batch_size=256, columns=columns):
+                yield from batch.to_pylist()
+
+
+def rows_by_id(data: str | Path, files: list[Path], ids: list[str]) -> list[dict]:
+    """Every pair with one of `ids` (up to SHOWN_PER_ID each), in input order; where several share an id (the
+    input repeated it), a line on stderr says how many and which are shown."""
+    found: dict[str, list[dict]] = {i: [] for i in ids}
+    counts = dict.fromkeys(ids, 0)
+    for row in _rows(files):
+        if row["id"] in found:
+            counts[row["id"]] += 1
+            if len(found[row["id"]]) < SHOWN_PER_ID:
+                found[row["id"]].append(row)
+    missing = [i for i, count in counts.items() if not count]
+    if missing:
+        raise UserError(f"no pair with id {', '.join(missing)} in {data}")
+    for pair_id, count in counts.items():
+        if count > 1:
+            shown = f"all {count} are shown" if count <= SHOWN_PER_ID else f"the first {SHOWN_PER_ID} are shown"
+            print(f"treg-inspect: {count} pairs share the id {pair_id!r} (the input repeats it): {shown}, in input "
+                  "order", file=sys.stderr)
+    return [row for rows in found.values() for row in rows]
 
 
 def select_rows(data: str | Path, ids: list[str] | None = None, sample: int | None = None,
@@ -62,14 +86,7 @@ def select_rows(data: str | Path, ids: list[str] | None = None, sample: int | No
     """Pairs by id, a seeded random sample, or those with the largest |Σ r̂| (one pass, bounded memory)."""
     files = shard_files(data)
     if ids:
-        wanted = {i: None for i in ids}
-        for row in _rows(files):
-            if row["id"] in wanted:
-                wanted[row["id"]] = row
-        missing = [i for i, row in wanted.items() if row is None]
-        if missing:
-            raise UserError(f"no pair with id {', '.join(missing)} in {data}")
-        return list(wanted.values())
+        return rows_by_id(data, files, ids)
     if extreme:
         score = lambda r: sum(abs(sum(r[column(side, "rewards")])) for side in SIDES)  # noqa: E731
         top = heapq.nlargest(extreme, ((score(r), n, r) for n, r in enumerate(_rows(files))))

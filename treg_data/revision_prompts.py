@@ -16,17 +16,34 @@ instructions that do not quote the answer: a small model tends to copy a quoted 
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-from treg_core.errors import UserError
+from treg_core.errors import UserError, first_line
 from treg_data.pairs import Message
 
 ROLES = ("user", "system")
 AUTO = "auto"  # treg-score --revision-prompts auto: the shipped set with the best reward check
 _PLACEHOLDER = re.compile(r"\{(prompt|response)\}")
+_LOOKS_LIKE_PLACEHOLDER = re.compile(r"\{\s*[A-Za-z_]\w*\s*\}")
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice (plain YAML keeps the last one without a word)."""
+
+
+def _unique_mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+    if twice:
+        raise yaml.constructor.ConstructorError(None, None, f"{', '.join(twice)} given twice", node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 @dataclass(frozen=True)
@@ -92,14 +109,25 @@ def load_revision_prompts(value: str | Path | None) -> RevisionPrompts:
     if value is None:
         return DEFAULT_REVISION_PROMPTS
     if str(value) in SHIPPED:
+        if Path(value).is_file():  # a bare name would silently pick the shipped set over the user's file
+            raise UserError(f"--revision-prompts {value} names both a shipped set and a file here; give the file as "
+                            f"./{value}, or rename it")
         return SHIPPED[str(value)]
     if not Path(value).is_file():
         raise UserError(f"--revision-prompts {value}: neither a shipped set ({', '.join(SHIPPED)}, or {AUTO}) "
                         "nor a file; give one of those names or a YAML/JSON file")
     try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        data = yaml.load(Path(value).read_text(encoding="utf-8"), Loader=_UniqueKeys)
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot read revision template {value}: byte {err.start} is not UTF-8; save the file as "
+                        "UTF-8") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"cannot read revision template {value}: {err.problem or err.context}{where}; fix the YAML "
+                        "or JSON") from None
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read revision template {value}: {err}") from None
+        raise UserError(f"cannot read revision template {value}: {first_line(err)}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("better", "worse")):
         raise UserError(f"revision template {value} must map 'better' and 'worse' to strings")
     unknown = sorted(set(data) - {"better", "worse", "role"})
@@ -116,6 +144,14 @@ def load_revision_prompts(value: str | Path | None) -> RevisionPrompts:
         if role == "system" and "prompt" in found:
             raise UserError(f"revision template {value}: '{key}' has {{prompt}}, but a system-role template is "
                             "followed by the conversation itself; remove it")
+    if data["better"] == data["worse"]:  # both contexts alike: r̂ would be 0 on every token
+        raise UserError(f"revision template {value}: 'better' and 'worse' are the same text, so every token reward "
+                        "would be 0; make them ask for a better and a worse answer")
+    near_misses = sorted({m.group(0) for m in _LOOKS_LIKE_PLACEHOLDER.finditer(data["better"] + data["worse"])
+                          if not _PLACEHOLDER.fullmatch(m.group(0))})
+    if near_misses:  # braces are text, but a mistyped placeholder would silently leave the answer out
+        print(f"warning: revision template {value}: {', '.join(near_misses)} is kept as written, not filled in; the "
+              "placeholders are {prompt} and {response}", file=sys.stderr)
     return RevisionPrompts(better=data["better"], worse=data["worse"], role=role, name=Path(value).name)
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from treg_core.errors import UserError
 from treg_data.encoding import PairEncoder
 from treg_data.lengths import LengthLimits
-from treg_data.probe import BASELINE, best_set, check_line, load_probe_pairs, probe, warn_if_weak
+from treg_data.probe import BASELINE, NoProbePair, best_set, check_line, load_probe_pairs, probe, warn_if_weak
 from treg_data.revision_prompts import SHIPPED, RevisionPrompts
 from treg_data.scorers import Scorer
 
@@ -28,6 +28,8 @@ def run_check(scorer: Scorer, tokenizer, limits: LengthLimits, chosen: RevisionP
     try:
         result = probe(items, _encoders(tokenizer, candidates, limits), scorer, seed=seed)
     except UserError as err:
+        if isinstance(err, NoProbePair):  # the probe's own fix names treg-probe's flags
+            err = NoProbePair(err.skipped, "raise --max-model-len" + (", or name a set" if chosen is None else ""))
         if chosen is None:
             raise UserError(f"--revision-prompts auto: {err}") from None
         _say(f"reward check: not run ({err})")
@@ -41,12 +43,29 @@ def run_check(scorer: Scorer, tokenizer, limits: LengthLimits, chosen: RevisionP
     weak = warn_if_weak(used.name, result["sets"][used.name])
     if weak and chosen is not None:  # measure the other shipped sets, so the warning can name a better one
         others = {n: p for n, p in SHIPPED.items() if p != chosen}
-        result["sets"].update(probe(items, _encoders(tokenizer, others, limits), scorer, seed=seed)["sets"])
+        result["sets"].update(_other_sets(items, tokenizer, others, limits, scorer, seed))
         result["best"] = best_set(result["sets"])
         weak = warn_if_weak(used.name, result["sets"][used.name], result["sets"])
     if weak:
         _say(weak)
     return used, {"used": used.name, **result}
+
+
+def _other_sets(items, tokenizer, others: dict[str, RevisionPrompts], limits: LengthLimits, scorer: Scorer,
+                seed: int) -> dict[str, dict]:
+    """The checks of the other shipped sets, for the warning: together, on the same pairs; where a set's longer
+    prompts leave no pair within the engine's context, each set alone, without the sets that fit none. The run
+    goes on either way: the warning only names a better set if it can."""
+    try:
+        return probe(items, _encoders(tokenizer, others, limits), scorer, seed=seed)["sets"]
+    except NoProbePair:
+        sets = {}
+        for name, prompts in others.items():
+            try:
+                sets.update(probe(items, _encoders(tokenizer, {name: prompts}, limits), scorer, seed=seed)["sets"])
+            except NoProbePair:
+                continue
+        return sets
 
 
 def _encoders(tokenizer, sets: dict[str, RevisionPrompts], limits: LengthLimits) -> dict[str, PairEncoder]:

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from treg_core.contract import SIDES, column
+from treg_core.contract import SIDES, column, open_shard, reading_shard
 from treg_core.html import element, escape, svg
 
 FINE_BINS = 1000  # of width 0.001 over [-0.5, 0.5], where r̂ = ½·tanh(·) lies
@@ -49,9 +48,10 @@ def reward_distribution(files: list[Path], name: str = "rewards") -> RewardDistr
     counts = {side: np.zeros(FINE_BINS, dtype=np.int64) for side in SIDES}
     positive, sum_total, responses = dict.fromkeys(SIDES, 0), dict.fromkeys(SIDES, 0.0), 0
     for file in files:
-        shard = pq.ParquetFile(file)
+        shard = open_shard(file)
         for group in range(shard.num_row_groups):
-            table = shard.read_row_group(group, columns=[column(side, name) for side in SIDES])
+            with reading_shard(file):
+                table = shard.read_row_group(group, columns=[column(side, name) for side in SIDES])
             responses += table.num_rows
             for side in SIDES:
                 values = pc.list_flatten(table.column(column(side, name))).to_numpy().astype(np.float64)

@@ -6,16 +6,20 @@ Layout of an output folder:
     manifest.json, skipped.jsonl                                       written once every worker has
     .treg                                                              marks the folder as treg-score's
 
-treg-score writes only into a new or empty folder, or one it marked before (treg_core.folders).
+treg-score writes only into a new or empty folder, or one it marked before, and while the workers of one
+run write there no process of another run (or worker layout) may (treg_core.folders).
 
 A shard is written to a hidden temporary name, flushed to disk and renamed, so a file with the
-final name is always complete. Its Parquet metadata holds the provenance and the input rows it
-covers; a rerun continues after the last complete shard and writes exactly the same rows.
+final name is always complete; its pages carry checksums, so one damaged later is found where it is
+read (treg_core.contract.open_shard), not read as numbers. Its Parquet metadata holds the provenance
+and the input rows it covers; a rerun continues after the last complete shard and writes exactly the
+same rows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +35,7 @@ from treg_core.contract import (
     MANIFEST,
     MANIFESTS_DIR,
     METADATA_KEY,
+    SIGNALS_KEY,
     SKIPPED,
     WORKER_MANIFEST_GLOB,
     Counts,
@@ -46,8 +51,9 @@ from treg_core.contract import (
     worker_manifest_path,
     worker_prefix,
 )
-from treg_core.errors import UserError
-from treg_core.folders import check_folder, claim_folder, lock_folder
+from treg_core.errors import UserError, writing
+from treg_core.folders import LOCK, check_folder, claim_folder, lock_folder, share_folder
+from treg_data.signals import largest_signals
 
 ROW_GROUP_SIZE = 1000  # the unit readers fetch, so streaming needs little memory
 
@@ -80,19 +86,23 @@ class ShardStore:
     # ---- resume -------------------------------------------------------------------------
 
     def resume(self, start: int, overwrite: bool) -> Progress:
-        """Check the folder holds only compatible work, then return where this worker stands. The worker's lock is
-        held from here on: a second run of the same worker into the folder is refused."""
+        """Check the folder holds only compatible work, then return where this worker stands. The folder's lock is
+        held from here on, shared with the other workers of this run only: a process of another layout (or an
+        --overwrite of other data) is refused while this one runs, and so is a second run of the same worker."""
         check_folder(self.root, "treg-score")
+        share_folder(self.root, "treg-score", self.layout)
         lock_folder(self.root, "treg-score", f"-{self.prefix.rstrip('-')}")
         claim_folder(self.root, "treg-score")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in self.data_dir.glob(f".{self.prefix}*"):
-            tmp.unlink()  # left by a killed run; never trusted
-        self._refuse_or_remove_foreign(overwrite)
-        if overwrite:
-            for path in self._own_shards():
-                path.unlink()
-            self.worker_manifest_path.unlink(missing_ok=True)
+        with writing(self.data_dir):  # a read-only folder: one line
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            for tmp in self.data_dir.glob(f".{self.prefix}*"):
+                tmp.unlink()  # left by a killed run; never trusted
+            self._refuse_or_remove_foreign(overwrite)
+            if overwrite:
+                for path in self._own_shards():
+                    path.unlink()
+                self.worker_manifest_path.unlink(missing_ok=True)
+        self._check_writable()
         if self.worker_manifest_path.exists():  # this worker finished before: nothing left to do
             done = read_worker_manifest(self.worker_manifest_path)
             return Progress(next_input=done.input_end, next_shard=len(done.shards), rows=done.rows,
@@ -108,6 +118,21 @@ class ShardStore:
             progress.tokens += meta.tokens
             progress.skipped += meta.skipped
         return progress
+
+    @property
+    def layout(self) -> dict:
+        """What every worker of this run shares: the settings that decide the shards, the number of workers among
+        them."""
+        return {k: v for k, v in self.provenance.to_dict().items() if k not in Provenance.IGNORED}
+
+    def _check_writable(self) -> None:
+        """A file can be created in the folder and in its data/: a read-only one is refused before any scoring, not
+        when the first shard (or, after the last, the manifest) is written. Listings skip the probe's name."""
+        for folder in (self.root, self.data_dir):
+            probe = folder / f"{LOCK}-probe-{os.getpid()}"
+            with writing(folder):
+                probe.touch()
+                probe.unlink()
 
     def _refuse_or_remove_foreign(self, overwrite: bool) -> None:
         for path in self._first_shards_and_manifests():
@@ -145,9 +170,12 @@ class ShardStore:
     def write_shard(self, number: int, rows: list[dict], shard: ShardInfo) -> Path:
         meta = ShardMetadata(self.provenance, shard).to_dict()
         schema = self.provenance.schema  # optional columns only when the run wrote them
-        table = pa.Table.from_pylist(rows, schema=schema.with_metadata({METADATA_KEY: json.dumps(meta)}))
-        with replacing(self.data_dir / self.shard_name(number)) as tmp:
-            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+        table = pa.Table.from_pylist(rows, schema=schema)
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta),
+                                               SIGNALS_KEY: json.dumps(largest_signals(table))})
+        target = self.data_dir / self.shard_name(number)
+        with writing(target), replacing(target) as tmp:  # page checksums: readers find damage
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_page_checksum=True)
         return self.data_dir / self.shard_name(number)
 
     @property

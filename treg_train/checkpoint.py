@@ -4,6 +4,7 @@ one, and the final export in Hugging Face format."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def latest_checkpoint(output: str | Path) -> Path | None:
     return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
 
 
+def rerun_advice(output: str | Path) -> str:
+    """The command that goes on after a run stopped: --resume only where a complete checkpoint exists."""
+    newest = latest_checkpoint(output)
+    if newest is None:
+        return "rerun the same command (without --resume: no checkpoint was written) to start again"
+    return f"rerun with --resume to continue from the newest checkpoint, {newest}"
+
+
 def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_state: dict) -> Path:
     """Every rank writes its shards into step-N.tmp; rank 0 renames it to step-N once all are done."""
     rank = dist.get_rank()
@@ -59,7 +68,7 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
     except (Exception, CheckpointException) as err:  # a full disk: nothing half-written is left under any name
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write the checkpoint of step {step} to {final}: {_write_error(err)}; nothing "
-                        "partial was kept: free space and rerun with --resume") from None
+                        f"partial was kept: free space, then {rerun_advice(output)}") from None
     dist.barrier()
     if rank == 0:
         publish(tmp, final)
@@ -95,6 +104,17 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return json.loads((path / "trainer_state.json").read_text())
 
 
+def keep_finished_export(output: Path) -> None:
+    """Before a continued run exports: the finished run's final/ (and final-adapter/) move aside, renamed
+    final-step-N, so that a longer run never replaces a model without keeping it."""
+    if not (output / FINISHED).is_file():
+        return
+    step = json.loads((output / FINISHED).read_text())["step"]
+    for name in ("final", "final-adapter"):
+        if (output / name).exists():
+            os.replace(output / name, output / f"{name}-step-{step}")
+
+
 def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = torch.float32,
               adapter_target: Path | None = None) -> None:
     """Gather the full weights to rank 0 and write safetensors + config + tokenizer, in `dtype`
@@ -127,7 +147,7 @@ def export_hf(model, lm_config, tokenizer, target: Path, dtype: torch.dtype = to
                 tokenizer.save_pretrained(tmp)
         except Exception as err:  # OSError, or a serializer's error for a failed write
             failure = [f"cannot write the final model to {target}: {_write_error(err)}; nothing partial was kept: "
-                       "free space and rerun (with --resume if it has checkpoints)"]
+                       f"free space, then {rerun_advice(target.parent)}"]
     dist.broadcast_object_list(failure, src=0)
     if failure[0]:
         raise UserError(failure[0])

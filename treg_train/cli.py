@@ -7,6 +7,7 @@ import os
 import sys
 
 from treg_core.command_line import run_cli, settings_command
+from treg_core.errors import Interrupted
 from treg_train.config import TrainConfig, validate
 
 
@@ -15,9 +16,13 @@ def run_training(config: TrainConfig) -> None:
     validate(config)
     if config.plan:
         return print_plan(config)
+    from treg_train.checkpoint import rerun_advice
     from treg_train.train import train
 
-    result = train(config)
+    try:
+        result = train(config)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {rerun_advice(config.output)}") from None
     if result:
         metrics = result["metrics"]
         print(f"treg-train finished: {result['steps']} steps, loss {metrics.get('loss', float('nan')):.4f}, "
@@ -43,8 +48,7 @@ command = settings_command(TrainConfig, run_training, "treg-train")
 
 def main() -> None:
     try:
-        run_cli(command, "treg-train", "interrupted; the checkpoints in --output are kept: rerun with --resume to "
-                "continue from the newest")
+        run_cli(command, "treg-train")
     except SystemExit as done:
         # Leave without the interpreter's shutdown. gloo's worker threads outlive the process group (DTensor's
         # caches keep its device mesh), and one that frees the tensor of the last collective while the interpreter

@@ -91,7 +91,8 @@ class TrainConfig:
     dtype: str = setting("auto", MEMORY, "auto (bf16 compute on GPU, fp32 on CPU), float32 or bfloat16.")
     attn_implementation: str | None = setting(
         None, MEMORY, "Attention kernel: varlen (over packed sequences: flash on CUDA, sdpa per sequence "
-        "elsewhere), or one transformers names (sdpa, eager, flash_attention_2, flex_attention). Default: "
+        "elsewhere), or one transformers names (sdpa, eager; on a GPU only: flash_attention_2, flash_attention_3, "
+        "flex_attention). Default: "
         "varlen where the model allows it (no soft-capped logits, no sliding window), else the model's own.")
     compile: bool = setting(False, MEMORY, "torch.compile each decoder layer (regional compilation): one compiled "
                             "graph serves every layer; the first steps pay the compilation.")

@@ -1,7 +1,8 @@
 """A scored folder as training sees it: its row groups, checked, and the pairs read out of them.
 
 Nothing unchecked enters training: the folder must be a finished treg-score output (its manifest lists
-exactly the shards found), and each row group is checked for NaN, Inf and list lengths as it is read.
+exactly the shards found), a token weighting's signal must not be 0 on every token (`check_signal`), and each
+row group is checked for NaN, Inf and list lengths as it is read.
 
 --eval-fraction holds pairs out by a hash of their coordinates (`held_out_rows`), so the split needs
 no row content: an index of one side of the split lists only that side's rows.
@@ -16,18 +17,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from treg_core.contract import (
     COLUMN_RANGES,
     COLUMN_SOURCES,
     SIDES,
+    SIGNALS,
+    Provenance,
+    check_column_types,
     column,
+    open_shard,
     output_root,
     read_manifest,
     read_shard_metadata,
+    reading_shard,
+    recorded_zero,
     shard_files,
     side_columns,
+    signal_extents,
+    zero_signals,
 )
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
@@ -132,6 +140,20 @@ def check_numbers(table: pa.Table, where: str) -> None:
                                 f"[{low:g}, {high:g}]; score the data again or drop that pair")
 
 
+def check_signal(root: Path, signal: tuple[str, str] | None, provenance: Provenance,
+                 extents: list[dict | None]) -> None:
+    """A token weighting's signal that is 0 on every token would weigh every token alike, so it is refused: known
+    from the models that scored its two columns, or from every shard's record of it (a shard without one: unknown)."""
+    if signal is None:
+        return
+    by_models = signal in zero_signals(provenance.scorer_model, provenance.model_revision, provenance.dpo_model,
+                                       provenance.reverse_dpo_model)
+    if by_models or recorded_zero(signal, extents):
+        why = f"both are log-probs of {provenance.dpo_model}" if by_models else "as every shard records"
+        raise UserError(f"{root}: *_{signal[0]} - *_{signal[1]}, the token signal this weighting reads, is 0 on "
+                        f"every token ({why}); score the data again with {SIGNALS[signal]}")
+
+
 def held_out_rows(file_name: str, row_group: int, rows: int, fraction: float) -> np.ndarray:
     """Which rows of a row group --eval-fraction holds out: those whose hash of (shard file name, row group, row)
     falls below `fraction`. Nothing is read, so memory stays flat; the split is the same on every rank, on resume
@@ -156,6 +178,7 @@ class ShardIndex:
         per_side = tuple(dict.fromkeys(reading.side_names()))
         self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]
         self.groups: list[tuple[int, int, int]] = []  # (file index, row group, rows)
+        self.recorded_signals: list[dict | None] = []  # each shard's signal_extents
         provenances = [self._add_file(index, file) for index, file in enumerate(self.files)]
         if len({p.tokenizer_hash for p in provenances}) != 1:
             raise UserError("the shards were scored with different tokenizers; train on one scored dataset at a time")
@@ -164,16 +187,12 @@ class ShardIndex:
         self.first_row = np.cumsum([0] + [rows for *_, rows in self.groups])
         total = int(self.first_row[-1])
         check_complete(root, self.files, total)
+        check_signal(root, reading.signal, self.provenance, self.recorded_signals)
         self.num_pairs = sum(len(self.rows(g)) for g in range(len(self.groups))) if holdout else total
         self.groups_read = 0  # row groups read so far
 
     def _add_file(self, index: int, file: Path):
-        try:
-            meta, parquet = read_shard_metadata(file), pq.ParquetFile(file)
-        except UserError:
-            raise
-        except Exception as err:
-            raise UserError(f"{file} is not a readable Parquet shard: {first_line(err)}") from None
+        meta, parquet = read_shard_metadata(file), open_shard(file)
         missing = [c for c in self.columns if c not in parquet.schema_arrow.names]
         if missing:
             sources = sorted({COLUMN_SOURCES[c.split("_", 1)[1]] for c in missing
@@ -181,7 +200,9 @@ class ShardIndex:
             raise UserError(f"{file} lacks the column(s) {missing}; " + (
                 f"treg-score writes them with {' and '.join(sources)}: score the data with it" if sources
                 else "was it written by treg-score?"))
+        check_column_types(file, parquet.schema_arrow, self.columns)
         self.groups += [(index, g, parquet.metadata.row_group(g).num_rows) for g in range(parquet.num_row_groups)]
+        self.recorded_signals.append(signal_extents(parquet.schema_arrow))
         return meta.provenance
 
     @property
@@ -200,7 +221,8 @@ class ShardIndex:
     def table(self, group: int) -> pa.Table:
         """A row group's columns, checked."""
         file_index, row_group, _ = self.groups[group]
-        table = pq.ParquetFile(self.files[file_index]).read_row_group(row_group, columns=self.columns).combine_chunks()
+        with reading_shard(self.files[file_index]):
+            table = open_shard(self.files[file_index]).read_row_group(row_group, columns=self.columns).combine_chunks()
         check_numbers(table, f"{self.files[file_index]} (row group {row_group})")
         self.groups_read += 1
         return table

@@ -7,6 +7,7 @@ response. The result is one loss per pair plus metrics; no model and no I/O in h
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,24 @@ class LossSettings:
     tgdpo_alpha: float = 0.5  # TGDPO's α: a_t = 1 ± αβ s_t
     sepo_ratio: float = 0.3  # SePO's k: the share of a response's tokens selected
     wpo_clamp: bool = True  # WPO's official pair weight min(1, ·); False: TRL's use_weighting, unclamped
+
+    def __post_init__(self):
+        """Settings no objective means, refused when made rather than at the first step (treg-train's flags are
+        checked before this, with the flag named: treg_train/config.py)."""
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"unknown token weighting {self.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
+        if self.loss_type in TOKEN_METHODS and self.weighting != self.loss_type:
+            # without its own weights a token-level method would silently be plain DPO or SimPO
+            raise ValueError(f"loss {self.loss_type!r} weights tokens its own way: give weighting={self.loss_type!r}")
+        ranges = {"beta": (self.beta > 0, " above 0"), "alpha": (self.alpha >= 0, " >= 0"), "gamma": (True, ""),
+                  "d2po_discount": (0 < self.d2po_discount <= 1, " in (0, 1]"),
+                  "tgdpo_alpha": (self.tgdpo_alpha >= 0, " >= 0"),
+                  "sepo_ratio": (0 < self.sepo_ratio <= 1, " in (0, 1]")}
+        for name, (inside, what) in ranges.items():
+            if not (inside and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number{what}, got {getattr(self, name)!r}")
 
 
 def token_weights(side: SideTokens, settings: LossSettings, chosen: bool) -> torch.Tensor | None:
@@ -160,7 +179,7 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     else:
         raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
     losses = preference + regularizer
-    if kept_w is not None:
+    if kept_w is not None and settings.loss_type in SIMPO_STYLE:
         losses = torch.where(kept_w & kept_l, losses, torch.zeros_like(losses))
 
     metrics = {
@@ -175,13 +194,25 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         "logps/chosen": chosen.sum(chosen.logps).detach(),
         "logps/rejected": rejected.sum(rejected.logps).detach(),
     }
+    if kept_w is not None:
+        metrics["skipped_zero_weights"] = without_gradient(kept_w, kept_l, settings.loss_type).float()
     return losses, metrics
+
+
+def without_gradient(kept_w: torch.Tensor, kept_l: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The pairs a token weighting leaves nothing to learn from: in the SimPO family, a side without a token kept
+    zeroes the pair's loss; in the DPO family, both sides without one leave the margin 0 whatever the policy does
+    (the regularizer of dpo_reg and wpo_reg still learns)."""
+    if loss_type in SIMPO_STYLE:
+        return ~(kept_w & kept_l)
+    return ~(kept_w | kept_l) & (loss_type not in REGULARIZED)
 
 
 def side_reward(side: SideTokens, settings: LossSettings,
                 chosen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For one side of every pair: β Σ_t a_t x_t / N; the scale β / N that T-REG's regularizer uses; and, for a
-    weighted SimPO-family objective, whether any token kept a weight (else None)."""
+    """For one side of every pair: β Σ_t a_t x_t / N; the scale β / N that T-REG's regularizer uses; and, with a
+    token weighting, whether any token kept a weight (a positive total in the SimPO family, whose N it is; any
+    weight not 0 in the DPO family), else None."""
     weights = token_weights(side, settings, chosen)
     if settings.loss_type in SIMPO_STYLE:
         # r_S(y) = (β/N) Σ_t a_t log π_θ(y_t|x): reference-free, a (weighted) mean over tokens.
@@ -193,7 +224,8 @@ def side_reward(side: SideTokens, settings: LossSettings,
         return scale * side.sum(weights * side.logps), scale, total > 0
     scale = torch.full_like(side.length, settings.beta, dtype=side.logps.dtype)
     ratios = side.logps - side.ref_logps
-    return settings.beta * side.sum(ratios if weights is None else weights * ratios), scale, None
+    kept = None if weights is None else (weights != 0).any(-1)
+    return settings.beta * side.sum(ratios if weights is None else weights * ratios), scale, kept
 
 
 def wpo_weight(side: SideTokens) -> torch.Tensor:

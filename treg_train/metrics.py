@@ -14,7 +14,7 @@ import torch.distributed as dist
 import yaml
 
 from treg_core.atomic import write_text
-from treg_core.errors import UserError, first_line
+from treg_core.errors import UserError, first_line, writing
 
 
 class MetricWindow:
@@ -92,7 +92,7 @@ class MetricSink:
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as handle:  # a full disk: one line
             handle.write(json.dumps({"step": step, **values}) + "\n")
         # Evaluation metrics arrive named eval/...; the rest are training's.
         tagged = {name if name.startswith("eval/") else f"train/{name}": value for name, value in values.items()}

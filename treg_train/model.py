@@ -14,6 +14,7 @@ from torch import nn
 from treg_core.attention import VARLEN, VARLEN_IMPLEMENTATIONS, register
 from treg_core.errors import UserError
 from treg_core.forward import TokenLogprobs
+from treg_core.sources import load_model_config
 from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_adapter_weights
 
 
@@ -26,17 +27,18 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | Non
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
 
 
-def empty_causal_lm(path: str, attn_implementation: str | None = None) -> nn.Module:
+def empty_causal_lm(path: str, attn_implementation: str | None = None, what: str = "") -> nn.Module:
     """The architecture of `path` with parameters on the meta device (no memory) and real buffers
-    (rotary frequencies and the like are computed in __init__ and are not in the checkpoint)."""
+    (rotary frequencies and the like are computed in __init__ and are not in the checkpoint); `what` names the
+    model in the one line said when its config cannot be read ("--model")."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if attn_implementation == VARLEN:
         register()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32, **kwargs)
+        lm = AutoModelForCausalLM.from_config(load_model_config(path, what), dtype=torch.float32, **kwargs)
     lm.tie_weights()  # the empty-weights context unties them (Gemma-2 ties its embeddings)
     return lm
 
@@ -105,12 +107,12 @@ def prepare_layers(lm: nn.Module, options: PolicyOptions) -> nn.Module:
 def apply_liger_kernel(lm: nn.Module) -> None:
     """liger-kernel's RMSNorm, SwiGLU/GeGLU and rotary kernels in place of the layers' own. Its fused output layer
     and loss stay off: treg computes the response tokens' log-probs itself."""
+    if not torch.cuda.is_available():  # first: installing the package would not help
+        raise UserError("--use-liger-kernel runs on CUDA only (Triton kernels); leave it off on this machine")
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         raise UserError("--use-liger-kernel needs liger-kernel: pip install liger-kernel") from None
-    if not torch.cuda.is_available():
-        raise UserError("--use-liger-kernel runs on CUDA only (Triton kernels); leave it off on this machine")
     _apply_liger_kernel_to_instance(model=lm, fused_linear_cross_entropy=False, cross_entropy=False)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -136,10 +136,15 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         "process and loading": 0.0,
     }
     if budget.device_type == "cpu":  # peak RSS: the process, and rank 0's full copy of the checkpoint while loading
-        loading = shape.total_params * 8 + shape.total_params * 4 / world
+        loading = loading_bytes(shape, world)
         training = sum(parts.values())
         parts["process and loading"] = process_gb * GIB + max(0.0, loading - training)
     return MemoryPlan({name: value / GIB for name, value in parts.items()}, budget.checkpointing)
+
+
+def loading_bytes(shape: ModelShape, world_size: int) -> float:
+    """Rank 0 while it loads on a CPU: the full fp32 checkpoint as read, and its own shards."""
+    return shape.total_params * 8 + shape.total_params * 4 / world_size
 
 
 def device_memory_gb(device: torch.device) -> float:
@@ -163,46 +168,72 @@ def model_shape(config) -> ModelShape:
     from treg_train.lora import LoraSettings, add_adapters
     from treg_train.model import decoder_layers, empty_causal_lm
 
-    lm = empty_causal_lm(config.model, config.attn_implementation)
+    lm = empty_causal_lm(config.model, config.attn_implementation, what="--model")
     lora = LoraSettings.of(config)
     if lora is not None:
         lm = add_adapters(lm, lora, config.model)
     return ModelShape.of(lm, decoder_layers(lm))
 
 
+def tokens_per_forward(config, world_size: int) -> int:
+    """The most tokens one forward holds: --micro-batch-tokens, or a process's share of the global batch if less."""
+    return min(config.micro_batch_tokens, config.global_batch_size // world_size * 2 * config.max_length)
+
+
+@dataclass
+class Planner:
+    """Plans on one device for these settings or changed ones, so the advice can say what a change would give."""
+
+    device_type: str
+    compute_dtype: torch.dtype
+    process_gb: float  # the process's own resident memory (CPU)
+    shapes: dict[int, ModelShape] = field(default_factory=dict)  # by --lora-r
+
+    def shape(self, config) -> ModelShape:
+        if config.lora_r not in self.shapes:
+            self.shapes[config.lora_r] = model_shape(config)
+        return self.shapes[config.lora_r]
+
+    def plans(self, config, world_size: int) -> dict[str, MemoryPlan]:
+        budget = Budget(world_size, self.compute_dtype, tokens_per_forward(config, world_size),
+                        config.logprob_chunk_rows, self.device_type, reference=bool(config.ref_model))
+        return {mode: plan(self.shape(config), replace(budget, checkpointing=mode), self.process_gb) for mode in MODES}
+
+    def least(self, config, world_size: int) -> MemoryPlan:
+        """The smallest plan the settings allow: --gradient-checkpointing's own mode, or under auto every layer."""
+        from treg_train.config import CHECKPOINTING
+
+        return self.plans(config, world_size)[CHECKPOINTING[config.gradient_checkpointing] or MODES[-1]]
+
+    def loading_gb(self, config, world_size: int) -> float:
+        """What rank 0 holds while it loads the checkpoint on a CPU, the process included; 0 on a GPU."""
+        if self.device_type != "cpu":
+            return 0.0
+        return self.process_gb + loading_bytes(self.shape(config), world_size) / GIB
+
+
+def with_checkpointing(mode: str) -> str:
+    return "without activation checkpointing" if mode == "none" else f"with activation checkpointing on {mode}"
+
+
 def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype,
              strict: bool = True) -> tuple[MemoryPlan, str | None]:
     """The plan for these settings and the checkpointing they ask for; with --gradient-checkpointing auto, the
     least checkpointing that fits 85% of the device (and a line saying why, when it is not none). When nothing
-    fits: a UserError, or without `strict` the smallest plan and a line saying it does not fit."""
-    from treg_core.errors import UserError
+    fits: a UserError, or without `strict` the smallest plan the settings allow and a line saying it does not fit
+    and what would."""
     from treg_train.config import CHECKPOINTING
 
-    shape = model_shape(config)
-    tokens = min(config.micro_batch_tokens, config.global_batch_size // world_size * 2 * config.max_length)
-    process = process_memory_gb() if device.type == "cpu" else 0.0
-
-    def for_mode(mode: str) -> MemoryPlan:
-        budget = Budget(world_size, compute_dtype, tokens, config.logprob_chunk_rows, device.type, mode,
-                        reference=bool(config.ref_model))
-        return plan(shape, budget, process)
-
+    planner = Planner(device.type, compute_dtype, process_memory_gb() if device.type == "cpu" else 0.0)
+    plans = planner.plans(config, world_size)
     available = device_memory_gb(device)
-    plans = {mode: for_mode(mode) for mode in MODES}
     fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
     if not fitting:
-        least = min(plans.values(), key=lambda p: p.peak_memory_gb)
-        problem = (f"the run needs {least.peak_memory_gb:.1f} GB per device even with activation checkpointing on "
-                   f"{least.checkpointing}, more than {FIT_SHARE:.0%} of the {available:.1f} GB this device has; lower "
-                   f"--micro-batch-tokens (now {config.micro_batch_tokens}), train LoRA adapters (--lora-r 16), or run "
-                   "more processes")
-        if strict:
-            raise UserError(problem)
-        return least, problem
+        return does_not_fit(planner, config, world_size, available, strict)
     requested = CHECKPOINTING[config.gradient_checkpointing]
     if requested is not None:
         note = None if requested in fitting else (
-            f"warning: with checkpointing on {requested} the plan needs {plans[requested].peak_memory_gb:.1f} GB, more "
+            f"warning: {with_checkpointing(requested)} the plan needs {plans[requested].peak_memory_gb:.1f} GB, more "
             f"than {FIT_SHARE:.0%} of the {available:.1f} GB of this device; --gradient-checkpointing auto would "
             f"checkpoint {fitting[0]}")
         return plans[requested], note
@@ -211,3 +242,86 @@ def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch
         f"activation checkpointing on {chosen}: without it the plan needs {plans['none'].peak_memory_gb:.1f} GB, "
         f"more than {FIT_SHARE:.0%} of the {available:.1f} GB of this device (--gradient-checkpointing auto)")
     return plans[chosen], note
+
+
+def does_not_fit(planner: Planner, config, world_size: int, available: float,
+                 strict: bool) -> tuple[MemoryPlan, str]:
+    """The smallest plan the settings allow and a line saying what would make the run fit; a UserError if `strict`."""
+    from treg_core.errors import UserError
+    from treg_train.config import CHECKPOINTING
+
+    least = planner.least(config, world_size)
+    how = (f"even with activation checkpointing on {least.checkpointing}"
+           if CHECKPOINTING[config.gradient_checkpointing] is None else with_checkpointing(least.checkpointing))
+    problem = (f"the run needs {least.peak_memory_gb:.1f} GB per device {how}, more than {FIT_SHARE:.0%} of the "
+               f"{available:.1f} GB this device has; {advice(planner, config, world_size, FIT_SHARE * available)}")
+    if strict:
+        raise UserError(problem)
+    return least, problem
+
+
+# A change the advice may suggest: its words, the settings it changes, and the number of processes.
+Change = tuple[str, dict, int]
+
+
+def advice(planner: Planner, config, world_size: int, limit: float) -> str:
+    """What would bring the peak under `limit` GB: each change of one setting that would alone, else what each
+    lowers it to. Never a setting the run already has, nor one that cannot lower the peak."""
+    loading = planner.loading_gb(config, world_size)
+    if loading > limit:
+        return (f"rank 0 holds a full fp32 copy of the checkpoint while it loads the model on a CPU ({loading:.1f} GB "
+                "with the process), which neither checkpointing, --micro-batch-tokens, LoRA nor more processes lower; "
+                "use a machine with more memory, GPUs (which leave that copy in host memory), or a smaller --model")
+    peak = planner.least(config, world_size).peak_memory_gb
+
+    def gives(change: Change) -> float:
+        _, settings, processes = change
+        return planner.least(replace(config, **settings), processes).peak_memory_gb
+
+    chosen = []  # of each kind of change, the least that fits, or else the one that lowers the peak most
+    for changes in (fewer_tokens(config, world_size), more_checkpointing(config, world_size),
+                    lora_adapters(config, world_size), more_processes(config, world_size, planner.device_type)):
+        peaks = [(change, gives(change)) for change in changes]
+        fitting = [(change, gb) for change, gb in peaks if gb <= limit]
+        best = fitting[0] if fitting else min(peaks, key=lambda pair: pair[1], default=None)
+        if best and best[1] < 0.99 * peak:  # a change that lowers the peak by less cannot help
+            chosen.append(best)
+    fits = [change[0] for change, gb in chosen if gb <= limit]
+    if fits:
+        return ", or ".join(fits)
+    if not chosen:
+        return "no setting lowers it: use a device with more memory, or a smaller --model"
+    apart = "; ".join(f"{change[0]} gives {gb:.1f} GB" for change, gb in chosen)
+    together = gives(("", {k: v for change, _ in chosen for k, v in change[1].items()},
+                          max(change[2] for change, _ in chosen)))
+    return (f"no one change fits: {apart}; " + ("together they fit" if together <= limit else
+            f"together they need {together:.1f} GB: use a device with more memory, or a smaller --model"))
+
+
+def fewer_tokens(config, world_size: int) -> list[Change]:
+    """--micro-batch-tokens halved down to one pair of --max-length (the least it may be)."""
+    least, now = 2 * config.max_length, tokens_per_forward(config, world_size)
+    values = [now // 2**k for k in range(1, 64) if now // 2**k > least] + ([least] if now > least else [])
+    return [(f"lower --micro-batch-tokens to {v} (now {config.micro_batch_tokens})", {"micro_batch_tokens": v},
+             world_size) for v in values]
+
+
+def more_checkpointing(config, world_size: int) -> list[Change]:
+    """--gradient-checkpointing true where the settings asked for less (auto already tries it)."""
+    if config.gradient_checkpointing in ("auto", "true"):
+        return []
+    return [(f"--gradient-checkpointing true (now {config.gradient_checkpointing})",
+             {"gradient_checkpointing": "true"}, world_size)]
+
+
+def lora_adapters(config, world_size: int) -> list[Change]:
+    if config.lora_r:
+        return []
+    return [("train LoRA adapters (--lora-r 16)", {"lora_r": 16}, world_size)]
+
+
+def more_processes(config, world_size: int, device_type: str) -> list[Change]:
+    """More processes, each with a device of its own, that divide --global-batch-size."""
+    where = " on more machines" if device_type == "cpu" else ""  # a machine's processes share its memory
+    return [(f"run {n} processes (now {world_size}){where}", {}, n)
+            for n in range(world_size + 1, config.global_batch_size + 1) if config.global_batch_size % n == 0]

@@ -37,6 +37,7 @@ class Preflight:
     total_steps: int
     memory: MemoryPlan  # with the activation checkpointing the run uses
     memory_note: str | None  # why checkpointing was turned on, when --gradient-checkpointing auto did
+    extension: str | None = None  # what --resume with a larger --max-steps does to a finished run
 
 
 def preflight(config: TrainConfig, world_size: int, device: torch.device, is_main: bool) -> Preflight:
@@ -56,7 +57,8 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
         warn_on_precision_mismatch(index.provenance.dtype, dtype_name(dtype), config.data)
     held_out, total_steps = eval_index(config, tokenizer, index), count_steps(config, index)
     memory, note = plan_run(config, world_size, device, dtype)
-    return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note)
+    return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note,
+                     extension_note(Path(config.output), checkpoint, total_steps))
 
 
 def reading(config: TrainConfig) -> Reading:
@@ -86,10 +88,32 @@ def check_packages(config: TrainConfig) -> None:
     if attention and attention not in ATTENTION_PACKAGES:
         raise UserError(f"--attn-implementation {attention} is not one treg can run; give one of "
                         f"{', '.join(ATTENTION_PACKAGES)}, or leave it out for the default")
+    check_device(config, "cuda" if torch.cuda.is_available() else "cpu")  # the device setup_distributed picks
     package = ATTENTION_PACKAGES.get(attention)
     if package and importlib.util.find_spec(package) is None:
         raise UserError(f"--attn-implementation {attention} needs the {package} package, which is not installed; "
                         f"install it, or use {VARLEN} (flash attention over packed sequences through torch)")
+    if config.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise UserError("--use-liger-kernel needs the liger-kernel package, which is not installed: pip install "
+                        "liger-kernel, or leave --use-liger-kernel off")
+
+
+# Kernels that run on CUDA only: flash attention has no CPU kernel, flex attention no backward on a CPU.
+GPU_ATTENTION = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_device(config: TrainConfig, device_type: str) -> None:
+    """What the settings need of the device, checked before what they need installed: no package makes a CPU
+    run a CUDA kernel."""
+    if device_type == "cuda":
+        return
+    if config.attn_implementation in GPU_ATTENTION:
+        raise UserError(f"--attn-implementation {config.attn_implementation} needs a GPU, and this run has none; on "
+                        f"a CPU use {VARLEN} (packed sequences, sdpa on each), sdpa or eager, or leave it out for the "
+                        "default")
+    if config.use_liger_kernel:
+        raise UserError("--use-liger-kernel needs a GPU (liger-kernel's kernels are CUDA Triton kernels), and this "
+                        "run has none; leave it off on a CPU")
 
 
 def lock_output(config: TrainConfig, is_main: bool) -> None:
@@ -144,6 +168,20 @@ def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | N
         raise UserError(f"--resume: --max-steps {config.max_steps} is below the step {saved['step']} of the newest "
                         f"checkpoint, {checkpoint}; give at least {saved['step']}")
     return checkpoint
+
+
+def extension_note(output: Path, checkpoint: Path | None, total_steps: int) -> str | None:
+    """What continuing a finished run does, said before it starts: it goes on from the newest checkpoint (none is
+    written at the last step), and the finished run's model is kept (checkpoint.keep_finished_export)."""
+    if checkpoint is None or not (output / FINISHED).is_file():
+        return None
+    finished = json.loads((output / FINISHED).read_text())["step"]
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    again = {0: "", 1: f"step {finished} is trained again, "}.get(finished - saved,
+                                                                 f"steps {saved + 1} to {finished} are trained again, ")
+    return (f"the run finished at step {finished}; it goes on from its newest checkpoint, step {saved}: {again}"
+            f"to step {total_steps} under the new schedule; its model of step {finished} moves to "
+            f"{output / f'final-step-{finished}'} when the new one is exported")
 
 
 def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex, data: str) -> None:
@@ -212,11 +250,23 @@ def warn_on_precision_mismatch(scored: str, computed: str, data: str) -> None:
 
 
 def count_steps(config: TrainConfig, index: ShardIndex) -> int:
-    steps_per_epoch = index.num_pairs // config.global_batch_size
-    total_steps = config.max_steps or steps_per_epoch * config.num_train_epochs
-    if total_steps < 1:
+    """--max-steps, or the full global batches in --num-train-epochs epochs: the epochs follow one another in one
+    stream (readers.TrainingStream), so only the last epoch's tail can be left out."""
+    if index.num_pairs < config.global_batch_size:
         held = (f" (--eval-fraction {config.eval_fraction} holds out {index.total_rows - index.num_pairs} of the "
                 f"{index.total_rows}; lower it)" if config.eval_fraction else "")
         raise UserError(f"{index.num_pairs} training pairs give no step of --global-batch-size "
                         f"{config.global_batch_size}{held}")
-    return total_steps
+    return config.max_steps or index.num_pairs * config.num_train_epochs // config.global_batch_size
+
+
+def leftover_note(config: TrainConfig, index: ShardIndex) -> str | None:
+    """What a --global-batch-size that does not divide the pairs does to the epochs, said at the start."""
+    leftover = index.num_pairs % config.global_batch_size
+    if not leftover:
+        return None
+    untrained = index.num_pairs * config.num_train_epochs % config.global_batch_size
+    return (f"{index.num_pairs} pairs are not a whole number of global batches of {config.global_batch_size}: the "
+            f"{leftover} left over at the end of an epoch open the next epoch's first batch"
+            + (f"; the last {untrained} pairs of epoch {config.num_train_epochs} are not trained"
+               if untrained and not config.max_steps else ""))

@@ -44,29 +44,37 @@ class TrainingStream:
         return self._shuffled(epoch, lambda group: self._marked_pairs(group, marked))
 
     def global_batches(self, global_batch_size: int, start_batch: int = 0, rank: int = 0,
-                       world_size: int = 1) -> Iterator[tuple[int, int, list[TrainingPair]]]:
-        """(epoch, batch index within the epoch, this rank's pairs of that global batch) forever; incomplete last
-        batches are dropped, so every global batch has exactly global_batch_size pairs."""
-        per_epoch = self.index.num_pairs // global_batch_size
-        if per_epoch == 0:
-            raise UserError(f"{self.index.num_pairs} pairs are fewer than --global-batch-size {global_batch_size}")
-        epoch, skip = divmod(start_batch, per_epoch)
+                       world_size: int = 1) -> Iterator[tuple[float, int, list[TrainingPair]]]:
+        """(epochs done after the batch, as TRL logs them; the batch's number; this rank's pairs of that global
+        batch) forever. The epochs' orders follow one another in one stream cut into global batches, so the
+        pairs left over at the end of an epoch open the next one's first batch: every batch is full and no pair
+        is dropped (only the run's own end can leave the last epoch's tail untrained)."""
+        total = self.index.num_pairs
+        if total < global_batch_size:
+            raise UserError(f"{total} pairs are fewer than --global-batch-size {global_batch_size}")
+        epoch = start_batch * global_batch_size // total  # the epoch in which the batch `start_batch` begins
+        position, batch = epoch * total, []  # the stream position of the epoch's first pair
         while True:
-            marked = self.rows_of_rank(epoch, global_batch_size, skip, rank, world_size)
-            for index, batch in enumerate(_cut(self.pairs(epoch, marked), global_batch_size, per_epoch)):
-                if index >= skip:
-                    yield epoch, index, rank_slice(batch, rank, world_size)
-            epoch, skip = epoch + 1, 0
+            marked = self.rows_of_rank(epoch, global_batch_size, start_batch, rank, world_size)
+            for pair in self.pairs(epoch, marked):
+                if position // global_batch_size >= start_batch:
+                    batch.append(pair)
+                position += 1
+                if position % global_batch_size == 0 and batch:
+                    yield position / total, position // global_batch_size - 1, rank_slice(batch, rank, world_size)
+                    batch = []
+            epoch += 1
 
-    def rows_of_rank(self, epoch: int, global_batch_size: int, skip: int, rank: int, world_size: int) -> np.ndarray:
-        """Which rows of the folder this rank trains on in an epoch's global batches from `skip` on, one bool per
-        row: a pass over the order's coordinates, which reads no row content."""
+    def rows_of_rank(self, epoch: int, global_batch_size: int, start_batch: int, rank: int,
+                     world_size: int) -> np.ndarray:
+        """Which rows of the folder this rank trains on in the global batches from `start_batch` on that take
+        pairs of `epoch`, one bool per row: a pass over the order's coordinates, which reads no row content."""
         marked = np.zeros(self.index.total_rows, dtype=bool)
-        batches = _cut(self.order(epoch), global_batch_size, self.index.num_pairs // global_batch_size)
-        for number, batch in enumerate(batches):
-            if number >= skip:
-                for group, row in rank_slice(batch, rank, world_size):
-                    marked[self.index.first_row[group] + row] = True
+        position = epoch * self.index.num_pairs
+        for group, row in self.order(epoch):
+            if position // global_batch_size >= start_batch and position % global_batch_size % world_size == rank:
+                marked[self.index.first_row[group] + row] = True  # rank_slice's share of its batch
+            position += 1
         return marked
 
     def _shuffled(self, epoch: int, items: Callable[[int], list]) -> Iterator:
@@ -96,12 +104,6 @@ class TrainingStream:
             return [None] * len(rows)
         pairs = iter(self.index.pairs(self.index.table(group), rows[mine]))
         return [next(pairs) if m else None for m in mine]
-
-
-def _cut(order: Iterator, size: int, count: int) -> Iterator[list]:
-    """The first `count` batches of `size` items of `order`; the rest of it is dropped."""
-    for _ in range(count):
-        yield [next(order) for _ in range(size)]
 
 
 class EvalReader:

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from treg_core.errors import UserError
 from treg_train.config import TrainConfig
 from treg_train.metrics import MetricSink, MetricWindow
 from treg_train.readers import EvalReader, TrainingStream
-from treg_train.step import Batching, Objective
+from treg_train.step import Batching, Objective, Start
 
 
 @dataclass
@@ -30,8 +31,34 @@ class Runtime:
         return self.rank == 0
 
 
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets and env:// reads
+
+
+def launch_problem(env) -> str | None:
+    """Why these environment variables cannot start the process group: torchrun sets all of LAUNCH_VARIABLES, a
+    plain `treg-train` neither RANK nor WORLD_SIZE; anything between would be a traceback, or a silent world of one."""
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in env]
+    missing = [name for name in LAUNCH_VARIABLES if name not in env]
+    if not given:
+        return None
+    if missing:
+        return (f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun (torchrun --nproc-per-node N -m "
+                f"treg_train ...), which sets them all, or set {', '.join(missing)} too; unset {' and '.join(given)} "
+                "to run one process")
+    rank, world = env["RANK"], env["WORLD_SIZE"]
+    if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
+        return (f"RANK={rank} and WORLD_SIZE={world} do not name a process of a group: RANK must be a whole number "
+                "below WORLD_SIZE; launch with torchrun, which sets them")
+    return None
+
+
 def setup_distributed() -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE; a plain `treg-train` is a world of one."""
+    """torchrun sets RANK/WORLD_SIZE; a plain `treg-train` is a world of one. Checked before the process group
+    starts, for init_process_group reports a missing variable as a traceback."""
+    problem = launch_problem(os.environ)
+    if problem:
+        raise UserError(problem)
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -66,7 +93,7 @@ class Run:
     sink: MetricSink
     step: int = 0
     postfix: dict = field(default_factory=dict)  # the progress bar's latest values, training's and evaluation's
-    probe: list | None = None  # this rank's first micro-batch of the latest step: the weights are checked on it
+    start: Start | None = None  # the weights at this process's first step: later ones are checked against them
 
     @property
     def output(self) -> Path:

@@ -120,6 +120,8 @@ class StepResult:
     grad_norm: torch.Tensor
     finite: bool  # on every rank: the loss of every pair and the gradient norm
     tokens: int  # real tokens this rank forwarded
+    learning: int  # pairs of the global batch (every rank's) that the objective learns from
+    first_loss: float  # the mean loss of this rank's first micro-batch, before the update
 
 
 def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]], batching: Batching,
@@ -127,7 +129,8 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
     """Forward and backward of this rank's micro-batches (`rank_micro_batches`) of one global batch, gradients
     clipped; the update is the caller's, once it has seen that everything was finite."""
     world_size = dist.get_world_size()
-    not_finite, tokens = torch.zeros((), device=batching.device), 0
+    # Summed over the ranks in one collective: pairs whose loss is not finite, pairs the objective learns from.
+    counts, tokens, first_loss = torch.zeros(2, device=batching.device), 0, math.nan
     for index, (batch, real) in enumerate(micro):
         inputs = batching.inputs(batch)
         objective.policy.set_requires_gradient_sync(index == len(micro) - 1)  # reduce-scatter on the last only
@@ -135,15 +138,19 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
         # Sum over the global batch / its size; FSDP averages gradients over ranks, so scale by world size.
         (losses.sum() * (world_size / global_batch_size if real else 0.0)).backward()
         if real:
-            not_finite += (~torch.isfinite(losses.detach())).sum()
+            counts[0] += (~torch.isfinite(losses.detach())).sum()
+            counts[1] += inputs.num_pairs - values.get("skipped_zero_weights", torch.zeros(())).sum()
             tokens += inputs.num_tokens
+            first_loss = float(losses.detach().mean()) if index == 0 else first_loss
         add_pair_metrics(metrics, losses.detach(), values, inputs.num_pairs, real)
     trainable = [p for p in objective.policy.parameters() if p.requires_grad]
     # --max-grad-norm 0 means no clipping, as in transformers and TRL: the norm is still measured and checked.
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    dist.all_reduce(not_finite)  # every rank decides alike
-    return StepResult(grad_norm, bool(not_finite == 0) and bool(torch.isfinite(grad_norm)), tokens)
+    dist.all_reduce(counts)  # every rank decides alike
+    not_finite, learning = counts.tolist()
+    return StepResult(grad_norm, not_finite == 0 and bool(torch.isfinite(grad_norm)), tokens, round(learning),
+                      first_loss)
 
 
 def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk_size: int) -> dict[str, float]:
@@ -164,19 +171,53 @@ def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk
     return metrics.reduce(batching.device)
 
 
-def weights_are_finite(objective: Objective, batching: Batching, pairs: list[TrainingPair] | None) -> bool:
-    """On every rank: every weight finite, and the losses of `pairs` (a micro-batch of the latest step) finite
-    too, for an update can leave finite weights that overflow in the forward (a learning rate of 1e9)."""
-    bad = torch.zeros((), device=batching.device)
+# A run has blown up, though every number is finite, when the weights' root mean square has grown this many times
+# over from the run's start (fine-tuning at any sane learning rate moves it by a few per cent), or the loss on the
+# start's first micro-batch has grown this many times over from its value before the first update (or from 1).
+RMS_GROWTH, LOSS_GROWTH = 10.0, 100.0
+
+
+@dataclass
+class Start:
+    """What the weights gave at the start of this process's training, to compare with later."""
+
+    rms: float  # root mean square of every weight, over every rank
+    probe: list[TrainingPair]  # this rank's first micro-batch
+    probe_loss: float  # its mean loss before the first update
+
+
+def weights_rms(policy: torch.nn.Module, device: torch.device) -> float:
+    """The root mean square of every weight of the policy (frozen ones too), over every rank's shards; not
+    finite when a weight is not."""
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for parameter in policy.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        sums[0] += local.detach().double().square().sum()
+        sums[1] += local.numel()
+    dist.all_reduce(sums)
+    return math.sqrt(sums[0] / sums[1]) if sums[1] else 0.0
+
+
+def weights_problem(objective: Objective, batching: Batching, start: Start) -> str | None:
+    """None when the weights can be written; else what is wrong with them, alike on every rank: a weight not
+    finite, a finite update that overflows in the forward (a learning rate of 1e9), or one that blew the weights
+    or the loss on the start's probe up (RMS_GROWTH, LOSS_GROWTH; a learning rate of 1e8, all finite)."""
     with without_training(objective.policy):
-        for parameter in objective.policy.parameters():
-            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
-            bad += (~torch.isfinite(local)).sum()
-        if pairs is not None:
-            losses, _ = objective.losses(batching.inputs(pairs))
-            bad += (~torch.isfinite(losses)).sum()
-    dist.all_reduce(bad)  # every rank decides alike
-    return bool(bad == 0)
+        rms = weights_rms(objective.policy, batching.device)
+        losses, _ = objective.losses(batching.inputs(start.probe))
+    loss = float(losses.mean())
+    flags = torch.tensor([not math.isfinite(loss), loss > LOSS_GROWTH * max(abs(start.probe_loss), 1.0)],
+                         dtype=torch.float64, device=batching.device)
+    dist.all_reduce(flags)  # every rank decides alike
+    if not math.isfinite(rms) or flags[0]:
+        return "are not finite, or give a loss that is not finite"
+    if rms > RMS_GROWTH * start.rms:
+        return (f"have blown up: their root mean square grew from {start.rms:.3g} to {rms:.3g} "
+                f"(more than {RMS_GROWTH:g}x)")
+    if flags[1]:
+        return (f"have blown up: the loss on the run's first micro-batch grew more than {LOSS_GROWTH:g}x "
+                f"(from {start.probe_loss:.3g} to {loss:.3g})")
+    return None
 
 
 @contextlib.contextmanager

@@ -18,23 +18,32 @@ from treg_core.attention import default_attention
 from treg_core.errors import UserError
 from treg_core.folders import claim_folder
 from treg_core.precision import DTYPES, checkpoint_dtype, dtype_name
-from treg_train.checkpoint import FINISHED, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from treg_train.checkpoint import (
+    FINISHED,
+    export_hf,
+    keep_finished_export,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from treg_train.config import TrainConfig
 from treg_train.lora import LoraSettings
 from treg_train.metrics import MetricSink, peak_memory_gb
 from treg_train.model import PolicyOptions, load_sharded, use_padding_free
-from treg_train.preflight import Preflight, lock_output, preflight
+from treg_train.preflight import Preflight, leftover_note, lock_output, preflight
 from treg_train.readers import EvalReader, TrainingStream
 from treg_train.state import LogWindow, Run, Runtime, setup_distributed
 from treg_train.step import (
     Batching,
     Objective,
+    Start,
     compile_seconds,
     evaluate,
     pack_lengths,
     rank_micro_batches,
     train_step,
-    weights_are_finite,
+    weights_problem,
+    weights_rms,
 )
 
 
@@ -72,18 +81,21 @@ def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
         print(f"treg-train: {checked.memory.line()}", file=sys.stderr)
         if checked.memory_note:
             print(f"treg-train: {checked.memory_note}", file=sys.stderr)
+    lock_output(config, rt.is_main)  # before any model loads: a busy folder costs seconds, not a load
     attention = _attention(config, rt, checked.compute_dtype)
     options = PolicyOptions(attention, config.logprob_chunk_rows, checked.memory.checkpointing, config.compile,
                             config.use_liger_kernel)
     objective = Objective(*_build_models(config, rt, checked.compute_dtype, options), settings=config.loss_settings())
     fused = rt.device.type == "cuda"
     optimizer, scheduler = build_optimizer(config, objective.policy, checked.total_steps, fused=fused)
-    lock_output(config, rt.is_main)
     if rt.is_main:
         print(f"treg-train: {rt.world_size} process(es) on {rt.device.type}, computing in "
               f"{dtype_name(checked.compute_dtype)}; {checked.index.num_pairs} pairs, {checked.total_steps} steps of "
               f"{config.global_batch_size}" + (f"; {checked.eval_index.num_pairs} held-out pairs to evaluate on"
                                                if checked.eval_index else ""), file=sys.stderr)
+        for note in (leftover_note(config, checked.index), checked.extension):
+            if note:
+                print(f"treg-train: {note}", file=sys.stderr)
         claim_folder(config.output, "treg-train")  # only now that every check passed, on every rank
         if checked.checkpoint is None:  # lines of a start that failed before its first checkpoint are not this run's
             (Path(config.output) / "metrics.jsonl").unlink(missing_ok=True)
@@ -208,17 +220,21 @@ def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
         raise UserError(f"every pair of global batch {run.step + 1} is longer than --max-length "
                         f"{run.config.max_length} (prompt + response); raise it (the data was scored with "
                         f"max_length {run.stream.index.provenance.max_length})")
+    rms = weights_rms(run.objective.policy, run.rt.device) if run.start is None else None
     before = compile_seconds()
     result = train_step(run.objective, micro, run.batching, run.config.global_batch_size, run.config.max_grad_norm,
                         window.metrics)
     window.compiling += compile_seconds() - before
     if not result.finite:  # every rank stops together, before the update that would spoil the weights
         raise UserError(f"the loss or the gradient is not finite at step {run.step + 1} "
-                        f"(gradient norm {float(result.grad_norm):.3g}); "
-                        f"the run stopped before that update and nothing was exported; last good checkpoint: "
-                        f"{latest_checkpoint(run.output) or 'none'}; lower --learning-rate, or check the data")
+                        f"(gradient norm {float(result.grad_norm):.3g}); the run stopped before that update and "
+                        f"nothing was exported; check the data, or {lower_learning_rate(run.output)}")
+    if result.learning == 0:  # the count is over every rank: all stop together
+        raise UserError(f"no pair of global batch {run.step + 1} gives the loss anything to learn: "
+                        f"{nothing_learned(run.config)}; the run stopped and nothing was exported")
     run.optimizer.step()
-    run.probe = micro[0][0]
+    if run.start is None:
+        run.start = Start(rms, micro[0][0], result.first_loss)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -255,12 +271,31 @@ def _evaluate(run: Run, bar: tqdm) -> None:
         bar.set_postfix(run.postfix)
 
 
+def nothing_learned(config) -> str:
+    """Why a token weighting left every pair of a batch without a gradient, and the setting that changes it."""
+    if config.weighting == "sepo":
+        shortest = 1 + math.ceil(1 / config.sepo_ratio)  # ⌊ratio·(L − 1)⌋ ≥ 1
+        return (f"SePO selects ⌊{config.sepo_ratio:g}·(L − 1)⌋ of a response's L tokens, none below {shortest} "
+                f"tokens, and a pair needs a token on both sides; raise --sepo-ratio, or train on longer answers")
+    return (f"the {config.weighting} token weighting gives every token of these pairs the weight 0 (their "
+            "answers are a token or two long); train on longer answers, or leave --token-weighting out")
+
+
 def _check_weights(run: Run, what: str) -> None:
     """Before anything is written that a rerun would trust: the weights after the latest update are usable."""
-    if not weights_are_finite(run.objective, run.batching, run.probe):
-        raise UserError(f"the weights after the update at step {run.step} are not finite, or give a loss that is "
-                        f"not finite; the run stopped before writing its {what} and nothing was exported; last good "
-                        f"checkpoint: {latest_checkpoint(run.output) or 'none'}; lower --learning-rate")
+    problem = weights_problem(run.objective, run.batching, run.start) if run.start else None
+    if problem:
+        raise UserError(f"the weights after the update at step {run.step} {problem}; the run stopped before writing "
+                        f"its {what} and nothing was exported; {lower_learning_rate(run.output)}")
+
+
+def lower_learning_rate(output: Path) -> str:
+    """The command after a diverged run: --resume keeps the learning rate, so a lower one is a new run."""
+    newest = latest_checkpoint(output)
+    if newest is None:
+        return "lower --learning-rate and run the command again"
+    return (f"lower --learning-rate and start a new --output (this one keeps the run's good checkpoints, the newest "
+            f"{newest})")
 
 
 def _save_checkpoint(run: Run) -> None:
@@ -280,6 +315,8 @@ def _export_final_model(run: Run, tokenizer) -> None:
     from transformers import AutoConfig
 
     lm_config = AutoConfig.from_pretrained(run.config.model)
+    if run.rt.is_main:
+        keep_finished_export(run.output)
     adapter = run.output / "final-adapter" if run.config.export_adapter else None
     export_hf(run.objective.policy, lm_config, tokenizer, run.output / "final",
               dtype=DTYPES[checkpoint_dtype(lm_config)], adapter_target=adapter)

@@ -25,6 +25,7 @@ import numpy as np
 from treg_core.errors import UserError
 from treg_data.scorers.base import EngineOptions, ScoreRequest
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
+from treg_data.scorers.engine_log import OutputTail, root_cause, start_failure
 from treg_data.scorers.watchdog import RESUME, EngineWatchdog, children_pids
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -41,18 +42,22 @@ class VLLMScorer:
         from vllm.platforms import current_platform
 
         self._sampling_params = SamplingParams
-        before = children_pids()
-        with cpu_engine_environment(options.tensor_parallel_size) as self.engine_environment:
-            self.llm = LLM(
-                model=options.model,
-                revision=options.revision,
-                dtype=options.dtype,
-                max_model_len=options.max_model_len,
-                enable_prefix_caching=True,  # read only by the cached_prefix_rows path
-                block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
-                **options.engine,
-            )
-        self.watchdog = EngineWatchdog.of_new_children(before, f"vLLM ({options.model})")
+        before, what = children_pids(), f"vLLM ({options.model})"
+        with cpu_engine_environment(options.tensor_parallel_size) as self.engine_environment, \
+                OutputTail() as self.engine_log:
+            try:
+                self.llm = LLM(
+                    model=options.model,
+                    revision=options.revision,
+                    dtype=options.dtype,
+                    max_model_len=options.max_model_len,
+                    enable_prefix_caching=True,  # read only by the cached_prefix_rows path
+                    block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
+                    **options.engine,
+                )
+            except (RuntimeError, ValueError) as err:  # an engine process failed to start, or vLLM refused a setting
+                raise UserError(start_failure(what, err, self.engine_log)) from None
+        self.watchdog = EngineWatchdog.of_new_children(before, what)
         config = self.llm.llm_engine.vllm_config
         has_rows = hasattr(SamplingParams, "prompt_logprob_token_ids")  # vLLM >= 0.32
         uses_v2 = getattr(config, "use_v2_model_runner", False)
@@ -75,8 +80,8 @@ class VLLMScorer:
             if not self.checked:
                 self.check_against_every_row(requests[:CHECKED_SEQUENCES], scored[:CHECKED_SEQUENCES])
         except EngineDeadError:  # it stopped and said so (a Ctrl-C only it received): faster than the watchdog
-            raise UserError(f"the {self.watchdog.what} engine died: it stopped on a signal or an error it reported "
-                            f"above; {RESUME}") from None
+            cause = root_cause(self.engine_log.settled()) or "it stopped on a signal or an error it reported above"
+            raise UserError(f"the {self.watchdog.what} engine died: {cause}; {RESUME}") from None
         return scored
 
     def check_against_every_row(self, requests: list[ScoreRequest], scored: list[np.ndarray]) -> None:
