@@ -123,6 +123,7 @@ def test_upload_errors_are_one_line_and_keep_local_data(folder, forbidding_hub, 
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert _checksums(folder) == before and (folder / "manifest.json").exists()
+    assert not (folder / "README.md").exists()  # the card is written once the Hub has answered
 
 
 def test_unfinished_folder_is_not_shared(folder):
@@ -142,3 +143,11 @@ def test_nothing_is_written_before_the_upload_can_start(folder, tmp_path):
     result = _push(folder, {"HF_HOME": str(tmp_path / "hf-home")})  # no token
     assert result.returncode == 2 and "no Hugging Face token" in result.stderr
     assert not (folder / "README.md").exists()
+
+
+def test_a_folder_treg_score_did_not_write_is_not_called_unfinished(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".treg").write_text("treg-train")
+    result = _push(tmp_path / "run", {"HF_TOKEN": TOKEN})
+    assert result.returncode == 2 and "is not a treg-score output (no manifest.json, no shards)" in result.stderr
+    assert "finish scoring" not in result.stderr

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import probe_command, run, score_command, train_command, write_jsonl
+from helpers import hf_score_config, make_pairs, probe_command, run, score_command, train_command, write_jsonl
 
 from treg_core.contract import read_manifest, shard_files
-from treg_core.errors import UserError
+from treg_core.errors import BadRow, UserError
+from treg_data import pipeline
 from treg_data.edits import common_ends, edit_diff_rewards, edited_mask, not_near_edit
 from treg_data.encoding import PairEncoder
 from treg_data.hub import write_card
@@ -325,6 +326,9 @@ def test_treg_probe_says_when_the_chat_template_refuses_every_conversation(tiny_
     template.write_text("{% for m in messages %}{{ raise_exception('no system role') }}{% endfor %}")
     with pytest.raises(UserError, match="no system role; fix the template or give another with --chat-template"):
         probe_cli.run(probe_cli.ProbeConfig(model=tiny_model, chat_template=str(template), backend="hf", bootstrap=50))
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(4))  # treg-score says so too, before any engine starts
+    with pytest.raises(UserError, match="no system role; fix the template or give another with --chat-template"):
+        pipeline.run(hf_score_config(tiny_model, data, tmp_path / "scored", chat_template=str(template)))
 
 
 def test_the_reward_check_names_treg_scores_flags_and_goes_on_when_a_set_fits_nothing(tokenizer, capsys):
@@ -358,3 +362,20 @@ def test_loss_settings_that_no_objective_means_are_refused_when_made(settings, m
         LossSettings(**settings)
     LossSettings("sepo", beta=1.0, weighting="sepo", sepo_ratio=1.0)  # the edges that mean something stay allowed
     LossSettings("d2po", weighting="d2po", d2po_discount=1.0, alpha=0.0, gamma=-3.0)
+
+
+def test_answers_that_differ_only_where_the_chat_template_trims_are_no_pair(tiny_model):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    trimming = AutoTokenizer.from_pretrained(tiny_model)  # Llama-3's template trims each message's content
+    trimming.chat_template = (Path(__file__).parent / "chat_templates" / "llama3.jinja").read_text()
+    spaced = {"prompt": "What colour is it?", "chosen": "It is red.", "rejected": "It is red.  "}
+    edit = {"prompt": "What colour is it?", "chosen": "It is red today.", "rejected": "It is blue today."}
+    limits = LengthLimits(max_length=1024, max_prompt_length=512, max_model_len=2048)  # its system block is long
+    with pytest.raises(BadRow, match="identical_responses: the two answers have the same tokens"):
+        PairEncoder(trimming, None, limits).encode(_items([spaced])[0].pair)  # every mode, edit-diff included
+    encoders = {"truthful": PairEncoder(trimming, SHIPPED["truthful"], limits)}
+    result = probe(_items([spaced, edit]), encoders, _FlatScorer(), samples=50)
+    assert result["pairs"] == 1 and result["skipped"] == {"identical_responses": 1}

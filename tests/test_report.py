@@ -128,3 +128,32 @@ def test_report_shows_the_dpo_models_token_signals(tiny_model, tmp_path):
                 tokens = re.search(rf'<div class="tokens" data-kind="{kind}">(.*?)</div>', block).group(1)
                 shown = [float(v) for v in re.findall(rf'title="{re.escape(symbol)} = ([-+0-9.]+)"', tokens)]
                 assert shown == pytest.approx(values, abs=1e-4) and np.abs(values).max() > 1e-3
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--random", "0"], "'--random': 0 is not in the range x>=1"),
+    (["--extreme", "-1"], "'--extreme': -1 is not in the range x>=1"),
+    (["--beta", "nan"], "--beta nan: it must be a positive number"),
+])
+def test_counts_and_beta_that_show_nothing_are_refused(learnable_shards, tmp_path, args, expected):
+    result = _inspect(learnable_shards, *args, "--output", tmp_path / "report.html")
+    assert result.returncode == 2 and expected in result.stderr
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_a_run_folder_as_checkpoint_names_its_model(learnable_shards, tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "config.json").write_text("{}")
+    result = _inspect(learnable_shards, "--checkpoint", tmp_path / "run", "--output", tmp_path / "report.html")
+    assert result.returncode == 2
+    assert f"--checkpoint {tmp_path / 'run'} is a treg-train run folder; give its model, {tmp_path / 'run' / 'final'}" \
+        in result.stderr
+
+
+def test_the_report_of_a_data_folder_goes_beside_the_manifest(learnable_shards, tmp_path):
+    import shutil
+
+    folder = Path(shutil.copytree(learnable_shards, tmp_path / "scored"))
+    result = _inspect(folder / "data", "--random", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (folder / "report.html").is_file() and not (folder / "data" / "report.html").exists()

@@ -64,6 +64,13 @@ def test_a_column_that_is_not_a_token_reward_is_refused_as_one(column, what):
         _train_config(reward_column=column)
 
 
+@pytest.mark.parametrize("loss", ["simpo", "simpo_reg"])
+def test_tgdpo_weights_are_refused_where_the_loss_divides_by_their_sum(loss):
+    with pytest.raises(UserError, match=f"--token-weighting tgdpo with --loss {loss}: .* combine tgdpo with dpo_reg"):
+        _train_config(loss=loss, token_weighting="tgdpo")
+    _train_config(loss="dpo_reg", token_weighting="tgdpo")
+
+
 def test_conventional_zeros_keep_their_meaning():
     config = _train_config(max_grad_norm=0.0, save_steps=0, eval_steps=0, alpha=0.0, lora_r=0, weight_decay=0.0)
     assert config.max_grad_norm == 0.0
@@ -112,3 +119,25 @@ def test_weights_that_overflow_are_never_exported(tiny_model, learnable_shards, 
                                "--max-steps", "1", "--save-steps", "0"))
     assert_one_line_error(result, "after the update at step 1", "not finite", "nothing was exported")
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_config_file_that_is_not_yaml_is_one_line(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("max_length: 512\n\tbeta: 0.1\n")
+    with pytest.raises(UserError, match=r"found character '\\t' that cannot start any token \(line 2, column 1\)$"):
+        load_settings(TrainConfig, str(path), {})
+
+
+@pytest.mark.parametrize("world", ["0", "abc", "-2"])
+def test_plan_refuses_a_world_size_that_is_no_count_of_processes(world, monkeypatch):
+    from treg_train.cli import planned_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(UserError, match=f"WORLD_SIZE={world}: --plan plans for that many processes"):
+        planned_world_size()
+
+
+def test_lora_settings_without_a_rank_are_refused():
+    with pytest.raises(UserError, match="LoRA settings without --lora-r: --lora-alpha, --lora-target-modules"):
+        _train_config(lora_alpha=32.0, lora_target_modules="q_proj")
+    _train_config(lora_r=4, lora_alpha=32.0, lora_target_modules="q_proj")

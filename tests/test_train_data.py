@@ -168,3 +168,12 @@ def test_foreign_and_mixed_shards_are_refused(learnable_shards, tmp_path):
         ShardIndex(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="neither a folder nor a Hub dataset id"):
         ShardIndex(str(tmp_path / "missing"))
+
+
+def test_a_missing_eval_data_is_named_as_the_flag_it_came_from(tmp_path):
+    from treg_train.config import TrainConfig
+    from treg_train.preflight import eval_index
+
+    config = TrainConfig(model="m", data="d", output="o", eval_data=str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="^--eval-data .*missing is neither a folder nor a Hub dataset id"):
+        eval_index(config, None, None)

@@ -120,3 +120,45 @@ def test_continuing_a_finished_run_says_so_and_keeps_its_model(tiny_model, learn
     assert {p.name: p.read_bytes() for p in (folder / "final-step-3").iterdir()} == finished
     assert json.loads((folder / "finished.json").read_text()) == {"step": 4}
     assert (Path(folder) / "final" / "config.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost raise, as Python reports it
+def test_a_ctrl_c_lost_in_a_finaliser_still_stops_the_run():
+    """Python drops a KeyboardInterrupt raised while a __del__ runs; the steps check the flag the handler keeps."""
+    import gc
+    import os
+
+    from treg_core import errors
+
+    class Finalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while the finaliser runs: its raise is lost
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        errors.watch_ctrl_c()
+        Finalised()
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            errors.check_interrupted()
+    finally:
+        signal.signal(signal.SIGINT, before)
+        errors._CtrlC.seen = False
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_not_a_full_disk():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from treg_train.checkpoint import _interrupted
+
+    assert _interrupted(CheckpointException("save", {1: (KeyboardInterrupt(), None)}))
+    assert not _interrupted(CheckpointException("save", {0: (OSError(28, "No space left on device"), None)}))
+
+
+def test_a_finished_run_without_checkpoints_advises_a_new_output(tiny_model, learnable_shards, tmp_path):
+    folder = tmp_path / "run"
+    result = _train(tiny_model, learnable_shards, folder, "--max-steps", "1")  # --save-steps 0: no checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    advice = f"without a checkpoint to go on from (--save-steps); its model is {folder / 'final'}: give a new --output"
+    assert_one_line_error(_train(tiny_model, learnable_shards, folder, "--max-steps", "2", "--resume"), advice)
+    assert_one_line_error(_train(tiny_model, learnable_shards, folder, "--max-steps", "2"), advice)

@@ -404,6 +404,14 @@ def test_an_empty_input_file_is_one_line(tiny_model, tmp_path, suffix):
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
+def test_a_run_that_skips_every_pair_fails_naming_the_skips(tiny_model, tmp_path):
+    rows = [{"id": f"same-{i}", "prompt": "Hi", "chosen": "Same.", "rejected": "Same."} for i in range(3)]
+    result = run(score_command("--model", tiny_model, "--dataset", write_jsonl(tmp_path / "d.jsonl", rows),
+                               "--output", tmp_path / "out", "--backend", "hf", "--dtype", "float32"))
+    assert_one_line_error(result, "every pair was skipped", str(tmp_path / "out" / "skipped.jsonl"), "--overwrite")
+    assert "pairs skipped  3 (identical_responses 3)" in result.stdout
+
+
 def test_a_missing_folder_is_never_looked_up_on_the_hub(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(2))

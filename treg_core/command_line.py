@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import yaml
 
-from treg_core.errors import Interrupted, UserError
+from treg_core.errors import Interrupted, UserError, watch_ctrl_c
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 REQUIRED = ""  # the default of a setting that must be given, by flag or in --config
@@ -125,7 +125,7 @@ def settings_file(config_file: str) -> dict:
     try:
         loaded = yaml.load(Path(config_file).read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise UserError(f"cannot read --config {config_file}: {err}") from None
+        raise UserError(f"cannot read --config {config_file}: {yaml_problem(err)}") from None
     if not isinstance(loaded, dict):
         raise UserError(f"--config {config_file} must be a mapping of setting: value")
     values, spelled = {}, {}
@@ -135,6 +135,14 @@ def settings_file(config_file: str) -> dict:
             raise UserError(f"--config {config_file} gives {name} twice, as {spelled[name]} and {key}; keep one")
         values[name], spelled[name] = value, key
     return values
+
+
+def yaml_problem(err: Exception) -> str:
+    """PyYAML's syntax errors span lines (the source line, a caret): their problem and place in one line."""
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, yaml.MarkedYAMLError) and mark is not None:
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 def load_settings(settings_class: type, config_file: str | None, flags: dict):
@@ -180,6 +188,7 @@ def typed(settings_class: type, name: str, value):
 
 def run_cli(command: click.Command, name: str, interrupted: str = "interrupted") -> None:
     """Run a command: a UserError becomes one line on stderr and exit code 2; Ctrl-C says what is kept."""
+    watch_ctrl_c()
     try:
         code = command.main(prog_name=name, standalone_mode=False)
     except UserError as err:

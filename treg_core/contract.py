@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from treg_core.errors import UserError, unreadable
+from treg_core.folders import MARKER
 
 SIDES = ("chosen", "rejected")
 CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
@@ -344,6 +345,12 @@ def read_worker_manifest(path: Path) -> WorkerManifest:
     return WorkerManifest.from_dict(json.loads(path.read_text(encoding="utf-8")), str(path))
 
 
+def started_scoring(root: Path) -> bool:
+    """treg-score marked the folder as its own (a worker that has written no shard yet)."""
+    marker = root / MARKER
+    return marker.is_file() and marker.read_text(encoding="utf-8", errors="replace").strip() == "treg-score"
+
+
 def read_manifest(folder: str | Path) -> Manifest:
     """The Manifest of a finished folder (given it or its data/ folder)."""
     root = output_root(folder)
@@ -351,6 +358,9 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         finished = len(list((root / MANIFESTS_DIR).glob(WORKER_MANIFEST_GLOB)))
         shards = sorted((root / DATA_DIR).glob(SHARD_GLOB))
+        if not shards and not finished and not started_scoring(root):  # no scoring to finish
+            raise UserError(f"{root} is not a treg-score output (no manifest.json, no shards); give the folder "
+                            "treg-score wrote")
         workers = read_shard_metadata(shards[0]).provenance.num_workers if shards else "?"
         raise UserError(f"{root} is not a finished treg-score output: no manifest.json ({finished} of {workers} "
                         "workers finished); rerun the treg-score command(s) to finish scoring it, every worker")

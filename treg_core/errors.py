@@ -2,6 +2,7 @@
 
 import errno
 import os
+import signal
 from contextlib import contextmanager
 
 
@@ -11,6 +12,29 @@ class UserError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what the command kept and how to go on, said in place of its usual line."""
+
+
+class _CtrlC:
+    seen = False  # set by the handler, kept for check_interrupted
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    _CtrlC.seen = True
+    raise KeyboardInterrupt
+
+
+def watch_ctrl_c() -> None:
+    """Remember Ctrl-C as well as raising it: Python drops a KeyboardInterrupt raised while a finaliser runs
+    (a __del__ called by the garbage collector), and a long loop would go on as if nothing was pressed. A
+    SIGINT that the launcher set to be ignored (nohup, a background job) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_ctrl_c)
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C was pressed, even where its first raise was lost."""
+    if _CtrlC.seen:
+        raise KeyboardInterrupt
 
 
 class BadRow(Exception):

@@ -3,7 +3,11 @@ field is a flag; `--config recipe.yaml` supplies values that flags override."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from treg_core.command_line import run_cli, settings_command
+from treg_core.contract import SKIPPED, read_manifest
+from treg_core.errors import UserError
 from treg_data.config import ScoreConfig, validate
 from treg_data.signals import warn_on_settings, warn_on_shards
 
@@ -20,9 +24,13 @@ def score(config: ScoreConfig) -> None:
         from treg_data import pipeline
 
         summary = pipeline.run(config)
-    if summary.manifest is not None:  # the folder is finished: what its shards record is all of it
+    if summary.manifest is not None and summary.pairs_scored:  # finished: what its shards record is all of it
         warn_on_shards(config.output, zero_by_settings)
     print(summary.text())
+    if summary.manifest is not None and not read_manifest(config.output).shards:
+        raise UserError(f"every pair was skipped, so {config.output} holds nothing to train on; the reasons are "
+                        f"above and in {Path(config.output) / SKIPPED}: fix the input, then score it again with "
+                        "--overwrite")
     if config.push_to_hub:
         if summary.manifest is None:
             print(f"not pushing yet: the last worker to finish pushes {config.output} to {config.push_to_hub}")

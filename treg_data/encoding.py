@@ -69,6 +69,9 @@ class PairEncoder:
                          f"prompt has {len(prompt_ids)} tokens > max_prompt_length {limits.max_prompt_length}")
         chosen = self._encode_response(pair, pair.chosen, prompt_ids)
         rejected = self._encode_response(pair, pair.rejected, prompt_ids)
+        if chosen.ids == rejected.ids:  # the texts differ (pairs.py), but only where the chat template trims
+            raise BadRow("identical_responses", "the two answers have the same tokens once the chat template renders "
+                                                "them (they differ only in text it drops, such as edge whitespace)")
         if self.max_edit_tokens is not None:
             reason = not_near_edit(chosen.ids, rejected.ids, self.max_edit_tokens)
             if reason:
@@ -149,9 +152,13 @@ def fold_system(messages: list[Message]) -> list[Message]:
 
 
 def revision_overhead(tokenizer, revision_prompts: RevisionPrompts | None) -> int:
-    """Tokens a revision sequence adds beyond twice the response and the prompt's own text."""
+    """Tokens a revision sequence adds beyond twice the response and the prompt's own text; one line when the chat
+    template refuses even a one-question conversation, for then no pair could be scored."""
     if revision_prompts is None:
         return 0
     empty, system = [{"role": "user", "content": ""}], revision_prompts.role == "system" and keeps_system(tokenizer)
     conversations = [revision_prompts.conversation(name, empty, "") for name in ("better", "worse")]
-    return max(len(prompt_token_ids(tokenizer, c if system else fold_system(c))) for c in conversations)
+    try:
+        return max(len(prompt_token_ids(tokenizer, c if system else fold_system(c))) for c in conversations)
+    except BadRow as bad:
+        raise UserError(f"{bad.detail}; fix the template or give another with --chat-template FILE") from None

@@ -145,12 +145,14 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, license
     token = get_token()
     if not token:
         raise UserError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
-    write_card(folder, repo_id, license)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        write_card(folder, repo_id, license)  # once the Hub answered: a push that cannot start writes nothing
         api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder), allow_patterns=UPLOADED,
                           commit_message="Upload treg-scored shards")
+    except UserError:  # the card's own write, said as it is
+        raise
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status in (401, 403):

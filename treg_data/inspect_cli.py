@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -32,12 +33,12 @@ def _option(flag: str, group: str, help: str, **kwargs) -> click.Option:
 @click.command(cls=GroupedCommand, context_settings=CONTEXT, params=[
     HelpedArgument(["data"], help="A treg-score output folder (or its data/ folder)."),
     _option("--id", PAIRS, "Show this pair (repeatable).", multiple=True),
-    _option("--random", PAIRS, "Show this many pairs drawn at random (default 5).", type=int),
-    _option("--extreme", PAIRS, "Show the pairs with the largest |Σ r̂|.", type=int),
+    _option("--random", PAIRS, "Show this many pairs drawn at random (default 5).", type=click.IntRange(min=1)),
+    _option("--extreme", PAIRS, "Show this many pairs with the largest |Σ r̂|.", type=click.IntRange(min=1)),
     _option("--seed", PAIRS, "Seed of --random.", type=int, default=0, show_default=True),
     _option("--checkpoint", REWARDS, "A trained model: show its implicit token rewards β·log π_θ/π_ref too."),
-    _option("--beta", REWARDS, "β for the implicit rewards (the one the checkpoint was trained with).", type=float,
-            default=0.01, show_default=True),
+    _option("--beta", REWARDS, "β for the implicit rewards (the one the checkpoint was trained with).",
+            type=float, default=0.01, show_default=True),
     _option("--tokenizer", REWARDS, "Tokenizer to decode tokens (default: the scoring model's)."),
     _option("--output", OUTPUT, "HTML file to write (default: DATA/report.html)."),
 ])
@@ -49,8 +50,12 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
 
     if sum(x not in (None, ()) for x in (id, random, extreme)) > 1:
         raise UserError("choose pairs with one of --id, --random or --extreme")
-    target = page_path(output) if output else Path(data) / "report.html"
+    if not 0 < beta < math.inf:  # NaN too
+        raise UserError(f"--beta {beta}: it must be a positive number, the β the checkpoint was trained with")
+    target = page_path(output) if output else output_root(data) / "report.html"  # beside the manifest, not the shards
     provenance = _provenance(data)
+    if checkpoint:
+        check_not_a_run_folder(checkpoint)
     tok = load_tokenizer(tokenizer or checkpoint or provenance.model)
     if checkpoint:
         check_checkpoint(checkpoint, provenance)
@@ -64,6 +69,13 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
     distribution = reward_distribution(shard_files(data))
     write_text(target, report.render_html(views, "treg token rewards", meta, distribution))
     print(f"treg-inspect: {len(views)} pair(s) written to {target}")
+
+
+def check_not_a_run_folder(checkpoint: str) -> None:
+    """A treg-train run folder holds its model in final/, not at its top."""
+    if (Path(checkpoint) / "final" / "config.json").is_file() and not (Path(checkpoint) / "config.json").exists():
+        raise UserError(f"--checkpoint {checkpoint} is a treg-train run folder; give its model, "
+                        f"{Path(checkpoint) / 'final'}")
 
 
 def check_checkpoint(checkpoint: str, provenance: Provenance) -> None:

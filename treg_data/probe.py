@@ -9,8 +9,9 @@ rejected answers' tokens, pooled over pairs:
 - a 95% bootstrap interval of that AUROC, resampling pairs;
 - lowest_on_edit: the share of rejected answers whose lowest r falls on an edited token (a tie shares its credit).
 
-A pair whose rejected answer has no edited token (its edit only removes text), or no unedited one but its last,
-measures nothing of that and is left out, counted by reason (`no_edit`, `whole_answer_edited`).
+A pair whose answers have the same tokens, whose rejected answer has no edited token (its edit only removes text),
+or no unedited one but its last, measures nothing of that and is left out, counted by reason
+(`identical_responses`, `no_edit`, `whole_answer_edited`).
 
 Sources: each revision-prompt set (r̂ from its two contexts), the reference log-prob alone (a baseline:
 a surprising token is often a wrong one), and with a DPO model its DPO reward.
@@ -136,7 +137,7 @@ def _round(x: float) -> float:
 # ---- scoring the pairs -----------------------------------------------------------------------------
 
 
-UNLABELLED = ("no_edit", "whole_answer_edited")  # the reasons of `_unlabelled`: the pair's labels, not the model
+UNLABELLED = ("identical_responses", "no_edit", "whole_answer_edited")  # the pairs' fault, not the model's
 
 
 class NoProbePair(UserError):

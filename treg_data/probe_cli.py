@@ -22,7 +22,7 @@ from treg_core.command_line import (
     settings_command,
     share,
 )
-from treg_core.errors import BadRow, UserError
+from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES, resolve_dtype
 from treg_core.sources import check_same_vocabulary, load_tokenizer
 from treg_data.config import ScoreConfig
@@ -90,10 +90,7 @@ def run(config: ProbeConfig) -> dict:
         check_same_vocabulary(tokenizer, load_tokenizer(config.dpo_model, chat_template=config.chat_template,
                                                         needs_chat_template=True), config.dpo_model, flag="--dpo-model")
     model_config = load_model_config(config.model, None)
-    try:
-        overhead = max(revision_overhead(tokenizer, s) for s in sets.values())
-    except BadRow as bad:  # the template refuses even a one-question conversation: no pair could be scored
-        raise UserError(f"{bad.detail}; fix the template or give another with --chat-template FILE") from None
+    overhead = max(revision_overhead(tokenizer, s) for s in sets.values())
     max_model_len = resolve_max_model_len(None, model_context(model_config), config.max_length, overhead)
     limits = LengthLimits(config.max_length, config.max_length, max_model_len)
     # The engine is treg-score's, with the same settings: what is measured here is what scoring would give.

@@ -67,6 +67,8 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     except (Exception, CheckpointException) as err:  # a full disk: nothing half-written is left under any name
         shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(err):  # Ctrl-C reached a rank's writer: said as Ctrl-C, not as a full disk
+            raise KeyboardInterrupt from None
         raise UserError(f"cannot write the checkpoint of step {step} to {final}: {_write_error(err)}; nothing "
                         f"partial was kept: free space, then {rerun_advice(output)}") from None
     dist.barrier()
@@ -74,6 +76,12 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
         publish(tmp, final)
     dist.barrier()
     return final
+
+
+def _interrupted(err: BaseException) -> bool:
+    """torch.distributed.checkpoint wraps each rank's failure, a KeyboardInterrupt too, in a CheckpointException."""
+    failures = err.failures.values() if isinstance(err, CheckpointException) else []
+    return any(isinstance(failure[0], KeyboardInterrupt) for failure in failures)
 
 
 def _write_error(err: BaseException) -> str:

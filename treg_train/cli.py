@@ -7,7 +7,7 @@ import os
 import sys
 
 from treg_core.command_line import run_cli, settings_command
-from treg_core.errors import Interrupted
+from treg_core.errors import Interrupted, UserError
 from treg_train.config import TrainConfig, validate
 
 
@@ -37,10 +37,18 @@ def print_plan(config: TrainConfig) -> None:
     from treg_train.preflight import compute_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory, note = plan_run(config, int(os.environ.get("WORLD_SIZE", 1)), device, compute_dtype(config.dtype, device),
-                            strict=False)
+    memory, note = plan_run(config, planned_world_size(), device, compute_dtype(config.dtype, device), strict=False)
     print(memory.table() + (f"\n  {note}" if note else ""))
     print(memory.json())
+
+
+def planned_world_size() -> int:
+    """The processes --plan plans for: WORLD_SIZE (as torchrun sets it), else one."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) < 1:
+        raise UserError(f"WORLD_SIZE={world}: --plan plans for that many processes, so it must be a whole number of "
+                        "at least 1; set it to the processes the run will have, or unset it for one")
+    return int(world)
 
 
 command = settings_command(TrainConfig, run_training, "treg-train")

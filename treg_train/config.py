@@ -20,7 +20,7 @@ from treg_core.command_line import (
 )
 from treg_core.contract import COLUMN_RANGES, LOGPROB_RANGE
 from treg_core.errors import UserError
-from treg_train.losses import LOSS_TYPES, TOKEN_METHODS, TOKEN_WEIGHTINGS, LossSettings
+from treg_train.losses import LOSS_TYPES, SIMPO_STYLE, TOKEN_METHODS, TOKEN_WEIGHTINGS, LossSettings
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -201,6 +201,13 @@ RANGES = {
 }
 
 
+def lora_settings_given(config: TrainConfig) -> list[str]:
+    """The LoRA settings set away from their defaults, as flags."""
+    names = ("lora_alpha", "lora_dropout", "lora_target_modules")
+    return [f"--{name.replace('_', '-')}" for name in names
+            if getattr(config, name) != TrainConfig.__dataclass_fields__[name].default]
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     require(config, () if config.plan else ("model", "data", "output"))
     check_ranges(config, RANGES)
@@ -213,6 +220,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         (config.loss not in TOKEN_METHODS or config.token_weighting in (None, config.loss),
          f"--loss {config.loss} weights tokens its own way; leave --token-weighting out, or use --loss dpo_reg / "
          "simpo_reg with --token-weighting to combine a weighting with T-REG"),
+        (config.token_weighting != "tgdpo" or config.loss not in SIMPO_STYLE,
+         f"--token-weighting tgdpo with --loss {config.loss}: TGDPO's weights 1 ± αβ·s_t can be negative, and the "
+         "SimPO family divides by their sum, which can then be 0 or negative; combine tgdpo with dpo_reg or wpo_reg"),
         (config.tis_dpo_weights in ("prompts", "models"), "--tis-dpo-weights must be prompts or models"),
         (COLUMN_RANGES.get(config.reward_column) != LOGPROB_RANGE,
          f"--reward-column {config.reward_column} holds log-probs, not token rewards; give rewards, dpo_rewards or "
@@ -228,6 +238,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         (bool(config.lora_target_modules.replace(",", "").strip()),
          "--lora-target-modules must name at least one module, or be all-linear"),
         (config.lora_r > 0 or not config.export_adapter, "--export-adapter needs --lora-r above 0"),
+        (config.lora_r > 0 or not lora_settings_given(config),
+         f"LoRA settings without --lora-r: {', '.join(lora_settings_given(config))} (the run would fine-tune every "
+         "weight and ignore them); give --lora-r above 0, or leave them out"),
         (not (config.eval_data and config.eval_fraction),
          "give --eval-data or --eval-fraction, not both (held-out pairs come from one of them)"),
         (not config.eval_steps or bool(config.eval_data or config.eval_fraction),

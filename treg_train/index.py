@@ -85,13 +85,13 @@ class Reading:
         return ("ids", self.reward_column) + (("ref_logps",) if self.ref_logps else ()) + (self.signal or ())
 
 
-def resolve_shards(data: str) -> tuple[Path, list[Path]]:
+def resolve_shards(data: str, flag: str = "--data") -> tuple[Path, list[Path]]:
     """The treg-score output folder and its Parquet files, for that folder, its data/ folder, or a
     Hub dataset id."""
     path = Path(data)
     if not path.exists():
         if not is_hub_id(data):
-            raise UserError(f"--data {data} is neither a folder nor a Hub dataset id (ORG/NAME)")
+            raise UserError(f"{flag} {data} is neither a folder nor a Hub dataset id (ORG/NAME)")
         try:
             from huggingface_hub import snapshot_download
 
@@ -172,8 +172,9 @@ class ShardIndex:
     split: the pairs kept for training, or with `held_out` the ones held out for evaluation. Row r of row
     group g is row `first_row[g] + r` of the whole folder. Reads nothing but metadata until asked."""
 
-    def __init__(self, data: str, reading: Reading = Reading(), holdout: float = 0.0, held_out: bool = False):
-        root, self.files = resolve_shards(data)
+    def __init__(self, data: str, reading: Reading = Reading(), holdout: float = 0.0, held_out: bool = False,
+                 flag: str = "--data"):
+        root, self.files = resolve_shards(data, flag)
         self.holdout, self.held_out, self.reading = holdout, held_out, reading
         per_side = tuple(dict.fromkeys(reading.side_names()))
         self.columns = ["id", "prompt_ids"] + [name for side in SIDES for name in side_columns(side, per_side)]

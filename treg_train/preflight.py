@@ -139,11 +139,15 @@ def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | N
     ours = check_folder(output, "treg-train")
     checkpoint = latest_checkpoint(output) if ours else None
     if not config.resume:
-        if checkpoint is not None or (output / "final").exists():
+        if checkpoint is not None:
             raise UserError(f"{output} already holds a run; add --resume to continue it, or give a new --output")
+        if (output / "final").exists():
+            raise UserError(f"{output} already holds a run {without_checkpoint(output)}")
         return None
     if checkpoint is None:
-        raise UserError(f"--resume: no complete checkpoint in {output / 'checkpoints'}"
+        raise UserError(f"--resume: the run in {output} finished {without_checkpoint(output)}"
+                        if ours and (output / "final").exists() else
+                        f"--resume: no complete checkpoint in {output / 'checkpoints'}"
                         + ("; run the command without --resume to start again" if ours else ""))
     saved = json.loads((checkpoint / "trainer_state.json").read_text())
     if "config" not in saved:
@@ -168,6 +172,12 @@ def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | N
         raise UserError(f"--resume: --max-steps {config.max_steps} is below the step {saved['step']} of the newest "
                         f"checkpoint, {checkpoint}; give at least {saved['step']}")
     return checkpoint
+
+
+def without_checkpoint(output: Path) -> str:
+    """A run that exported its model but wrote no checkpoint cannot go on, nor be started again over its model."""
+    return (f"without a checkpoint to go on from (--save-steps); its model is {output / 'final'}: give a new "
+            f"--output, with --model {output / 'final'} to train on from it")
 
 
 def extension_note(output: Path, checkpoint: Path | None, total_steps: int) -> str | None:
@@ -221,7 +231,7 @@ def eval_index(config: TrainConfig, tokenizer, training: ShardIndex) -> ShardInd
     """The held-out pairs: --eval-data's shards, checked as the training data is, or the pairs --eval-fraction
     holds out of --data; None without either."""
     if config.eval_data:
-        index = ShardIndex(config.eval_data, reading(config))
+        index = ShardIndex(config.eval_data, reading(config), flag="--eval-data")
         check_scored_for_the_model(config, tokenizer, index, config.eval_data)
         if same_files(index.files, training.files) and main_process():
             print("treg-train: warning: --eval-data is --data's own shards: the evaluation measures pairs the run "

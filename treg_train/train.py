@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from treg_core.atomic import write_json
 from treg_core.attention import default_attention
-from treg_core.errors import UserError
+from treg_core.errors import UserError, check_interrupted
 from treg_core.folders import claim_folder
 from treg_core.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import (
@@ -62,6 +62,7 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         if checked.checkpoint is not None:
             _resume(run, checked.checkpoint)
         last = _train_steps(run)
+        check_interrupted()  # a Ctrl-C lost during the last step: no export
         _check_weights(run, "final model")
         _export_final_model(run, checked.tokenizer)
         if rt.is_main:  # written last: a run with it finished, and --resume says so
@@ -197,6 +198,7 @@ def _train_steps(run: Run) -> dict:
                file=sys.stderr)
     last = {}
     while run.step < run.total_steps:
+        check_interrupted()
         epoch, _, mine = next(batches)
         grad_norm = _update(run, mine, window)
         bar.update(1)
