@@ -40,7 +40,7 @@ def _option(flag: str, group: str, help: str, **kwargs) -> click.Option:
     _option("--beta", REWARDS, "β for the implicit rewards (the one the checkpoint was trained with).",
             type=float, default=0.01, show_default=True),
     _option("--tokenizer", REWARDS, "Tokenizer to decode tokens (default: the scoring model's)."),
-    _option("--output", OUTPUT, "HTML file to write (default: DATA/report.html)."),
+    _option("--output", OUTPUT, "HTML file to write (default: report.html beside the folder's manifest.json)."),
 ])
 def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | None, seed: int,
             checkpoint: str | None, beta: float, tokenizer: str | None, output: str | None) -> None:
