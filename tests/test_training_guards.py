@@ -93,7 +93,9 @@ def test_ctrl_c_before_the_first_checkpoint_advises_a_command_that_works(tiny_mo
     folder = tmp_path / "run"
     args = train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder, *TRAIN,
                          "--max-steps", "1000", "--save-steps", "500")
-    process = subprocess.Popen([str(a) for a in args], stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a test run started in the background (`cmd &` in a script) passes SIGINT on ignored.
+    process = subprocess.Popen([str(a) for a in args], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -136,6 +138,7 @@ def test_a_ctrl_c_lost_in_a_finaliser_still_stops_the_run():
 
     before = signal.getsignal(signal.SIGINT)
     try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as from a terminal
         errors.watch_ctrl_c()
         Finalised()
         gc.collect()
