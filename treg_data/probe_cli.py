@@ -22,6 +22,7 @@ from treg_core.command_line import (
     settings_command,
     share,
 )
+from treg_core.contract import model_identity
 from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES, resolve_dtype
 from treg_core.sources import check_same_vocabulary, load_tokenizer
@@ -72,7 +73,7 @@ def run(config: ProbeConfig) -> dict:
     if config.revision_prompts == AUTO:
         raise UserError("--revision-prompts auto is treg-score's choice of the best shipped set; treg-probe measures "
                         "every shipped set already: leave it out, or give a file of your own")
-    if config.dpo_model and Path(config.dpo_model).resolve() == Path(config.model).resolve():
+    if config.dpo_model and model_identity(config.dpo_model) == model_identity(config.model):
         raise UserError(f"--dpo-model {config.dpo_model} is --model itself, so its reward is 0 on every token; give a "
                         "DPO-trained model")
     if config.output:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from treg_core.attention import VARLEN
-from treg_core.contract import tokenizer_fingerprint
+from treg_core.contract import model_identity, tokenizer_fingerprint
 from treg_core.errors import UserError
 from treg_core.folders import check_folder, lock_folder
 from treg_core.precision import DTYPES, dtype_name
@@ -206,7 +206,7 @@ def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex
     if config.ref_model is None and scorer != scored_for:
         raise UserError(f"the reference log-probs in {data} come from the --scorer-model {scorer}, not from "
                         f"{scored_for}; train with --ref-model {scored_for} to compute them online")
-    if config.ref_model is None and not same_model(scored_for, config.model) and main_process():
+    if config.ref_model is None and model_identity(scored_for) != model_identity(config.model) and main_process():
         print(f"treg-train: warning: the shards in {data} were scored with {scored_for}, not with --model "
               f"{config.model} (same tokenizer): their reference log-probs are the other model's, so the policy "
               "starts away from its reference and the first loss is not ln 2; score the data with --model, or pass "
@@ -216,11 +216,6 @@ def check_scored_for_the_model(config: TrainConfig, tokenizer, index: ShardIndex
 def main_process() -> bool:
     """Whether this process says what all of them would (warnings are printed once)."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def same_model(a: str, b: str) -> bool:
-    """Two names of one model: equal, or paths of one folder."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def same_files(a: list[Path], b: list[Path]) -> bool:
