@@ -10,12 +10,12 @@ stages (and anyone loading the shards) take its names, types and records from.
 One row per preference pair. `prompt`, `chosen` and `rejected` are stored in TRL's conversational
 form with an explicit prompt (message lists of role and content), so every shard has one schema
 whatever the input's format; plain-string inputs become one message each. Per side (`chosen_`,
-`rejected_`), the response token ids and one float32 per token of each TOKEN_FLOAT_COLUMNS: every
-per-token list has exactly the length of its `*_ids`, and its values in the column's COLUMN_RANGES.
-The token sequence a model sees is `prompt_ids + {side}_ids`. The optional columns are there only
-when the run asked for them (DPO_COLUMNS: treg-score --dpo-model; REVERSE_DPO_COLUMNS:
---reverse-dpo-model), and REVISION_COLUMNS are left out under --token-rewards edit-diff, so a folder's schema is
-its provenance's `schema`. Beside its ShardMetadata, a shard's Parquet metadata records (SIGNALS_KEY) the
+`rejected_`), one value per response token of each per-token column in COLUMNS, the one table of them:
+their kind and range, the treg-score option that writes them, the model that does. Every per-token list has
+exactly the length of its `*_ids`, and its values in the column's range. The token sequence a model sees is
+`prompt_ids + {side}_ids`. A column with an option is there only when the run gave it (`--dpo-model`, ...), and
+the revision columns are left out under --token-rewards edit-diff, so a folder's schema is its provenance's
+`schema`. Beside its ShardMetadata, a shard's Parquet metadata records (SIGNALS_KEY) the
 largest |s_t| of each token signal (SIGNALS) it holds, so that training refuses a signal that is 0 on every
 token without reading a row.
 
@@ -41,31 +41,99 @@ from treg_core.folders import MARKER
 
 SIDES = ("chosen", "rejected")
 CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
-TOKEN_FLOAT_COLUMNS = tuple(f"{context}_logps" for context in CONTEXTS) + ("rewards",)
-DPO_COLUMNS = ("dpo_logps", "dpo_rewards")  # treg-score --dpo-model: its log-probs after the policy prompt
-REVERSE_DPO_COLUMNS = ("rev_dpo_logps",)  # treg-score --reverse-dpo-model: the same, of a reverse-DPO model
-# The range of each per-token float column, checked where training reads it: log-probs are at most 0 (a little
-# rounding above is allowed) and never below -1e4, token rewards lie in the transform's (-0.5, 0.5).
+
+# ---- the per-token columns: one table -------------------------------------------------------------------
+
+# A column's kind decides its type and range. Log-probs are at most 0 (a little rounding above is allowed) and never
+# below -1e4; token rewards lie in the transform's (-0.5, 0.5); ids are token ids of the model's vocabulary.
+IDS, LOGPROB, REWARD = "token ids", "log-prob", "token reward"
 LOGPROB_RANGE, REWARD_RANGE = (-1e4, 1e-4), (-0.5, 0.5)
-COLUMN_RANGES = {**{name: LOGPROB_RANGE for name in ("ref_logps", "better_logps", "worse_logps", "dpo_logps",
-                                                      "rev_dpo_logps")},
-                 **{name: REWARD_RANGE for name in ("rewards", "dpo_rewards")}}
-REVISION_COLUMNS = ("better_logps", "worse_logps")  # absent under treg-score --token-rewards edit-diff
-COLUMN_SOURCES = {**{name: "--dpo-model" for name in DPO_COLUMNS}, **{name: "--reverse-dpo-model"
-                                                                      for name in REVERSE_DPO_COLUMNS},
-                  **{name: "--token-rewards contrastive" for name in REVISION_COLUMNS}}
+KIND_RANGES = {LOGPROB: LOGPROB_RANGE, REWARD: REWARD_RANGE}
+
+
+@dataclass(frozen=True)
+class TokenColumn:
+    """A per-token column, stored once per side (`chosen_<name>`, `rejected_<name>`), one value per response token."""
+
+    name: str
+    kind: str  # IDS, LOGPROB or REWARD
+    written_with: str | None  # the treg-score option that adds it to the shards; None: every shard holds it
+    model: str  # the Provenance field naming the model whose numbers it holds
+    meaning: str  # one line, as the dataset card and the docs show it
+
+    @property
+    def range(self) -> tuple[float, float] | None:
+        return KIND_RANGES.get(self.kind)
+
+
+COLUMNS = {c.name: c for c in (
+    TokenColumn("ids", IDS, None, "model", "response token ids, end-of-turn included; the sequence is "
+                                           "`prompt_ids + *_ids`"),
+    TokenColumn("ref_logps", LOGPROB, None, "scorer_model", "log-prob of each response token after the policy prompt "
+                                                            "(the reference model)"),
+    TokenColumn("better_logps", LOGPROB, "--token-rewards contrastive", "scorer_model",
+                "log-prob of each response token after `x_better`"),
+    TokenColumn("worse_logps", LOGPROB, "--token-rewards contrastive", "scorer_model",
+                "log-prob of each response token after `x_worse`"),
+    TokenColumn("rewards", REWARD, None, "scorer_model", "the token reward above"),
+    TokenColumn("dpo_logps", LOGPROB, "--dpo-model", "dpo_model",
+                "log-prob of each response token after the policy prompt under the DPO-trained model"),
+    TokenColumn("dpo_rewards", REWARD, "--dpo-model", "dpo_model",
+                "`sigmoid(dpo_logps - ref_logps) - 0.5` per token"),
+    TokenColumn("rev_dpo_logps", LOGPROB, "--reverse-dpo-model", "reverse_dpo_model",
+                "the same under the model trained with chosen and rejected swapped (TIS-DPO's contrastive pair, "
+                "with `*_dpo_logps`)"),
+)}
+TOKEN_FLOAT_COLUMNS = tuple(name for name, c in COLUMNS.items() if c.kind != IDS and c.written_with in (
+    None, "--token-rewards contrastive"))  # the columns of a default run
+COLUMN_RANGES = {name: c.range for name, c in COLUMNS.items() if c.range}  # checked where training reads a column
+COLUMN_SOURCES = {name: c.written_with for name, c in COLUMNS.items() if c.written_with}
+REVISION_COLUMNS = tuple(n for n, c in COLUMNS.items() if c.written_with == "--token-rewards contrastive")
 METADATA_KEY = b"treg"  # Parquet metadata key of a shard's ShardMetadata
 FORMAT = "treg-shards/1"
-# The token signals s_t = first − second that treg-train's token weightings read (TrainConfig.signal_columns), each
-# with what treg-score must be given for it to be other than 0 on every token.
-SIGNALS = {("dpo_logps", "ref_logps"): "a DPO-trained model as --dpo-model, not the policy (--model) itself",
-           ("dpo_logps", "rev_dpo_logps"): "the model trained with chosen and rejected swapped (treg-train "
-                                           "--swap-pairs) as --reverse-dpo-model, not the --dpo-model",
-           ("better_logps", "worse_logps"): "a revision prompt set whose two prompts differ (--revision-prompts)"}
+
+
+@dataclass(frozen=True)
+class Signal:
+    """A token signal s_t = first − second of two log-prob columns, as treg-train's token weightings read it."""
+
+    first: str
+    second: str
+    needs: str  # what treg-score must be given for it to be other than 0 on every token
+    shown_as: str | None = None  # treg-inspect's row of it (None: not shown, r̂ shows it already)
+    symbol: str = ""  # its values' label there
+    meaning: str = ""  # the row's legend: what it is, and which methods read it
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        return self.first, self.second
+
+
+SIGNALS = {s.columns: s for s in (
+    Signal("dpo_logps", "ref_logps", "a DPO-trained model as --dpo-model, not the policy (--model) itself",
+           "dpo", "log π_dpo/π_ref", "DPO model's token log-ratio (TGDPO's and SePO's signal)"),
+    Signal("dpo_logps", "rev_dpo_logps", "the model trained with chosen and rejected swapped (treg-train "
+                                         "--swap-pairs) as --reverse-dpo-model, not the --dpo-model",
+           "contrast", "log π_dpo/π_rev", "DPO vs reverse-DPO model (TIS-DPO's signal)"),
+    Signal("better_logps", "worse_logps", "a revision prompt set whose two prompts differ (--revision-prompts)"),
+)}
 SIGNALS_KEY = b"treg-signals"  # Parquet metadata key of a shard's largest |s_t| of each signal it holds, by name
 # The columns of log-probs after the policy prompt, by the flag naming their model: one model in both columns of a
 # signal makes it 0 on every token.
 POLICY_PROMPT_COLUMNS = {"ref_logps": "--model", "dpo_logps": "--dpo-model", "rev_dpo_logps": "--reverse-dpo-model"}
+
+
+def columns_written(options: set[str | None]) -> tuple[str, ...]:
+    """The per-side columns of shards written with the treg-score `options` (COLUMNS' `written_with`), in order."""
+    return tuple(name for name, c in COLUMNS.items() if c.written_with is None or c.written_with in options)
+
+
+def missing_column_advice(names: list[str]) -> str:
+    """What writes the per-side columns `names` (as `chosen_dpo_logps`), for a refusal of shards that lack them."""
+    sources = sorted({COLUMN_SOURCES[n.split("_", 1)[1]] for n in names if n.split("_", 1)[-1] in COLUMN_SOURCES})
+    return (f"treg-score writes them with {' and '.join(sources)}: score the data with it" if sources
+            else "was it written by treg-score?")
+
 
 # ---- the folder's layout ----------------------------------------------------------------------------
 
@@ -118,14 +186,14 @@ def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLU
 
 
 def shard_schema(dpo: bool = False, reverse_dpo: bool = False, revision: bool = True) -> pa.Schema:
-    """The shards' schema; each side's optional columns follow its `*_rewards`."""
-    names = tuple(n for n in ("ids",) + TOKEN_FLOAT_COLUMNS if revision or n not in REVISION_COLUMNS)
-    names += (DPO_COLUMNS if dpo else ()) + (REVERSE_DPO_COLUMNS if reverse_dpo else ())
+    """The shards' schema; each side's columns in COLUMNS' order."""
+    options = {"--token-rewards contrastive" if revision else None, "--dpo-model" if dpo else None,
+               "--reverse-dpo-model" if reverse_dpo else None}
     return pa.schema(
         [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
          ("prompt_ids", TOKEN_IDS)]
-        + [(name, TOKEN_IDS if name.endswith("_ids") else TOKEN_FLOATS)
-           for side in SIDES for name in side_columns(side, names)]
+        + [(name, TOKEN_IDS if COLUMNS[name.split("_", 1)[1]].kind == IDS else TOKEN_FLOATS)
+           for side in SIDES for name in side_columns(side, columns_written(options))]
     )
 
 
@@ -147,9 +215,9 @@ def model_identity(name: str | None, revision: str | None = None) -> str | None:
 
 def zero_signals(scorer_model: str, revision: str | None, dpo_model: str | None,
                  reverse_dpo_model: str | None) -> list[tuple[str, str]]:
-    """The SIGNALS that are 0 on every token by construction, given the models of the POLICY_PROMPT_COLUMNS (the
-    reference log-probs' under --model-revision, the others' without): both columns hold one model's log-probs
-    after the policy prompt."""
+    """The SIGNALS (their columns) that are 0 on every token by construction, given the models of the
+    POLICY_PROMPT_COLUMNS (the reference log-probs' under --model-revision, the others' without): both columns hold
+    one model's log-probs after the policy prompt."""
     models = {"ref_logps": model_identity(scorer_model, revision), "dpo_logps": model_identity(dpo_model),
               "rev_dpo_logps": model_identity(reverse_dpo_model)}
     return [s for s in SIGNALS if models.get(s[0]) is not None and models.get(s[0]) == models.get(s[1])]
@@ -205,8 +273,8 @@ class Provenance(Record):
     model: str
     model_revision: str | None
     scorer_model: str
-    dpo_model: str | None  # not None: the shards hold DPO_COLUMNS
-    reverse_dpo_model: str | None  # not None: the shards hold REVERSE_DPO_COLUMNS
+    dpo_model: str | None  # not None: the shards hold the --dpo-model COLUMNS
+    reverse_dpo_model: str | None  # not None: the shards hold the --reverse-dpo-model COLUMNS
     tokenizer_hash: str  # tokenizer_fingerprint of --model's tokenizer
     dataset: str
     dataset_config: str | None
@@ -236,6 +304,12 @@ class Provenance(Record):
         """The schema of shards written with this provenance."""
         return shard_schema(dpo=self.dpo_model is not None, reverse_dpo=self.reverse_dpo_model is not None,
                             revision=self.token_rewards == "contrastive")
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        """The per-token columns (COLUMNS' names) its shards hold, per side."""
+        return tuple(name.removeprefix(column(SIDES[0], "")) for name in self.schema.names
+                     if name.startswith(column(SIDES[0], "")))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,14 @@ import yaml
 
 from treg_core.atomic import write_text
 from treg_core.contract import (
+    COLUMNS,
     DATA_DIR,
     MANIFEST,
     SHARD_GLOB,
     SKIPPED,
     Manifest,
     Provenance,
+    TokenColumn,
     open_shard,
     output_root,
     read_manifest,
@@ -26,7 +28,7 @@ from treg_core.sources import is_hub_id
 from treg_data.edits import EDIT_DIFF_TRANSFORM
 from treg_data.probe import BASELINE
 from treg_data.reward_stats import RewardDistribution, markdown_table, reward_distribution, summary_line
-from treg_data.rewards import DPO_REWARD_TRANSFORM, REWARD_TRANSFORM
+from treg_data.rewards import REWARD_TRANSFORM
 
 UPLOADED = ["README.md", MANIFEST, SKIPPED, f"{DATA_DIR}/{SHARD_GLOB}"]
 CARD_MARK = "<!-- dataset card written by treg-push -->"  # a README.md without it is the user's
@@ -65,28 +67,24 @@ def front_matter(manifest: Manifest, license: str | None, num_bytes: int) -> str
 def dataset_card(manifest: Manifest, repo_id: str, license: str | None, num_bytes: int,
                  distribution: RewardDistribution) -> str:
     provenance, counts = manifest.provenance, manifest.counts
-    optional_rows = ""
-    if provenance.dpo_model:
-        optional_rows += (f"| `*_dpo_logps` | log-prob of each response token after the policy prompt under the "
-                          f"DPO-trained model `{provenance.dpo_model}` |\n"
-                          f"| `*_dpo_rewards` | `{DPO_REWARD_TRANSFORM}` per token |\n")
-    if provenance.reverse_dpo_model:
-        optional_rows += (f"| `*_rev_dpo_logps` | the same under `{provenance.reverse_dpo_model}`, trained with "
-                          "chosen and rejected swapped (TIS-DPO's contrastive pair, with `*_dpo_logps`) |\n")
-    if provenance.token_rewards == "contrastive":
-        optional_rows = ("| `*_better_logps`, `*_worse_logps` | log-prob of each response token after `x_better` / "
-                         "`x_worse` |\n") + optional_rows
+    column_rows = "".join(f"| `*_{name}` | {c.meaning}{_model_named(c, provenance)} |\n"
+                          for name, c in COLUMNS.items() if name in provenance.column_names)
     return Template(CARD.read_text(encoding="utf-8")).substitute(
         front_matter=front_matter(manifest, license, num_bytes), repo_id=repo_id, dataset=provenance.dataset,
         split=provenance.split, scorer_model=provenance.scorer_model, model=provenance.model,
         reward_section=reward_section(provenance), reward_check=reward_check_text(manifest.reward_check),
         distribution_summary=summary_line(distribution),
-        distribution_table=markdown_table(distribution), optional_column_rows=optional_rows,
+        distribution_table=markdown_table(distribution), column_rows=column_rows,
         pairs_read=counts.pairs_read, pairs_scored=counts.pairs_scored, pairs_skipped=counts.pairs_skipped,
         skipped_by_reason=", ".join(f"{k}: {v}" for k, v in counts.skipped_by_reason.items()) or "none",
         tokens=counts.tokens, license=license or "unknown",
         provenance_json=json.dumps(provenance.to_dict(), indent=2, ensure_ascii=False), card_mark=CARD_MARK,
     )
+
+
+def _model_named(column: TokenColumn, provenance: Provenance) -> str:
+    """`: model` for a column an option's model writes, whose name the card does not give elsewhere."""
+    return f": `{getattr(provenance, column.model)}`" if column.written_with and column.model != "scorer_model" else ""
 
 
 def reward_section(provenance: Provenance) -> str:

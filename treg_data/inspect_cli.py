@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+import yaml
 
 from treg_core.atomic import write_text
 from treg_core.command_line import CONTEXT, GroupedCommand, HelpedArgument, grouped, run_cli
@@ -37,25 +38,26 @@ def _option(flag: str, group: str, help: str, **kwargs) -> click.Option:
     _option("--extreme", PAIRS, "Show this many pairs with the largest |Σ r̂|.", type=click.IntRange(min=1)),
     _option("--seed", PAIRS, "Seed of --random.", type=int, default=0, show_default=True),
     _option("--checkpoint", REWARDS, "A trained model: show its implicit token rewards β·log π_θ/π_ref too."),
-    _option("--beta", REWARDS, "β for the implicit rewards (the one the checkpoint was trained with).",
-            type=float, default=0.01, show_default=True),
+    _option("--beta", REWARDS, "β for the implicit rewards: the one the checkpoint was trained with (default: its "
+            "treg-train run's, from the config.yaml beside it; else 0.01).", type=float),
     _option("--tokenizer", REWARDS, "Tokenizer to decode tokens (default: the scoring model's)."),
     _option("--output", OUTPUT, "HTML file to write (default: report.html beside the folder's manifest.json)."),
 ])
 def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | None, seed: int,
-            checkpoint: str | None, beta: float, tokenizer: str | None, output: str | None) -> None:
+            checkpoint: str | None, beta: float | None, tokenizer: str | None, output: str | None) -> None:
     """Colour every response token by its reward, chosen and rejected side by side."""
     from treg_data import report
     from treg_data.reward_stats import reward_distribution
 
     if sum(x not in (None, ()) for x in (id, random, extreme)) > 1:
         raise UserError("choose pairs with one of --id, --random or --extreme")
-    if not 0 < beta < math.inf:  # NaN too
+    if beta is not None and not 0 < beta < math.inf:  # NaN too
         raise UserError(f"--beta {beta}: it must be a positive number, the β the checkpoint was trained with")
     target = page_path(output) if output else output_root(data) / "report.html"  # beside the manifest, not the shards
     provenance = _provenance(data)
     if checkpoint:
         check_not_a_run_folder(checkpoint)
+        beta, trained_as = checkpoint_beta(checkpoint, beta)
     tok = load_tokenizer(tokenizer or checkpoint or provenance.model)
     if checkpoint:
         check_checkpoint(checkpoint, provenance)
@@ -65,7 +67,7 @@ def command(data: str, id: tuple[str, ...], random: int | None, extreme: int | N
     meta = {"data": str(Path(data).resolve()), "scoring model": provenance.scorer_model,
             "reward": provenance.reward_transform, "pairs shown": str(len(views))}
     if checkpoint:
-        meta["checkpoint"] = f"{checkpoint} (β = {beta})"
+        meta["checkpoint"] = f"{checkpoint} ({trained_as}β = {beta:g})"
     distribution = reward_distribution(shard_files(data))
     write_text(target, report.render_html(views, "treg token rewards", meta, distribution))
     print(f"treg-inspect: {len(views)} pair(s) written to {target}")
@@ -76,6 +78,27 @@ def check_not_a_run_folder(checkpoint: str) -> None:
     if (Path(checkpoint) / "final" / "config.json").is_file() and not (Path(checkpoint) / "config.json").exists():
         raise UserError(f"--checkpoint {checkpoint} is a treg-train run folder; give its model, "
                         f"{Path(checkpoint) / 'final'}")
+
+
+def checkpoint_beta(checkpoint: str, given: float | None) -> tuple[float, str]:
+    """β for the implicit rewards: `given`, else the one in the config.yaml of the treg-train run whose model
+    `checkpoint` is (its final/ or final-step-N/), else DPO's 0.01; with the run's loss, as the page names it."""
+    record = Path(checkpoint) / ".." / "config.yaml"
+    try:
+        settings = yaml.safe_load(record.read_text(encoding="utf-8")) if record.is_file() else None
+    except (OSError, yaml.YAMLError):
+        settings = None
+    settings = settings if isinstance(settings, dict) else {}
+    trained_as = f"{settings['loss']}, " if isinstance(settings.get("loss"), str) else ""
+    run_beta = settings.get("beta")
+    if given is not None:
+        return given, trained_as
+    if isinstance(run_beta, (int, float)) and 0 < run_beta < math.inf:
+        print(f"treg-inspect: β = {run_beta:g}, from {record.resolve()}", file=sys.stderr)
+        return float(run_beta), trained_as
+    print(f"treg-inspect: β = 0.01 (DPO's): {checkpoint} is not the model of a treg-train run that records its β; "
+          "give --beta, the β it was trained with", file=sys.stderr)
+    return 0.01, trained_as
 
 
 def check_checkpoint(checkpoint: str, provenance: Provenance) -> None:

@@ -14,20 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
-from treg_core.contract import SIDES, check_column_types, column, open_shard, reading_shard, shard_files, side_columns
+from treg_core.contract import (
+    SIDES,
+    SIGNALS,
+    check_column_types,
+    column,
+    open_shard,
+    reading_shard,
+    shard_files,
+    side_columns,
+)
 from treg_core.errors import UserError
 from treg_core.html import element, escape, page
 from treg_data.reward_stats import RewardDistribution, histogram_svg, summary_line
 
 COLUMNS = ["id", "prompt", "prompt_ids"] + [name for side in SIDES
                                            for name in side_columns(side, ("ids", "rewards", "ref_logps"))]
-OPTIONAL = [name for side in SIDES for name in side_columns(side, ("dpo_logps", "rev_dpo_logps"))]
+SHOWN_SIGNALS = [signal for signal in SIGNALS.values() if signal.shown_as]
+OPTIONAL = [name for side in SIDES for name in side_columns(side, tuple(dict.fromkeys(
+    n for signal in SHOWN_SIGNALS for n in signal.columns if n not in ("rewards", "ref_logps"))))]
 SHOWN_PER_ID = 50  # pairs shown of one --id that many pairs share
 # The rows a response can show, by kind: what each is, and the symbol of its values.
 KINDS = {
     "rhat": ("self-generated token reward r̂", "r̂"),
-    "dpo": ("DPO model's token log-ratio (TGDPO's and SePO's signal)", "log π_dpo/π_ref"),
-    "contrast": ("DPO vs reverse-DPO model (TIS-DPO's signal)", "log π_dpo/π_rev"),
+    **{signal.shown_as: (signal.meaning, signal.symbol) for signal in SHOWN_SIGNALS},
     "implicit": ("implicit token reward of the trained policy", "β·log π_θ/π_ref"),
 }
 
@@ -124,13 +134,11 @@ def build_views(rows: list[dict], tokenizer, implicit: list[tuple[np.ndarray, np
     for n, row in enumerate(rows):
         sides = []
         for k, side in enumerate(SIDES):
-            values = {name: np.asarray(row[column(side, name)], dtype=np.float64)
-                      for name in ("rewards", "ref_logps", "dpo_logps", "rev_dpo_logps") if column(side, name) in row}
-            rows = {"rhat": values["rewards"]}
-            if "dpo_logps" in values:
-                rows["dpo"] = values["dpo_logps"] - values["ref_logps"]
-            if "rev_dpo_logps" in values:
-                rows["contrast"] = values["dpo_logps"] - values["rev_dpo_logps"]
+            rows = {"rhat": np.asarray(row[column(side, "rewards")], dtype=np.float64)}
+            for signal in SHOWN_SIGNALS:
+                if all(column(side, name) in row for name in signal.columns):
+                    first, second = (np.asarray(row[column(side, name)], dtype=np.float64) for name in signal.columns)
+                    rows[signal.shown_as] = first - second
             if implicit:
                 rows["implicit"] = implicit[n][k]
             sides.append(ResponseView(token_texts(tokenizer, row["prompt_ids"], row[column(side, "ids")]), rows))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 REWARD_TRANSFORM = "sigmoid(better_logps - worse_logps) - 0.5"
-# treg-score --dpo-model: the same transform of a DPO model's token log-ratio (paper Table 2, "DPO reward")
-DPO_REWARD_TRANSFORM = "sigmoid(dpo_logps - ref_logps) - 0.5"
 
 
 def contrastive_rewards(better_logps: np.ndarray, worse_logps: np.ndarray) -> np.ndarray:

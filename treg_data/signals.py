@@ -49,7 +49,7 @@ def warn_on_settings(config) -> list[tuple[str, str]]:
         rewards = "*_dpo_rewards and " if second == "ref_logps" else ""
         print(f"treg-score: warning: {flags} are one model ({config.dpo_model}): *_{first} will equal *_{second}, "
               f"so {rewards}the token signal *_{first} - *_{second} that treg-train's token weightings read will be "
-              f"0 on every token; give {SIGNALS[first, second]}", file=sys.stderr)
+              f"0 on every token; give {SIGNALS[first, second].needs}", file=sys.stderr)
     return signals
 
 
@@ -61,4 +61,4 @@ def warn_on_shards(folder: str | Path, said: list[tuple[str, str]]) -> None:
         if (first, second) not in said and recorded_zero((first, second), extents):
             print(f"treg-score: warning: *_{first} equals *_{second} on every token in {folder}, so the token signal "
                   f"*_{first} - *_{second} that treg-train's token weightings read is 0 there; score it again with "
-                  f"{SIGNALS[first, second]}", file=sys.stderr)
+                  f"{SIGNALS[first, second].needs}", file=sys.stderr)

@@ -20,7 +20,18 @@ from treg_core.command_line import (
 )
 from treg_core.contract import COLUMN_RANGES, LOGPROB_RANGE
 from treg_core.errors import UserError
-from treg_train.losses import LOSS_TYPES, SIMPO_STYLE, TOKEN_METHODS, TOKEN_WEIGHTINGS, LossSettings
+from treg_train.losses import LossSettings
+from treg_train.objectives import (
+    METHODS,
+    TOKEN_METHODS,
+    WEIGHTINGS,
+    beta_help,
+    gamma_help,
+    loss_help,
+    method,
+    reference_free,
+    signal_columns,
+)
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -31,22 +42,13 @@ class TrainConfig:
     model: str = setting(REQUIRED, RUN, "Policy to train (and the reference): Hub id or local folder.")
     data: str = setting(REQUIRED, RUN, "treg-score output folder, or a Hub dataset id of shards.")
     output: str = setting(REQUIRED, RUN, "Run folder: metrics.jsonl, checkpoints/, final/ (the Hugging Face model).")
-    loss: str = setting(
-        "dpo_reg", OBJECTIVE, "dpo, dpo_reg (T-REG), simpo, simpo_reg, wpo, wpo_reg, sft_chosen, or a token-level "
-        "method: d2po (D²PO: DPO with earlier tokens weighted more), confpo (ConfPO: SimPO over the policy's "
-        "low-confidence tokens), tgdpo (TGDPO: DPO weighted by a DPO model's token rewards), tis_dpo (TIS-DPO: "
-        "DPO weighted by ranked contrastive token scores) or sepo (SePO: SimPO over the tokens a DPO model "
-        "rewards most in chosen, least in rejected).")
-    beta: float | None = setting(
-        None, OBJECTIVE, "β (default 0.01 for DPO losses, 10 for SimPO losses, 0.1 for d2po, tgdpo and tis_dpo, "
-        "1.5 for confpo, 1 for sepo).")
+    loss: str = setting("dpo_reg", OBJECTIVE, loss_help())
+    beta: float | None = setting(None, OBJECTIVE, beta_help())
     alpha: float = setting(0.25, OBJECTIVE, "Weight of the token-level regularizer (or of the SFT term).")
-    gamma: float | None = setting(
-        None, OBJECTIVE, "SimPO target margin (default 0.3 x beta; 1.6 for confpo, 0 for sepo).")
+    gamma: float | None = setting(None, OBJECTIVE, gamma_help())
     token_weighting: str | None = setting(
-        None, OBJECTIVE, "Token weights of the margin: none, d2po, confpo, tgdpo, tis_dpo or sepo (default: the "
-        "loss's own, none for the others). With dpo_reg, simpo_reg or wpo_reg it combines a method's weighting "
-        "with T-REG.")
+        None, OBJECTIVE, f"Token weights of the margin: {', '.join(WEIGHTINGS)} (default: the loss's own, none for "
+        "the others). With dpo_reg, simpo_reg or wpo_reg it combines a method's weighting with T-REG.")
     d2po_discount: float = setting(0.98, OBJECTIVE, "D²PO's discount γ: token t of a response weighs γ^t.")
     tgdpo_alpha: float = setting(0.5, OBJECTIVE, "TGDPO's α: token weights 1 ± α·β·(log π_dpo − log π_ref), from "
                                  "the shards of treg-score --dpo-model.")
@@ -133,11 +135,9 @@ class TrainConfig:
 
     def loss_settings(self) -> LossSettings:
         """β and γ resolved from the loss where not given: the paper's (DPO, SimPO) or the method's authors'."""
-        simpo = self.loss.startswith("simpo")
-        beta = self.beta if self.beta is not None else {"d2po": 0.1, "confpo": 1.5, "tgdpo": 0.1, "tis_dpo": 0.1,
-                                                        "sepo": 1.0}.get(self.loss, 10.0 if simpo else 0.01)
-        gamma = self.gamma if self.gamma is not None else {"confpo": 1.6, "sepo": 0.0}.get(
-            self.loss, 0.3 * beta if simpo else 0.0)
+        row = method(self.loss)
+        beta = self.beta if self.beta is not None else row.beta
+        gamma = self.gamma if self.gamma is not None else row.default_gamma(beta)
         return LossSettings(self.loss, beta=beta, alpha=self.alpha, gamma=gamma, static_weight=self.static_weight,
                             weighting=self.weighting, d2po_discount=self.d2po_discount, wpo_clamp=self.wpo_clamp_weight,
                             tgdpo_alpha=self.tgdpo_alpha, sepo_ratio=self.sepo_ratio)
@@ -145,21 +145,31 @@ class TrainConfig:
     @property
     def weighting(self) -> str:
         """The token weighting: --token-weighting, else the loss's own (a token-level method's), else none."""
-        return self.token_weighting or (self.loss if self.loss in TOKEN_METHODS else "none")
+        return self.token_weighting or method(self.loss).weighting
 
     @property
     def signal_columns(self) -> tuple[str, str] | None:
         """The two per-token shard columns whose difference s_t = first − second the weighting reads; None if it
         reads none."""
-        if self.weighting in ("tgdpo", "sepo"):
-            return "dpo_logps", "ref_logps"
-        if self.weighting == "tis_dpo":
-            return ("better_logps", "worse_logps") if self.tis_dpo_weights == "prompts" else ("dpo_logps",
-                                                                                             "rev_dpo_logps")
-        return None
+        return signal_columns(self.weighting, self.as_dict())
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def record(self) -> dict:
+        """The settings as the run records them (config.yaml, checkpoints): β and γ as the loss resolved them, so
+        that the record says what was trained, and the run folder alone tells treg-inspect its β."""
+        return resolved(self.as_dict())
+
+
+def resolved(settings: dict) -> dict:
+    """`settings` (TrainConfig's, as a dict) with β and γ left out resolved from their loss's defaults."""
+    if settings.get("loss") not in METHODS:
+        return settings
+    row = method(settings["loss"])
+    beta = row.beta if settings.get("beta") is None else settings["beta"]
+    return {**settings, "beta": beta, "gamma": row.default_gamma(beta) if settings.get("gamma") is None
+            else settings["gamma"]}
 
 
 def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
@@ -214,15 +224,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     checks = [
         (config.gradient_checkpointing in CHECKPOINTING,
          f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {config.gradient_checkpointing!r}"),
-        (config.loss in LOSS_TYPES, f"--loss must be one of {', '.join(LOSS_TYPES)}, got {config.loss!r}"),
-        (config.token_weighting in (None, *TOKEN_WEIGHTINGS),
-         f"--token-weighting must be one of {', '.join(TOKEN_WEIGHTINGS)}, got {config.token_weighting!r}"),
+        (config.loss in METHODS, f"--loss must be one of {', '.join(METHODS)}, got {config.loss!r}"),
+        (config.token_weighting in (None, *WEIGHTINGS),
+         f"--token-weighting must be one of {', '.join(WEIGHTINGS)}, got {config.token_weighting!r}"),
         (config.loss not in TOKEN_METHODS or config.token_weighting in (None, config.loss),
          f"--loss {config.loss} weights tokens its own way; leave --token-weighting out, or use --loss dpo_reg / "
          "simpo_reg with --token-weighting to combine a weighting with T-REG"),
-        (config.token_weighting != "tgdpo" or config.loss not in SIMPO_STYLE,
-         f"--token-weighting tgdpo with --loss {config.loss}: TGDPO's weights 1 ± αβ·s_t can be negative, and the "
-         "SimPO family divides by their sum, which can then be 0 or negative; combine tgdpo with dpo_reg or wpo_reg"),
+        (config.token_weighting not in WEIGHTINGS or WEIGHTINGS[config.token_weighting].nonnegative
+         or config.loss not in METHODS or not reference_free(config.loss),
+         f"--token-weighting {config.token_weighting} with --loss {config.loss}: its weights "
+         f"({WEIGHTINGS.get(config.token_weighting, WEIGHTINGS['none']).summary}) can be negative, and the SimPO "
+         f"family divides by their sum, which can then be 0 or negative; combine {config.token_weighting} with "
+         "dpo_reg or wpo_reg"),
         (config.tis_dpo_weights in ("prompts", "models"), "--tis-dpo-weights must be prompts or models"),
         (COLUMN_RANGES.get(config.reward_column) != LOGPROB_RANGE,
          f"--reward-column {config.reward_column} holds log-probs, not token rewards; give rewards, dpo_rewards or "
@@ -268,6 +281,6 @@ def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:
         return old == new
 
     # A setting newer than the run is absent from its saved ones: the run had its default.
-    now, saved = current.as_dict(), {**TrainConfig().as_dict(), **saved}
+    now, saved = current.record(), resolved({**TrainConfig().as_dict(), **saved})
     return [f"--{name.replace('_', '-')} {saved.get(name)!r} (now {now[name]!r})" for name in now
             if name not in CHANGEABLE_ON_RESUME and not same(name, saved.get(name), now[name])]

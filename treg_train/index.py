@@ -20,12 +20,12 @@ import pyarrow.compute as pc
 
 from treg_core.contract import (
     COLUMN_RANGES,
-    COLUMN_SOURCES,
     SIDES,
     SIGNALS,
     Provenance,
     check_column_types,
     column,
+    missing_column_advice,
     open_shard,
     output_root,
     read_manifest,
@@ -151,7 +151,7 @@ def check_signal(root: Path, signal: tuple[str, str] | None, provenance: Provena
     if by_models or recorded_zero(signal, extents):
         why = f"both are log-probs of {provenance.dpo_model}" if by_models else "as every shard records"
         raise UserError(f"{root}: *_{signal[0]} - *_{signal[1]}, the token signal this weighting reads, is 0 on "
-                        f"every token ({why}); score the data again with {SIGNALS[signal]}")
+                        f"every token ({why}); score the data again with {SIGNALS[signal].needs}")
 
 
 def held_out_rows(file_name: str, row_group: int, rows: int, fraction: float) -> np.ndarray:
@@ -196,11 +196,7 @@ class ShardIndex:
         meta, parquet = read_shard_metadata(file), open_shard(file)
         missing = [c for c in self.columns if c not in parquet.schema_arrow.names]
         if missing:
-            sources = sorted({COLUMN_SOURCES[c.split("_", 1)[1]] for c in missing
-                              if c.split("_", 1)[-1] in COLUMN_SOURCES})
-            raise UserError(f"{file} lacks the column(s) {missing}; " + (
-                f"treg-score writes them with {' and '.join(sources)}: score the data with it" if sources
-                else "was it written by treg-score?"))
+            raise UserError(f"{file} lacks the column(s) {missing}; {missing_column_advice(missing)}")
         check_column_types(file, parquet.schema_arrow, self.columns)
         self.groups += [(index, g, parquet.metadata.row_group(g).num_rows) for g in range(parquet.num_row_groups)]
         self.recorded_signals.append(signal_extents(parquet.schema_arrow))

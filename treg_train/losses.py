@@ -13,13 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# The token-level methods: each is an objective (its own `--loss`) and a weighting (`token_weights`) of the margin.
-TOKEN_METHODS = ("d2po", "confpo", "tgdpo", "tis_dpo", "sepo")
-LOSS_TYPES = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "sft_chosen") + TOKEN_METHODS
-REGULARIZED = ("dpo_reg", "simpo_reg", "wpo_reg")
-WEIGHTED = ("wpo", "wpo_reg")  # need log Σ_v π(v)² per position from the policy's forward
-SIMPO_STYLE = ("simpo", "simpo_reg", "confpo", "sepo")  # reference-free, a weighted mean of log π_θ over tokens
-TOKEN_WEIGHTINGS = ("none",) + TOKEN_METHODS
+from treg_train.objectives import REFERENCE_FREE, WEIGHTINGS, method, reference_free
+
 TIS_DPO_RANGE = (0.7, 1.3)  # TIS-DPO's rank weights run linearly from the lowest to the highest
 
 
@@ -49,7 +44,7 @@ class LossSettings:
     alpha: float = 0.25
     gamma: float = 0.0  # SimPO's target margin
     static_weight: bool = False  # ablation: w ≡ 1 instead of the detached DPO pair weight
-    weighting: str = "none"  # token weights a_t of the margin (TOKEN_WEIGHTINGS)
+    weighting: str = "none"  # token weights a_t of the margin (objectives.WEIGHTINGS)
     d2po_discount: float = 0.98  # D²PO's γ: a_t = γ^t
     tgdpo_alpha: float = 0.5  # TGDPO's α: a_t = 1 ± αβ s_t
     sepo_ratio: float = 0.3  # SePO's k: the share of a response's tokens selected
@@ -58,11 +53,10 @@ class LossSettings:
     def __post_init__(self):
         """Settings no objective means, refused when made rather than at the first step (treg-train's flags are
         checked before this, with the flag named: treg_train/config.py)."""
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss type {self.loss_type!r}; expected one of {LOSS_TYPES}")
-        if self.weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"unknown token weighting {self.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
-        if self.loss_type in TOKEN_METHODS and self.weighting != self.loss_type:
+        own = method(self.loss_type).weighting
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown token weighting {self.weighting!r}; expected one of {tuple(WEIGHTINGS)}")
+        if own != "none" and self.weighting != own:
             # without its own weights a token-level method would silently be plain DPO or SimPO
             raise ValueError(f"loss {self.loss_type!r} weights tokens its own way: give weighting={self.loss_type!r}")
         ranges = {"beta": (self.beta > 0, " above 0"), "alpha": (self.alpha >= 0, " >= 0"), "gamma": (True, ""),
@@ -97,8 +91,8 @@ def token_weights(side: SideTokens, settings: LossSettings, chosen: bool) -> tor
         logps = side.logps.detach()
         mean_prob = side.sum(logps.exp()) / side.length
         return (logps < mean_prob.log()[:, None]).to(logps.dtype) * mask
-    if settings.weighting not in TOKEN_WEIGHTINGS:
-        raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {TOKEN_WEIGHTINGS}")
+    if settings.weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {tuple(WEIGHTINGS)}")
     if side.signal is None:
         raise ValueError(f"the {settings.weighting} weighting needs the shards' token signal (SideTokens.signal)")
     signal = side.signal.detach().to(side.logps.dtype) * (1 if chosen else -1)  # larger: more credit
@@ -150,43 +144,41 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     (`token_weights`; 1 without a weighting): x = log π_θ − log π_ref and N = 1 for the DPO family, x = log π_θ
     and N = Σ_t a_t for the SimPO family. A SimPO-family pair whose weights are all zero on a side (ConfPO
     selected no token) contributes nothing."""
-    alpha = settings.alpha
+    alpha, row = settings.alpha, method(settings.loss_type)
     (reward_w, token_scale_w, kept_w), (reward_l, token_scale_l, kept_l) = (
         side_reward(side, settings, is_chosen) for side, is_chosen in ((chosen, True), (rejected, False)))
-    margin = reward_w - reward_l - settings.gamma if settings.loss_type in SIMPO_STYLE else reward_w - reward_l
+    margin = reward_w - reward_l - settings.gamma if reference_free(settings.loss_type) else reward_w - reward_l
 
     preference = -F.logsigmoid(margin)
     weight = torch.sigmoid(-margin).detach()  # the preference gradient's own pair weight, sg[·]
     if settings.static_weight:
         weight = torch.ones_like(weight)
 
-    if settings.loss_type in WEIGHTED:
+    if row.pair_weight == "wpo":
         # WPO: the preference loss of each pair weighted by how likely the policy finds the pair.
         pair_weight = wpo_weight(chosen) * wpo_weight(rejected)
         if settings.wpo_clamp:
             pair_weight = pair_weight.clamp(max=1.0)
         preference = pair_weight * preference
 
-    if settings.loss_type in REGULARIZED:
+    if row.regularizer == "treg":
         # L_REG(y) = − Σ_t scale · r̂_t · log π_θ(y_t): a token-weighted likelihood term.
         reg_w = -token_scale_w * chosen.sum(chosen.rewards * chosen.logps)
         reg_l = -token_scale_l * rejected.sum(rejected.rewards * rejected.logps)
         regularizer = alpha * weight * (reg_w + reg_l)
-    elif settings.loss_type == "sft_chosen":
+    elif row.regularizer == "sft":
         regularizer = alpha * -chosen.sum(chosen.logps)
-    elif settings.loss_type in ("dpo", "simpo", "wpo") + TOKEN_METHODS:
-        regularizer = torch.zeros_like(preference)
     else:
-        raise ValueError(f"unknown loss type {settings.loss_type!r}; expected one of {LOSS_TYPES}")
+        regularizer = torch.zeros_like(preference)
     losses = preference + regularizer
-    if kept_w is not None and settings.loss_type in SIMPO_STYLE:
+    if kept_w is not None and row.family == REFERENCE_FREE:
         losses = torch.where(kept_w & kept_l, losses, torch.zeros_like(losses))
 
     metrics = {
         "dpo_loss": preference.detach(),
         "reg_loss": regularizer.detach(),
         "mean_w": weight,
-        **({"wpo_weight": pair_weight} if settings.loss_type in WEIGHTED else {}),
+        **({"wpo_weight": pair_weight} if row.pair_weight == "wpo" else {}),
         "rewards/chosen": reward_w.detach(),
         "rewards/rejected": reward_l.detach(),
         "rewards/margins": (reward_w - reward_l).detach(),
@@ -203,9 +195,9 @@ def without_gradient(kept_w: torch.Tensor, kept_l: torch.Tensor, loss_type: str)
     """The pairs a token weighting leaves nothing to learn from: in the SimPO family, a side without a token kept
     zeroes the pair's loss; in the DPO family, both sides without one leave the margin 0 whatever the policy does
     (the regularizer of dpo_reg and wpo_reg still learns)."""
-    if loss_type in SIMPO_STYLE:
+    if reference_free(loss_type):
         return ~(kept_w & kept_l)
-    return ~(kept_w | kept_l) & (loss_type not in REGULARIZED)
+    return ~(kept_w | kept_l) & (method(loss_type).regularizer == "none")
 
 
 def side_reward(side: SideTokens, settings: LossSettings,
@@ -214,7 +206,7 @@ def side_reward(side: SideTokens, settings: LossSettings,
     token weighting, whether any token kept a weight (a positive total in the SimPO family, whose N it is; any
     weight not 0 in the DPO family), else None."""
     weights = token_weights(side, settings, chosen)
-    if settings.loss_type in SIMPO_STYLE:
+    if reference_free(settings.loss_type):
         # r_S(y) = (β/N) Σ_t a_t log π_θ(y_t|x): reference-free, a (weighted) mean over tokens.
         if weights is None:
             scale = settings.beta / side.length

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from treg_train.collate import ModelInputs, collate, micro_batches, scatter_tokens
 from treg_train.index import TrainingPair
-from treg_train.losses import WEIGHTED, LossSettings, SideTokens, preference_loss, token_reward_agreement
+from treg_train.losses import LossSettings, SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricWindow
+from treg_train.objectives import method
 from treg_train.readers import EvalReader, rank_slice
 
 
@@ -66,7 +67,7 @@ class Objective:
     def losses(self, inputs: ModelInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [pairs] and per-pair metrics, each summed later over the pairs."""
         args = (inputs.input_ids, inputs.position_ids, inputs.predict_index, inputs.targets)
-        out = self.policy(*args, with_log_sum_sq=self.settings.loss_type in WEIGHTED)
+        out = self.policy(*args, with_log_sum_sq=method(self.settings.loss_type).pair_weight == "wpo")
         logps = scatter_tokens(out.logps, inputs.token_mask)
         log_sum_sq = None if out.log_sum_sq is None else scatter_tokens(out.log_sum_sq, inputs.token_mask)
         if self.reference is not None:

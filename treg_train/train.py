@@ -107,7 +107,7 @@ def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
               stream=TrainingStream(checked.index, config.seed, config.shuffle_buffer),
               evaluator=EvalReader(checked.eval_index) if checked.eval_index else None,
               total_steps=checked.total_steps,
-              sink=MetricSink(Path(config.output), config.report_to, config.as_dict(), enabled=rt.is_main))
+              sink=MetricSink(Path(config.output), config.report_to, config.record(), enabled=rt.is_main))
     return run
 
 
@@ -305,7 +305,7 @@ def _save_checkpoint(run: Run) -> None:
     _check_weights(run, "checkpoint")
     save_checkpoint(run.output, run.step, run.objective.policy, run.optimizer,
                     {"step": run.step, "total_steps": run.total_steps, "scheduler": run.scheduler.state_dict(),
-                     "config": run.config.as_dict()})
+                     "config": run.config.record()})
 
 
 # ---- the end --------------------------------------------------------------------------------
