@@ -11,6 +11,7 @@ import yaml
 
 from treg_data.cli import command as score_command
 from treg_train.config import build_config
+from treg_train.objectives import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "pipelines" / "recipes").glob("*/*.yaml"))
@@ -23,11 +24,17 @@ TRAIN_RECIPES = [p for p in RECIPES if p not in SCORE_RECIPES + PROBE_RECIPES]
 def test_training_recipes_load_and_validate(path):
     config = build_config(str(path), {"output": "runs/x"})
     settings = config.loss_settings()
+    if config.loss == "cdpo":  # its authors' LoRA recipe on GSM8K, not the paper's grid
+        assert (settings.beta, config.learning_rate, config.lora_r, config.num_train_epochs) == (0.1, 4e-5, 16, 3)
+        return
     assert config.global_batch_size == 128 and config.max_length == 2048
     assert config.warmup_ratio == (0.03 if config.loss == "sepo" else 0.1)
-    authors = {"d2po": (0.1, 0.0), "confpo": (1.5, 1.6), "tgdpo": (0.1, 0.0), "tis_dpo": (0.1, 0.0), "sepo": (1.0, 0.0)}
+    authors = {"d2po": (0.1, 0.0), "confpo": (1.5, 1.6), "tgdpo": (0.1, 0.0), "tis_dpo": (0.1, 0.0), "sepo": (1.0, 0.0),
+               "tdpo2": (0.1, 0.0), "otpo": (0.01, 0.0)}
     if config.loss in authors:  # the methods' authors' published settings, the loss's own weighting
-        assert (settings.beta, settings.gamma, settings.weighting) == (*authors[config.loss], config.loss)
+        assert (settings.beta, settings.gamma, settings.weighting) == (*authors[config.loss],
+                                                                       METHODS[config.loss].weighting)
+        assert config.loss != "tdpo2" or (settings.tdpo_alpha, config.ref_model) == (0.5, config.model)
     elif config.swap_pairs:  # TIS-DPO's reverse-DPO model
         assert (config.loss, settings.beta) == ("dpo", 0.1)
     elif config.loss.startswith("simpo"):

@@ -85,10 +85,12 @@ def _settings(**changed) -> dict:
     """A scoring run's recorded settings, two workers unless `changed` (no model runs: the folder's lock and its
     checks read nothing else)."""
     return {"model": "m", "model_revision": None, "scorer_model": "m", "dpo_model": None, "reverse_dpo_model": None,
-            "tokenizer_hash": "t", "dataset": "d.jsonl", "dataset_config": None, "input_fingerprint": "f",
-            "split": "train", "columns": {}, "token_rewards": "contrastive", "revision_prompts": {},
-            "reward_transform": "r", "max_length": 256, "max_prompt_length": 128, "max_model_len": 1024,
-            "backend": "hf", "dtype": "float32", "num_workers": 2, "shard_size": 8, "treg_version": "0", **changed}
+            "ref_topk": 0, "ce_scores": False, "tokenizer_hash": "t", "dataset": "d.jsonl",
+            "dataset_config": None, "input_fingerprint": "f", "split": "train", "columns": {},
+            "token_rewards": "contrastive",
+            "revision_prompts": {}, "reward_transform": "r", "max_length": 256, "max_prompt_length": 128,
+            "max_model_len": 1024, "backend": "hf", "dtype": "float32", "num_workers": 2, "shard_size": 8,
+            "treg_version": "0", **changed}
 
 
 def _store(folder, settings: dict, worker: int):

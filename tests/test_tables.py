@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from treg_core.contract import COLUMNS, IDS, SIGNALS, shard_schema
+from treg_core.contract import COLUMNS, ID_KINDS, SIGNALS, shard_schema
 from treg_train.config import TrainConfig
-from treg_train.losses import LossSettings, SideTokens, preference_loss, token_weights
+from treg_train.losses import LossSettings, SideTokens, margin_weights, preference_loss
 from treg_train.objectives import METHODS, WEIGHTINGS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -21,7 +21,10 @@ def _side(seed: int, pairs: int = 3, tokens: int = 12) -> SideTokens:
     return SideTokens(logps, logps - 0.1 * torch.randn(pairs, tokens, generator=g, dtype=torch.float64),
                       torch.rand(pairs, tokens, generator=g, dtype=torch.float64) - 0.5, mask,
                       log_sum_sq_probs=-torch.rand(pairs, tokens, generator=g, dtype=torch.float64),
-                      signal=torch.randn(pairs, tokens, generator=g, dtype=torch.float64))
+                      signal=torch.randn(pairs, tokens, generator=g, dtype=torch.float64),
+                      kl=torch.rand(pairs, tokens, generator=g, dtype=torch.float64),
+                      hidden=torch.randn(pairs, tokens, 4, generator=g, dtype=torch.float64),
+                      prompt_length=torch.tensor([5, 2, 3])[:pairs])
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -39,26 +42,26 @@ def test_every_method_trains_is_offered_and_documented(name):
 @pytest.mark.parametrize("name", WEIGHTINGS)
 def test_every_weighting_weighs_reads_known_columns_and_is_documented(name):
     row = WEIGHTINGS[name]
-    weights = token_weights(_side(3), LossSettings("dpo", weighting=name), chosen=True)
+    weights, _ = margin_weights(_side(3), _side(4), LossSettings("dpo", weighting=name))
     assert (weights is None) == (name == "none")
-    for columns in row.signals.values():
-        assert all(c in COLUMNS for c in columns) and columns in SIGNALS
+    for columns in row.signals.values():  # a difference of two columns is a SIGNAL; one column is read as it is
+        assert all(c in COLUMNS for c in columns) and (len(columns) == 1 or columns in SIGNALS)
     if name != "none":
         assert f"--token-weighting {name}" in (DOCS / "METHOD.md").read_text(encoding="utf-8") or \
             f"--loss {name}" in (DOCS / "METHOD.md").read_text(encoding="utf-8")
 
 
 def test_every_signal_is_read_by_a_weighting():
-    read = {columns for row in WEIGHTINGS.values() for columns in row.signals.values()}
+    read = {columns for row in WEIGHTINGS.values() for columns in row.signals.values() if len(columns) == 2}
     assert set(SIGNALS) == read
 
 
 @pytest.mark.parametrize("name", COLUMNS)
 def test_every_column_is_written_ranged_and_documented(name):
     row = COLUMNS[name]
-    schema = shard_schema(dpo=True, reverse_dpo=True)
+    schema = shard_schema(dpo=True, reverse_dpo=True, topk=True, ce=True)
     assert {f"chosen_{name}", f"rejected_{name}"} <= set(schema.names)
-    assert (row.range is None) == (row.kind == IDS)
+    assert (row.range is None) == (row.kind in ID_KINDS)
     rows = [line for line in (DOCS / "DESIGN.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| `{side}_") and f"`{{side}}_{name}`" in line]
     assert rows, f"docs/DESIGN.md's column table lacks {name}"

@@ -62,8 +62,8 @@ def test_the_kernel_statistic_is_log_sum_of_squared_probabilities(tiny_model):
     input_ids = torch.randint(5, 200, (1, 12))
     positions = torch.arange(4, 11)
     with torch.no_grad():
-        logps, log_sum_sq = model(input_ids, torch.arange(12)[None], positions, input_ids[0, positions + 1],
-                                  with_log_sum_sq=True)
+        logps, log_sum_sq, *_ = model(input_ids, torch.arange(12)[None], positions, input_ids[0, positions + 1],
+                                      with_log_sum_sq=True)
         full = torch.log_softmax(model.lm(input_ids).logits[0].double(), dim=-1)[positions]
     assert logps.double().numpy() == pytest.approx(full.gather(-1, input_ids[0, positions + 1][:, None])[:, 0].numpy(),
                                                    abs=1e-5)
@@ -126,7 +126,7 @@ def test_wpo_matches_trl_use_weighting(tiny_model, tmp_path):
     args = (inputs.input_ids, inputs.position_ids, inputs.predict_index, inputs.targets)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():
-        logps, log_sum_sq = TokenLogprobs(_perturbed_policy(tiny_model)).eval()(*args, with_log_sum_sq=True)
+        logps, log_sum_sq, *_ = TokenLogprobs(_perturbed_policy(tiny_model)).eval()(*args, with_log_sum_sq=True)
         ref_logps = TokenLogprobs(reference).eval()(*args).logps
     logps, log_sum_sq, ref_logps = (scatter_tokens(t, inputs.token_mask) for t in (logps, log_sum_sq, ref_logps))
     n = len(pairs)

@@ -12,7 +12,8 @@ form with an explicit prompt (message lists of role and content), so every shard
 whatever the input's format; plain-string inputs become one message each. Per side (`chosen_`,
 `rejected_`), one value per response token of each per-token column in COLUMNS, the one table of them:
 their kind and range, the treg-score option that writes them, the model that does. Every per-token list has
-exactly the length of its `*_ids`, and its values in the column's range. The token sequence a model sees is
+exactly the length of its `*_ids`, and its values in the column's range; a top-k column (`--ref-topk K`) holds one
+list of exactly K values per response token. The token sequence a model sees is
 `prompt_ids + {side}_ids`. A column with an option is there only when the run gave it (`--dpo-model`, ...), and
 the revision columns are left out under --token-rewards edit-diff, so a folder's schema is its provenance's
 `schema`. Beside its ShardMetadata, a shard's Parquet metadata records (SIGNALS_KEY) the
@@ -45,10 +46,13 @@ CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is sco
 # ---- the per-token columns: one table -------------------------------------------------------------------
 
 # A column's kind decides its type and range. Log-probs are at most 0 (a little rounding above is allowed) and never
-# below -1e4; token rewards lie in the transform's (-0.5, 0.5); ids are token ids of the model's vocabulary.
+# below -1e4; token rewards lie in the transform's (-0.5, 0.5); ids are token ids of the model's vocabulary. The top-k
+# kinds hold K values per response token (a list of lists): token ids, most likely first, and their log-probs.
 IDS, LOGPROB, REWARD = "token ids", "log-prob", "token reward"
+TOPK_IDS, TOPK_LOGPROB = "top-k token ids", "top-k log-probs"
+ID_KINDS = (IDS, TOPK_IDS)  # no range: token ids
 LOGPROB_RANGE, REWARD_RANGE = (-1e4, 1e-4), (-0.5, 0.5)
-KIND_RANGES = {LOGPROB: LOGPROB_RANGE, REWARD: REWARD_RANGE}
+KIND_RANGES = {LOGPROB: LOGPROB_RANGE, REWARD: REWARD_RANGE, TOPK_LOGPROB: LOGPROB_RANGE}
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class TokenColumn:
     """A per-token column, stored once per side (`chosen_<name>`, `rejected_<name>`), one value per response token."""
 
     name: str
-    kind: str  # IDS, LOGPROB or REWARD
+    kind: str  # IDS, LOGPROB, REWARD, TOPK_IDS or TOPK_LOGPROB
     written_with: str | None  # the treg-score option that adds it to the shards; None: every shard holds it
     model: str  # the Provenance field naming the model whose numbers it holds
     meaning: str  # one line, as the dataset card and the docs show it
@@ -83,8 +87,15 @@ COLUMNS = {c.name: c for c in (
     TokenColumn("rev_dpo_logps", LOGPROB, "--reverse-dpo-model", "reverse_dpo_model",
                 "the same under the model trained with chosen and rejected swapped (TIS-DPO's contrastive pair, "
                 "with `*_dpo_logps`)"),
+    TokenColumn("ref_topk_ids", TOPK_IDS, "--ref-topk", "scorer_model",
+                "the reference's K most likely token ids at each response position, most likely first"),
+    TokenColumn("ref_topk_logps", TOPK_LOGPROB, "--ref-topk", "scorer_model",
+                "their log-probs under the reference, in the same order"),
+    TokenColumn("ce_logps", LOGPROB, "--ce-scores", "dpo_model",
+                "log p_ce(y_t) = log softmax_v(2·log π_pos − log π_neg)[y_t]: cDPO's contrastive estimate, of the "
+                "positive (--dpo-model) and negative (--reverse-dpo-model) models"),
 )}
-TOKEN_FLOAT_COLUMNS = tuple(name for name, c in COLUMNS.items() if c.kind != IDS and c.written_with in (
+TOKEN_FLOAT_COLUMNS = tuple(name for name, c in COLUMNS.items() if c.kind not in ID_KINDS and c.written_with in (
     None, "--token-rewards contrastive"))  # the columns of a default run
 COLUMN_RANGES = {name: c.range for name, c in COLUMNS.items() if c.range}  # checked where training reads a column
 COLUMN_SOURCES = {name: c.written_with for name, c in COLUMNS.items() if c.written_with}
@@ -174,6 +185,8 @@ def output_root(folder: str | Path) -> Path:
 MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 TOKEN_IDS = pa.list_(pa.int32())
 TOKEN_FLOATS = pa.list_(pa.float32())
+KIND_TYPES = {IDS: TOKEN_IDS, LOGPROB: TOKEN_FLOATS, REWARD: TOKEN_FLOATS,
+              TOPK_IDS: pa.list_(TOKEN_IDS), TOPK_LOGPROB: pa.list_(TOKEN_FLOATS)}  # one inner list per token
 
 
 def column(side: str, name: str) -> str:
@@ -185,14 +198,16 @@ def side_columns(side: str, names: tuple[str, ...] = ("ids",) + TOKEN_FLOAT_COLU
     return [column(side, name) for name in names]
 
 
-def shard_schema(dpo: bool = False, reverse_dpo: bool = False, revision: bool = True) -> pa.Schema:
+def shard_schema(dpo: bool = False, reverse_dpo: bool = False, revision: bool = True, topk: bool = False,
+                 ce: bool = False) -> pa.Schema:
     """The shards' schema; each side's columns in COLUMNS' order."""
     options = {"--token-rewards contrastive" if revision else None, "--dpo-model" if dpo else None,
-               "--reverse-dpo-model" if reverse_dpo else None}
+               "--reverse-dpo-model" if reverse_dpo else None, "--ref-topk" if topk else None,
+               "--ce-scores" if ce else None}
     return pa.schema(
         [("id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected", MESSAGES),
          ("prompt_ids", TOKEN_IDS)]
-        + [(name, TOKEN_IDS if COLUMNS[name.split("_", 1)[1]].kind == IDS else TOKEN_FLOATS)
+        + [(name, KIND_TYPES[COLUMNS[name.split("_", 1)[1]].kind])
            for side in SIDES for name in side_columns(side, columns_written(options))]
     )
 
@@ -275,6 +290,8 @@ class Provenance(Record):
     scorer_model: str
     dpo_model: str | None  # not None: the shards hold the --dpo-model COLUMNS
     reverse_dpo_model: str | None  # not None: the shards hold the --reverse-dpo-model COLUMNS
+    ref_topk: int  # K > 0: the shards hold the --ref-topk COLUMNS, K values per response token; 0: none
+    ce_scores: bool  # the shards hold the --ce-scores COLUMNS (of dpo_model and reverse_dpo_model)
     tokenizer_hash: str  # tokenizer_fingerprint of --model's tokenizer
     dataset: str
     dataset_config: str | None
@@ -303,7 +320,8 @@ class Provenance(Record):
     def schema(self) -> pa.Schema:
         """The schema of shards written with this provenance."""
         return shard_schema(dpo=self.dpo_model is not None, reverse_dpo=self.reverse_dpo_model is not None,
-                            revision=self.token_rewards == "contrastive")
+                            revision=self.token_rewards == "contrastive", topk=self.ref_topk > 0,
+                            ce=self.ce_scores)
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -396,8 +414,9 @@ def open_shard(path: str | Path) -> pq.ParquetFile:
 
 def check_column_types(path: str | Path, schema: pa.Schema, names: list[str]) -> None:
     """The columns `names` of a shard hold what the readers take (token ids: lists of integers; per-token values:
-    lists of floats; texts: strings; messages: lists of structs), or one line naming the first that does not."""
-    expected = shard_schema(dpo=True, reverse_dpo=True)
+    lists of floats; top-k columns: lists of such lists; texts: strings; messages: lists of structs), or one line
+    naming the first that does not."""
+    expected = shard_schema(dpo=True, reverse_dpo=True, topk=True, ce=True)
     for name in names:
         if name in schema.names and name in expected.names:
             found, wanted = schema.field(name).type, expected.field(name).type
@@ -407,7 +426,8 @@ def check_column_types(path: str | Path, schema: pa.Schema, names: list[str]) ->
 
 
 def _kind(arrow_type: pa.DataType) -> str:
-    """A type as the readers rely on it, whatever its width: 32 or 64-bit numbers and offsets read alike."""
+    """A type as the readers rely on it, whatever its width: 32 or 64-bit numbers and offsets read alike; a list of
+    lists (the top-k columns) is "list of list of ...", so a flat list is not taken for one."""
     if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
         return f"list of {_kind(arrow_type.value_type)}"
     kinds = {"integer": pa.types.is_integer, "float": pa.types.is_floating, "struct": pa.types.is_struct,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
-from treg_core.command_line import REQUIRED, above, at_least, check_ranges, optional, require, setting, share
+from treg_core.command_line import REQUIRED, above, at_least, check_ranges, optional, require, setting, share, within
 from treg_core.errors import UserError
 from treg_core.precision import DTYPE_CHOICES
 from treg_data.pairs import Columns
@@ -14,6 +14,7 @@ from treg_data.revision_prompts import AUTO
 from treg_data.scorers import BACKENDS, EngineOptions
 
 TOKEN_REWARDS = ("contrastive", "edit-diff")
+MAX_REF_TOPK = 100  # --ref-topk: K ids and log-probs per response token, 8 bytes each before compression
 INPUT, MODEL, SCORING, OUTPUT, DISTRIBUTED = "Input", "Model", "Scoring", "Output", "Distributed"
 
 
@@ -62,6 +63,15 @@ class ScoreConfig:
     reward_check: bool = setting(
         True, SCORING, "At the start, measure how well the token rewards locate the errors of treg's minimal-edit "
         "pairs (treg-probe), print it and record it in the manifest.")
+    ref_topk: int = setting(
+        0, SCORING, "Also store each response token's K most likely reference tokens and their log-probs "
+        "(*_ref_topk_ids, *_ref_topk_logps), for TDPO's KL from the shards (treg-train --loss tdpo1/tdpo2 without "
+        "--ref-model); 0: none.")
+    ce_scores: bool = setting(
+        False, SCORING, "Also store cDPO's contrastive estimate log p_ce(y_t) of each response token (*_ce_logps) "
+        "from the positive (--dpo-model) and negative (--reverse-dpo-model) models, for treg-train --loss cdpo. "
+        "Computed with transformers, both models in memory, whatever --backend is: vLLM's prompt log-probs give no "
+        "whole distributions.")
     max_edit_tokens: int = setting(
         16, SCORING, "With --token-rewards edit-diff: the most tokens an edited span may have; other pairs are skipped "
         "as not_near_edit.")
@@ -107,13 +117,13 @@ class ScoreConfig:
         engine = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("engine")}
         engine["gpu_memory_utilization"] /= 1 + len(self.other_models)
         return EngineOptions(model=self.scorer_model or self.model, revision=self.model_revision, dtype=dtype,
-                             max_model_len=max_model_len, engine=engine)
+                             max_model_len=max_model_len, engine=engine, topk=self.ref_topk)
 
     def other_engine_options(self, dtype: str, max_model_len: int) -> dict[str, EngineOptions]:
         """The engines of `other_models`: the main one's settings (one dtype for both sides of every
         log-ratio), another model."""
         main = self.engine_options(dtype, max_model_len)
-        return {name: replace(main, model=model, revision=None) for name, model in self.other_models.items()}
+        return {name: replace(main, model=model, revision=None, topk=0) for name, model in self.other_models.items()}
 
 
 # Every numeric setting's meaningful range, checked before any work.
@@ -125,6 +135,7 @@ RANGES = {
     "worker_index": (at_least(0), "an integer >= 0"),
     "seed": (at_least(0), "an integer >= 0"),
     "gpu_memory_utilization": (share, "in (0, 1]: the share of the GPU's memory vLLM may take"),
+    "ref_topk": (within(0, MAX_REF_TOPK + 1), f"an integer from 0 (none) to {MAX_REF_TOPK}"),
 }
 
 
@@ -149,6 +160,9 @@ def validate(config: ScoreConfig) -> ScoreConfig:
     if config.revision_prompts == AUTO and not config.reward_check:
         raise UserError("--revision-prompts auto chooses by the reward check: leave out --no-reward-check, or name "
                         "a set")
+    if config.ce_scores and not (config.dpo_model and config.reverse_dpo_model):
+        raise UserError("--ce-scores contrasts a positive and a negative model: give both, --dpo-model (positive) "
+                        "and --reverse-dpo-model (negative)")
     if config.reverse_dpo_model and not config.dpo_model:
         raise UserError("--reverse-dpo-model is one half of a contrastive pair: give the DPO model too, "
                         "--dpo-model")

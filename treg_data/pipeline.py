@@ -91,7 +91,7 @@ def run(config: ScoreConfig) -> Summary:
     start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
     _check_columns(list(islice(source.rows(start, stop), config.batch_size)), config)
     engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
-                     config.other_engine_options(dtype, max_model_len))
+                     config.other_engine_options(dtype, max_model_len), config.ce_scores)
     try:
         # The prompt set is part of the provenance: under auto it is chosen before the folder is read.
         revision_prompts, check = (candidates[0] if len(candidates) == 1 else None), None
@@ -154,6 +154,8 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
         scorer_model=config.scorer_model or config.model,
         dpo_model=config.dpo_model,
         reverse_dpo_model=config.reverse_dpo_model,
+        ref_topk=config.ref_topk,
+        ce_scores=config.ce_scores,
         tokenizer_hash=tokenizer_fingerprint(tokenizer),
         dataset=str(Path(config.dataset).resolve()) if Path(config.dataset).exists() else config.dataset,
         dataset_config=config.dataset_config,
@@ -178,12 +180,17 @@ def provenance(config: ScoreConfig, tokenizer, revision_prompts: RevisionPrompts
 
 class _Engine:
     """The scorer (and those of the other models: --dpo-model, --reverse-dpo-model), started on the first
-    pair to score (so bad input is reported before the engines' long start), and the time spent inside them."""
+    pair to score (so bad input is reported before the engines' long start), and the time spent inside them. The
+    main scorer's options carry --ref-topk (`topk`): its top-K tokens are scored with the rest. With `ce_scores`
+    (--ce-scores) the other two models also run in transformers for their contrastive estimate: the hf back-end's
+    own scorers of them, or two more loaded beside vLLM's engines."""
 
-    def __init__(self, backend: str, options: EngineOptions, other_options: dict[str, EngineOptions]):
-        self.backend, self.options, self.other_options = backend, options, other_options
+    def __init__(self, backend: str, options: EngineOptions, other_options: dict[str, EngineOptions],
+                 ce_scores: bool = False):
+        self.backend, self.options, self.other_options, self.ce_scores = backend, options, other_options, ce_scores
         self.scorer: Scorer | None = None
         self.others: dict[str, Scorer] = {}
+        self.ce: Scorer | None = None
         self.seconds = 0.0
 
     @property
@@ -204,15 +211,21 @@ class _Engine:
                 self.others[name] = build_scorer(self.backend, options)
                 tqdm.write(f"{name} model {options.model}: {self.backend}:{self.others[name].scoring_path}",
                            file=sys.stderr)
+        if self.ce_scores and self.ce is None:
+            from treg_data.contrastive_estimate import ContrastiveEstimate
+
+            self.ce = ContrastiveEstimate(*(self.others[name] if self.backend == "hf" else self.other_options[name]
+                                            for name in ("dpo", "rev_dpo")))
+            tqdm.write(f"--ce-scores: {self.ce.scoring_path}", file=sys.stderr)
         started = time.perf_counter()
-        rows = score_pairs(self.scorer, pairs, self.others)
+        rows = score_pairs(self.scorer, pairs, self.others, topk=self.options.topk, ce=self.ce)  # --ref-topk
         self.seconds += time.perf_counter() - started
         return rows
 
     def close(self) -> None:
         """Every engine is closed, even when closing one fails; the first failure is raised."""
         failure = None
-        for scorer in [self.scorer, *self.others.values()]:
+        for scorer in [self.scorer, *self.others.values(), self.ce]:
             try:
                 if scorer is not None:
                     scorer.close()

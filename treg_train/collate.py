@@ -25,6 +25,9 @@ class ModelInputs:
     signal: torch.Tensor | None  # [2 * pairs, longest response]: a token weighting's s_t, if it reads one
     num_pairs: int
     num_tokens: int  # real tokens in the forward
+    ref_topk_ids: torch.Tensor | None = None  # [N, K]: the reference's K likeliest tokens at each response position
+    ref_topk_logps: torch.Tensor | None = None  # [N, K]: their log-probs (TDPO's KL from the shards)
+    prompt_lengths: torch.Tensor | None = None  # [2 * pairs]: tokens of each row's prompt
 
     def to(self, device: torch.device) -> ModelInputs:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -82,11 +85,23 @@ def collate(pairs: list[TrainingPair], padding_free: bool, pack_to: int | None =
         ref_logps=padded([p.chosen_ref_logps for p in pairs] + [p.rejected_ref_logps for p in pairs]),
         rewards=padded([p.chosen_rewards for p in pairs] + [p.rejected_rewards for p in pairs]),
         signal=padded([p.chosen_signal for p in pairs] + [p.rejected_signal for p in pairs]),
-        num_pairs=len(pairs), num_tokens=sum(lengths),
+        num_pairs=len(pairs), num_tokens=sum(lengths), prompt_lengths=torch.tensor([len(p) for p in prompts]),
+        ref_topk_ids=flat([p.chosen_ref_topk_ids for p in pairs] + [p.rejected_ref_topk_ids for p in pairs],
+                          torch.long),
+        ref_topk_logps=flat([p.chosen_ref_topk_logps for p in pairs] + [p.rejected_ref_topk_logps for p in pairs],
+                            torch.float32),
     )
 
 
+def flat(values: list, dtype: torch.dtype) -> torch.Tensor | None:
+    """Per-token rows [tokens, K] of every response, in the order of the targets; None where the pairs lack them."""
+    if any(v is None for v in values):
+        return None
+    return torch.from_numpy(np.concatenate(values)).to(dtype)
+
+
 def scatter_tokens(flat: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Flat per-token values [N] -> [rows, longest response], zero off the mask (autograd-safe)."""
-    out = flat.new_zeros(token_mask.shape)
-    return out.masked_scatter(token_mask, flat)
+    """Flat per-token values [N] (or [N, H]) -> [rows, longest response] (or [..., H]), zero off the mask
+    (autograd-safe)."""
+    mask = token_mask.reshape(token_mask.shape + (1,) * (flat.dim() - 1))
+    return flat.new_zeros(token_mask.shape + flat.shape[1:]).masked_scatter(mask, flat)

@@ -57,6 +57,11 @@ class TrainConfig:
         "revision prompts, in every shard) or models (a DPO and a reverse-DPO model: treg-score --dpo-model "
         "--reverse-dpo-model).")
     sepo_ratio: float = setting(0.3, OBJECTIVE, "SePO's k: the share of each response's tokens it trains on.")
+    tdpo_alpha: float = setting(0.5, OBJECTIVE, "TDPO2's α: the weight of the sequential KL in the margin.")
+    otpo_epsilon: float = setting(1.0, OBJECTIVE, "OTPO's ε: the entropic regularisation of its Sinkhorn (the authors' "
+                                  "1 for 8B models, 0.1 for 3B).")
+    otpo_reg_m: float = setting(0.2, OBJECTIVE, "OTPO's τ: how far the transport may move from one unit of mass per "
+                                "token (the KL weight of its marginals).")
     swap_pairs: bool = setting(
         False, OBJECTIVE, "Train on every pair with chosen and rejected swapped: the reverse-DPO model of TIS-DPO.")
     wpo_clamp_weight: bool = setting(
@@ -140,7 +145,8 @@ class TrainConfig:
         gamma = self.gamma if self.gamma is not None else row.default_gamma(beta)
         return LossSettings(self.loss, beta=beta, alpha=self.alpha, gamma=gamma, static_weight=self.static_weight,
                             weighting=self.weighting, d2po_discount=self.d2po_discount, wpo_clamp=self.wpo_clamp_weight,
-                            tgdpo_alpha=self.tgdpo_alpha, sepo_ratio=self.sepo_ratio)
+                            tgdpo_alpha=self.tgdpo_alpha, sepo_ratio=self.sepo_ratio, tdpo_alpha=self.tdpo_alpha,
+                            otpo_epsilon=self.otpo_epsilon, otpo_reg_m=self.otpo_reg_m)
 
     @property
     def weighting(self) -> str:
@@ -189,6 +195,9 @@ RANGES = {
     "d2po_discount": (share, "in (0, 1]"),
     "tgdpo_alpha": (at_least(0), "a number >= 0"),
     "sepo_ratio": (share, "in (0, 1]: the share of each response's tokens"),
+    "tdpo_alpha": (at_least(0), "a number >= 0"),
+    "otpo_epsilon": (above(0), "a positive number"),
+    "otpo_reg_m": (above(0), "a positive number"),
     "learning_rate": (above(0), "a positive number"),
     "global_batch_size": (at_least(1), "at least 1"),
     "num_train_epochs": (at_least(1), "at least 1"),

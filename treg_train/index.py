@@ -40,6 +40,8 @@ from treg_core.contract import (
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
 
+TOPK_COLUMNS = ("ref_topk_ids", "ref_topk_logps")  # treg-score --ref-topk: K values per token
+
 
 @dataclass
 class TrainingPair:
@@ -55,6 +57,10 @@ class TrainingPair:
     rejected_rewards: np.ndarray
     chosen_signal: np.ndarray | None = None  # Reading.signal's s_t
     rejected_signal: np.ndarray | None = None
+    chosen_ref_topk_ids: np.ndarray | None = None  # [tokens, K], with Reading.ref_topk
+    rejected_ref_topk_ids: np.ndarray | None = None
+    chosen_ref_topk_logps: np.ndarray | None = None
+    rejected_ref_topk_logps: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -78,11 +84,13 @@ class Reading:
 
     reward_column: str = "rewards"  # r̂
     ref_logps: bool = True  # the reference log-probs (not needed with an online reference model)
-    signal: tuple[str, str] | None = None  # s_t = first − second, of a token weighting (TrainConfig.signal_columns)
+    signal: tuple[str, ...] | None = None  # s_t = first − second (or a column's value), of a token weighting
     swap: bool = False  # chosen and rejected exchanged (treg-train --swap-pairs)
+    ref_topk: bool = False  # the reference's top-K tokens and log-probs at each position (TDPO without --ref-model)
 
     def side_names(self) -> tuple[str, ...]:
-        return ("ids", self.reward_column) + (("ref_logps",) if self.ref_logps else ()) + (self.signal or ())
+        return (("ids", self.reward_column) + (("ref_logps",) if self.ref_logps else ()) + (self.signal or ())
+                + (TOPK_COLUMNS if self.ref_topk else ()))
 
 
 def resolve_shards(data: str, flag: str = "--data") -> tuple[Path, list[Path]]:
@@ -125,17 +133,25 @@ def check_numbers(table: pa.Table, where: str) -> None:
             if (lengths != tokens).any():
                 row = int(np.argmax(lengths != tokens))
                 raise UserError(f"{where}: pair {ids[row]}: {name} has {lengths[row]} values for {tokens[row]} tokens")
-            flat = values.flatten().to_numpy(zero_copy_only=False)
+            inner, parents = values.flatten(), pc.list_parent_indices(values).to_numpy()
+            if pa.types.is_list(inner.type):  # K values per token: the reference's top-K
+                widths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+                if len(widths) and (widths[0] == 0 or (widths != widths[0]).any()):
+                    row = parents[int(np.argmax(widths != widths[0])) if widths[0] else 0]
+                    raise UserError(f"{where}: pair {ids[row]}: {name} does not hold the same number (at least 1) "
+                                    "of values for every token; score the data again or drop that pair")
+                inner, parents = inner.flatten(), parents[pc.list_parent_indices(inner).to_numpy()]
+            flat = inner.to_numpy(zero_copy_only=False)
             finite = np.isfinite(flat)
             if not finite.all():
-                row = pc.list_parent_indices(values).to_numpy()[np.argmin(finite)]
+                row = parents[np.argmin(finite)]
                 raise UserError(f"{where}: pair {ids[row]}: {name} holds NaN or infinite values; "
                                 "score the data again or drop that pair")
             low, high = COLUMN_RANGES.get(name.removeprefix(column(side, "")), (-np.inf, np.inf))
             outside = (flat < low) | (flat > high)
             if outside.any():
                 first = int(np.argmax(outside))
-                row = pc.list_parent_indices(values).to_numpy()[first]
+                row = parents[first]
                 raise UserError(f"{where}: pair {ids[row]}: {name} holds {flat[first]:.6g}, outside its range "
                                 f"[{low:g}, {high:g}]; score the data again or drop that pair")
 
@@ -238,7 +254,12 @@ class ShardIndex:
             if name not in table.column_names:
                 return [None] * len(rows)
             array = table.column(name).combine_chunks()
-            offsets, values = array.offsets.to_numpy(), array.values.to_numpy(zero_copy_only=False)
+            offsets, values = array.offsets.to_numpy(), pc.list_flatten(array)
+            if pa.types.is_list(values.type):  # one list of K per token: [tokens, K] rows
+                width = pc.list_value_length(values)[0].as_py() if len(values) else 1
+                values = pc.list_flatten(values).to_numpy(zero_copy_only=False).reshape(-1, width)
+            else:
+                values = values.to_numpy(zero_copy_only=False)
             return [values[offsets[row]:offsets[row + 1]].copy() for row in rows]
 
         sides = SIDES[::-1] if self.reading.swap else SIDES  # the order TrainingPair's chosen, rejected are read in
@@ -246,11 +267,15 @@ class ShardIndex:
         def per_side(name: str) -> list:
             return [lists(column(side, name)) for side in sides]
 
-        signal = [[None] * len(rows)] * 2
-        if self.reading.signal:
+        absent = [[None] * len(rows)] * 2  # a column not read, for both sides
+        signal = absent
+        if self.reading.signal and len(self.reading.signal) == 1:  # a column's own values
+            signal = per_side(self.reading.signal[0])
+        elif self.reading.signal:
             first, second = self.reading.signal
             signal = [[a - b for a, b in zip(*pair)] for pair in zip(per_side(first), per_side(second))]
+        topk = [per_side(name) for name in TOPK_COLUMNS] if self.reading.ref_topk else [absent, absent]
         arrays = [lists("prompt_ids"), *per_side("ids"), *per_side("ref_logps"), *per_side(self.reading.reward_column),
-                  *signal]
+                  *signal, *topk[0], *topk[1]]
         ids = table.column("id").take(rows).to_pylist()
         return [TrainingPair(id, *values) for id, *values in zip(ids, *arrays)]

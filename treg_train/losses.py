@@ -28,6 +28,9 @@ class SideTokens:
     mask: torch.Tensor  # True on response tokens
     log_sum_sq_probs: torch.Tensor | None = None  # log Σ_v π_θ(v | x, y_<t)², for WPO's weight
     signal: torch.Tensor | None = None  # a token-level contrast from the shards, for a weighting that needs one
+    kl: torch.Tensor | None = None  # KL(π_ref ‖ π_θ) at each position (TDPO), with the policy's gradient
+    hidden: torch.Tensor | None = None  # [pairs, tokens, H]: the policy's final hidden states, detached (OTPO)
+    prompt_length: torch.Tensor | None = None  # [pairs]: tokens of each pair's prompt (cDPO's normaliser)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         return (values * self.mask).sum(-1)
@@ -49,6 +52,9 @@ class LossSettings:
     tgdpo_alpha: float = 0.5  # TGDPO's α: a_t = 1 ± αβ s_t
     sepo_ratio: float = 0.3  # SePO's k: the share of a response's tokens selected
     wpo_clamp: bool = True  # WPO's official pair weight min(1, ·); False: TRL's use_weighting, unclamped
+    tdpo_alpha: float = 0.5  # TDPO2's α: the weight of the sequential KL in the margin
+    otpo_epsilon: float = 1.0  # OTPO's entropic regularisation ε of the Sinkhorn
+    otpo_reg_m: float = 0.2  # OTPO's marginal relaxation τ (KL to each side's uniform mass)
 
     def __post_init__(self):
         """Settings no objective means, refused when made rather than at the first step (treg-train's flags are
@@ -62,7 +68,9 @@ class LossSettings:
         ranges = {"beta": (self.beta > 0, " above 0"), "alpha": (self.alpha >= 0, " >= 0"), "gamma": (True, ""),
                   "d2po_discount": (0 < self.d2po_discount <= 1, " in (0, 1]"),
                   "tgdpo_alpha": (self.tgdpo_alpha >= 0, " >= 0"),
-                  "sepo_ratio": (0 < self.sepo_ratio <= 1, " in (0, 1]")}
+                  "sepo_ratio": (0 < self.sepo_ratio <= 1, " in (0, 1]"),
+                  "tdpo_alpha": (self.tdpo_alpha >= 0, " >= 0"), "otpo_epsilon": (self.otpo_epsilon > 0, " above 0"),
+                  "otpo_reg_m": (self.otpo_reg_m > 0, " above 0")}
         for name, (inside, what) in ranges.items():
             if not (inside and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number{what}, got {getattr(self, name)!r}")
@@ -93,14 +101,51 @@ def token_weights(side: SideTokens, settings: LossSettings, chosen: bool) -> tor
         return (logps < mean_prob.log()[:, None]).to(logps.dtype) * mask
     if settings.weighting not in WEIGHTINGS:
         raise ValueError(f"unknown token weighting {settings.weighting!r}; expected one of {tuple(WEIGHTINGS)}")
-    if side.signal is None:
+    if settings.weighting == "cdpo":
+        return cdpo_weights(side, chosen)
+    if side.signal is None and WEIGHTINGS[settings.weighting].signals:
         raise ValueError(f"the {settings.weighting} weighting needs the shards' token signal (SideTokens.signal)")
     signal = side.signal.detach().to(side.logps.dtype) * (1 if chosen else -1)  # larger: more credit
     if settings.weighting == "tgdpo":
         return (1 + settings.tgdpo_alpha * settings.beta * signal) * mask
     if settings.weighting == "tis_dpo":
         return tis_dpo_rank_weights(signal, side.mask).to(side.logps.dtype)
-    return sepo_selection(signal, side.mask, settings.sepo_ratio).to(side.logps.dtype)
+    if settings.weighting == "sepo":
+        return sepo_selection(signal, side.mask, settings.sepo_ratio).to(side.logps.dtype)
+    raise ValueError(f"the {settings.weighting} weighting weighs the two sides together: call margin_weights")
+
+
+def cdpo_weights(side: SideTokens, chosen: bool) -> torch.Tensor:
+    """cDPO's weights (chenzhiling9954/Critical-Tokens-Matter, train_cdpo.py: CDPOTrainer.dpo_loss, only_neg): 1 on
+    the chosen answer; 1 − p_ce(y_t) on the rejected one, s = log p_ce (the shards' *_ce_logps), and 1 on its last
+    token, as on the end-of-sequence token the authors append after their scores."""
+    mask = side.mask.to(side.logps.dtype)
+    if chosen:
+        return mask
+    if side.signal is None:
+        raise ValueError("cDPO needs the rejected answer's log p_ce (SideTokens.signal: the shards' *_ce_logps)")
+    last = torch.arange(mask.shape[-1], device=mask.device)[None] == side.length[:, None] - 1
+    return torch.where(last, 1.0, 1 - side.signal.detach().to(mask.dtype).exp()) * mask
+
+
+def per_position_preference(chosen: SideTokens, rejected: SideTokens, weights_l: torch.Tensor,
+                            beta: float) -> torch.Tensor:
+    """cDPO's preference loss per pair, as its authors' code computes it for a batch of one pair: the mean over the
+    T = P − 1 + max(|y_w|, |y_l|) label positions of a prompt of P tokens of −log σ(β (Δ^w_j − a_j Δ^l_j)), with
+    Δ = log π_θ − log π_ref of each answer's j-th token (0 past its end); the prompt's positions add log 2 each."""
+    width = max(chosen.mask.shape[-1], rejected.mask.shape[-1])
+
+    def padded(values: torch.Tensor) -> torch.Tensor:
+        return F.pad(values, (0, width - values.shape[-1]))
+
+    delta_w = padded((chosen.logps - chosen.ref_logps) * chosen.mask)
+    delta_l = padded(weights_l * (rejected.logps - rejected.ref_logps) * rejected.mask)
+    active = (padded(chosen.mask.to(delta_w.dtype)) + padded(rejected.mask.to(delta_w.dtype))).clamp(max=1)
+    per_position = -F.logsigmoid(beta * (delta_w - delta_l)) * active
+    if chosen.prompt_length is None:
+        raise ValueError("cDPO's normaliser needs each prompt's length (SideTokens.prompt_length)")
+    prompt = chosen.prompt_length.to(delta_w.dtype)
+    return (per_position.sum(-1) + (prompt - 1) * math.log(2)) / (prompt - 1 + active.sum(-1))
 
 
 def _ranks(keys: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
@@ -145,11 +190,13 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
     and N = Σ_t a_t for the SimPO family. A SimPO-family pair whose weights are all zero on a side (ConfPO
     selected no token) contributes nothing."""
     alpha, row = settings.alpha, method(settings.loss_type)
+    weights = margin_weights(chosen, rejected, settings)
     (reward_w, token_scale_w, kept_w), (reward_l, token_scale_l, kept_l) = (
-        side_reward(side, settings, is_chosen) for side, is_chosen in ((chosen, True), (rejected, False)))
+        side_reward(side, settings, side_weights) for side, side_weights in zip((chosen, rejected), weights))
     margin = reward_w - reward_l - settings.gamma if reference_free(settings.loss_type) else reward_w - reward_l
-
-    preference = -F.logsigmoid(margin)
+    margin, kl_w, kl_l = with_sequential_kl(margin, chosen, rejected, settings)
+    preference = (per_position_preference(chosen, rejected, weights[1], settings.beta) if row.per_position
+                  else -F.logsigmoid(margin))
     weight = torch.sigmoid(-margin).detach()  # the preference gradient's own pair weight, sg[·]
     if settings.static_weight:
         weight = torch.ones_like(weight)
@@ -186,9 +233,27 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         "logps/chosen": chosen.sum(chosen.logps).detach(),
         "logps/rejected": rejected.sum(rejected.logps).detach(),
     }
+    if row.sequential_kl != "none":
+        metrics.update({"kl/chosen": kl_w.detach(), "kl/rejected": kl_l.detach()})
     if kept_w is not None:
         metrics["skipped_zero_weights"] = without_gradient(kept_w, kept_l, settings.loss_type).float()
     return losses, metrics
+
+
+def with_sequential_kl(margin: torch.Tensor, chosen: SideTokens, rejected: SideTokens,
+                       settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """TDPO's margin and each answer's sequential KL D(y) = Σ_t KL(π_ref ‖ π_θ)(x, y_<t) (`SideTokens.kl` summed);
+    the margin as it is, and no KL, for the other methods."""
+    kind = method(settings.loss_type).sequential_kl
+    if kind == "none":
+        return margin, None, None
+    if chosen.kl is None or rejected.kl is None:
+        raise ValueError("TDPO needs KL(π_ref ‖ π_θ) at each position (SideTokens.kl): run the policy with the "
+                         "reference's distribution")
+    kl_w, kl_l = chosen.sum(chosen.kl), rejected.sum(rejected.kl)
+    if kind == "tdpo1":  # z = β[(m_w − m_l) − (D_l − D_w)]
+        return margin - settings.beta * (kl_l - kl_w), kl_w, kl_l
+    return margin - settings.beta * settings.tdpo_alpha * (kl_l - kl_w.detach()), kl_w, kl_l  # α, sg[D_w]
 
 
 def without_gradient(kept_w: torch.Tensor, kept_l: torch.Tensor, loss_type: str) -> torch.Tensor:
@@ -200,12 +265,47 @@ def without_gradient(kept_w: torch.Tensor, kept_l: torch.Tensor, loss_type: str)
     return ~(kept_w | kept_l) & (method(loss_type).regularizer == "none")
 
 
+def margin_weights(chosen: SideTokens, rejected: SideTokens,
+                   settings: LossSettings) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The token weights a_t of both sides: each side's own (`token_weights`), or OTPO's, which match the two."""
+    if settings.weighting == "otpo":
+        return otpo_weights(chosen, rejected, settings.otpo_epsilon, settings.otpo_reg_m)
+    return token_weights(chosen, settings, True), token_weights(rejected, settings, False)
+
+
+def otpo_weights(chosen: SideTokens, rejected: SideTokens, epsilon: float,
+                 reg_m: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """OTPO's token weights (Mimasss2/OTPO, scripts/otpo_trainer.py: get_ot_weight), detached, [pairs, tokens] each.
+    Per pair: the Euclidean cost between every chosen and every rejected token's final hidden state (+1e-6), divided
+    by its largest entry when that is above 1 (the authors' matrix also holds the prompt's and padding's zero states,
+    so the largest |h| of a token counts too); POT's stabilised unbalanced Sinkhorn with mass 1 on each token,
+    entropic ε and marginal relaxation τ; a side's weights are its tokens' shares of the plan, scaled so that both
+    sides sum to the shorter response's length."""
+    import ot
+
+    if chosen.hidden is None or rejected.hidden is None:
+        raise ValueError("OTPO needs the policy's hidden states (SideTokens.hidden): run it with with_hidden=True")
+    weights = (torch.zeros_like(chosen.logps), torch.zeros_like(rejected.logps))
+    for pair in range(chosen.logps.shape[0]):
+        states = [side.hidden[pair][side.mask[pair]].detach() for side in (chosen, rejected)]
+        states = [h if h.dtype == torch.float64 else h.float() for h in states]
+        cost = torch.cdist(*states, p=2) + 1e-6
+        largest = torch.stack([cost.max(), *(h.norm(dim=-1).max() + 1e-6 for h in states)]).max()
+        if largest > 1:
+            cost = cost / largest
+        mass = [torch.ones(len(h), dtype=cost.dtype, device=cost.device) for h in states]
+        plan = ot.unbalanced.sinkhorn_unbalanced(*mass, cost, epsilon, reg_m, method="sinkhorn_stabilized")
+        scale = plan.sum() / min(len(states[0]), len(states[1]))
+        for side, values, side_weights in zip((chosen, rejected), (plan.sum(1), plan.sum(0)), weights):
+            side_weights[pair][side.mask[pair]] = (values / scale).to(side_weights.dtype)
+    return weights
+
+
 def side_reward(side: SideTokens, settings: LossSettings,
-                chosen: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For one side of every pair: β Σ_t a_t x_t / N; the scale β / N that T-REG's regularizer uses; and, with a
-    token weighting, whether any token kept a weight (a positive total in the SimPO family, whose N it is; any
-    weight not 0 in the DPO family), else None."""
-    weights = token_weights(side, settings, chosen)
+                weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For one side of every pair, with its token weights a_t (None: every token 1): β Σ_t a_t x_t / N; the scale
+    β / N that T-REG's regularizer uses; and, with weights, whether any token kept a weight (a positive total in
+    the SimPO family, whose N it is; any weight not 0 in the DPO family), else None."""
     if reference_free(settings.loss_type):
         # r_S(y) = (β/N) Σ_t a_t log π_θ(y_t|x): reference-free, a (weighted) mean over tokens.
         if weights is None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from treg_core.attention import VARLEN, VARLEN_IMPLEMENTATIONS, register
 from treg_core.errors import UserError
@@ -55,19 +56,23 @@ class PolicyOptions:
 
 
 def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: PolicyOptions = PolicyOptions(), *,
-                 trainable: bool = True, lora: LoraSettings | None = None) -> TokenLogprobs:
+                 trainable: bool = True, lora: LoraSettings | None = None,
+                 whole_output_layer: bool = False) -> TokenLogprobs:
     """Every rank builds the model on the meta device and shards it; rank 0 alone reads the
     checkpoint (fp32 master weights) and scatters the shards. Host memory: one full copy on rank 0,
     each rank's own shards elsewhere; the result equals loading the checkpoint on every rank.
     With `lora`, adapters are injected before sharding (one FSDP unit holds a layer's frozen weights and its
-    adapters); rank 0 draws their first values and scatters them like the checkpoint's."""
+    adapters); rank 0 draws their first values and scatters them like the checkpoint's. With `whole_output_layer`
+    (a frozen reference whose distribution TDPO's KL reads beside the policy's, chunk by chunk, in the policy's
+    backward too), the output layer is left unsharded: a whole copy on every rank, in the compute precision."""
     import torch.distributed as dist
 
     lm = prepare_layers(empty_causal_lm(path, options.attn_implementation), options if trainable else
                         PolicyOptions(options.attn_implementation, options.chunk_rows, liger=options.liger))
     if lora is not None:
         lm = add_adapters(lm, lora, path)
-    model = shard_model(TokenLogprobs(lm, options.chunk_rows), mesh, param_dtype, trainable)
+    model = shard_model(TokenLogprobs(lm, options.chunk_rows), mesh, param_dtype, trainable,
+                        whole={lm.get_output_embeddings().weight} if whole_output_layer else None)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=mesh.device_type)
     full = {}
@@ -80,7 +85,13 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: Poli
     dist.broadcast_object_list(saved_buffers, src=0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            scatter_rows(full.get(checkpoint_key(name)), parameter.to_local(), parameter.shape)
+            if isinstance(parameter, DTensor):
+                scatter_rows(full.get(checkpoint_key(name)), parameter.to_local(), parameter.shape)
+            else:  # left whole by FSDP: every rank holds all of it
+                if dist.get_rank() == 0:
+                    parameter.copy_(full[checkpoint_key(name)])
+                dist.broadcast(parameter, src=0)
+                parameter.data = parameter.data.to(param_dtype or parameter.dtype)
         for name, buffer in model.named_buffers():
             buffer.copy_(full[name] if name in full else buffers[name])
             if name in saved_buffers[0]:
@@ -152,16 +163,17 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, trainable: bool = True) -> TokenLogprobs:
-    """FSDP2: each decoder layer is a unit, the root holds embeddings, final norm and lm_head.
-    Mixed precision computes in `param_dtype` and reduces gradients in fp32."""
+def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, trainable: bool = True,
+                whole: set | None = None) -> TokenLogprobs:
+    """FSDP2: each decoder layer is a unit, the root holds embeddings, final norm and lm_head (but the parameters
+    `whole`, which it leaves unsharded). Mixed precision computes in `param_dtype` and reduces gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
               else MixedPrecisionPolicy())
     for layer in decoder_layers(model.lm):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole)
     if not trainable:
         model.requires_grad_(False)
         model.eval()

@@ -26,6 +26,18 @@ class Method:
     pair_weight: str = "none"  # "wpo": WPO's likelihood weight of each pair
     regularizer: str = "none"  # "treg": T-REG's token-reward likelihood term; "sft": the chosen answer's NLL
     weighting: str = "none"  # its own token weighting (WEIGHTINGS); "none": --token-weighting may add one
+    # TDPO's sequential KL, Σ_t KL(π_ref ‖ π_θ) at each response position, in the margin: "tdpo1" (both sides with a
+    # gradient), "tdpo2" (scaled by α, the chosen side's detached). It needs the reference's distribution at each
+    # position: a model in memory (--ref-model), or the top-K the shards store (treg-score --ref-topk).
+    sequential_kl: str = "none"
+    # cDPO's loss as its authors' code computes it: a sigmoid per response position, the chosen answer's j-th token
+    # against the rejected answer's j-th, averaged over the pair's label positions (prompt included), not one sigmoid
+    # of the two answers' sums.
+    per_position: bool = False
+
+    @property
+    def needs_reference_distribution(self) -> bool:
+        return self.sequential_kl != "none"
 
     def default_gamma(self, beta: float) -> float:
         return 0.3 * beta if self.gamma is None else self.gamma
@@ -37,11 +49,12 @@ class Weighting:
 
     name: str
     summary: str
-    # The token signal s_t = first − second of two shard columns it reads, by the value of the setting `choice`
-    # ("" when it has none); empty: it reads no column.
+    # The token signal s_t = first − second of two shard columns it reads (or one column's value), by the value of the
+    # setting `choice` ("" when it has none); empty: it reads no column.
     signals: dict = field(default_factory=dict)
     choice: str | None = None
     nonnegative: bool = True  # its weights are never negative, so a reference-free mean over them is defined
+    reads_hidden_states: bool = False  # from the policy's forward, detached
 
 
 METHODS = {m.name: m for m in (
@@ -60,6 +73,14 @@ METHODS = {m.name: m for m in (
            weighting="tis_dpo"),
     Method("sepo", "SePO: SimPO over the tokens a DPO model rewards most in chosen, least in rejected",
            REFERENCE_FREE, 1.0, gamma=0.0, weighting="sepo"),
+    Method("cdpo", "cDPO: DPO per position with the rejected answer's critical tokens weighted by a positive and a "
+           "negative model's contrastive estimate", REFERENCE, 0.1, weighting="cdpo", per_position=True),
+    Method("otpo", "OTPO: DPO weighted by an optimal transport between the answers' hidden states", REFERENCE, 0.01,
+           weighting="otpo"),
+    Method("tdpo1", "TDPO1: DPO with the sequential KL to the reference in the margin", REFERENCE, 0.1,
+           sequential_kl="tdpo1"),
+    Method("tdpo2", "TDPO2: TDPO1 with the KL scaled by --tdpo-alpha and the chosen answer's detached", REFERENCE,
+           0.1, sequential_kl="tdpo2"),
 )}
 
 WEIGHTINGS = {w.name: w for w in (
@@ -71,6 +92,10 @@ WEIGHTINGS = {w.name: w for w in (
                                                             "models": ("dpo_logps", "rev_dpo_logps")},
               choice="tis_dpo_weights"),
     Weighting("sepo", "1 on the tokens of largest ±s_t, s = log π_dpo − log π_ref", {"": ("dpo_logps", "ref_logps")}),
+    Weighting("cdpo", "1 on the chosen answer; 1 − p_ce(y_t) on the rejected one's tokens, 1 on its last",
+              {"": ("ce_logps",)}),
+    Weighting("otpo", "each token's share of an optimal transport between the two answers' hidden states",
+              reads_hidden_states=True),
 )}
 
 TOKEN_METHODS = tuple(name for name, m in METHODS.items() if m.weighting != "none")  # a weighting of its own
@@ -87,9 +112,9 @@ def reference_free(loss: str) -> bool:
     return method(loss).family == REFERENCE_FREE
 
 
-def signal_columns(weighting: str, choices: dict) -> tuple[str, str] | None:
-    """The two shard columns whose difference the weighting reads, given the settings `choices` (by name); None if
-    it reads none."""
+def signal_columns(weighting: str, choices: dict) -> tuple[str, ...] | None:
+    """The two shard columns whose difference the weighting reads (or the one whose value), given the settings
+    `choices` (by name); None if it reads none."""
     row = WEIGHTINGS[weighting]
     return row.signals.get(choices[row.choice] if row.choice else "") if row.signals else None
 

@@ -8,8 +8,10 @@ Parts of the peak (per device, GiB):
   for the whole step, two decoder layers (one computing, one prefetched), and one layer's gradients;
 - activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
   and decoder layer), less what checkpointing recomputes;
-- log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient;
-- reference model (--ref-model): its fp32 weights, sharded, and its gathered layers;
+- log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient (and the reference's
+  logits and log-probs of the same rows, where TDPO's exact KL reads them);
+- reference model (--ref-model): its fp32 weights, sharded, and its gathered layers (the output layer whole, for
+  TDPO's exact KL);
 - on a CPU the whole process counts (peak RSS): the process itself, and rank 0 holding a full fp32
   copy of the checkpoint while it scatters the shards.
 """
@@ -21,6 +23,8 @@ import os
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from treg_train.objectives import method
 
 GIB = 2**30
 MODES = ("none", "every other layer", "every layer")  # what auto tries, in order
@@ -77,6 +81,7 @@ class Budget:
     device_type: str
     checkpointing: str = "none"  # one of MODES
     reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
+    reference_distribution: bool = False  # its whole distribution beside the policy's, chunk by chunk (TDPO)
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,7 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         "optimizer": shape.trainable_params * 8 / world,
         "gathered layers": (root * (1 + trained) + shape.layer_params * (2 + trained)) * width,
         "activations": activation_bytes_per_token(shape, budget.compute_dtype, budget.checkpointing) * budget.tokens,
-        "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width),
+        "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width + (8 if budget.reference_distribution else 0)),
         "reference model": (shape.total_params * 4 / world + (root + 2 * shape.layer_params) * width
                             if budget.reference else 0.0),
         "process and loading": 0.0,
@@ -195,8 +200,10 @@ class Planner:
         return self.shapes[config.lora_r]
 
     def plans(self, config, world_size: int) -> dict[str, MemoryPlan]:
+        exact_kl = bool(config.ref_model) and method(config.loss).needs_reference_distribution
         budget = Budget(world_size, self.compute_dtype, tokens_per_forward(config, world_size),
-                        config.logprob_chunk_rows, self.device_type, reference=bool(config.ref_model))
+                        config.logprob_chunk_rows, self.device_type, reference=bool(config.ref_model),
+                        reference_distribution=exact_kl)
         return {mode: plan(self.shape(config), replace(budget, checkpointing=mode), self.process_gb) for mode in MODES}
 
     def least(self, config, world_size: int) -> MemoryPlan:

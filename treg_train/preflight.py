@@ -22,6 +22,7 @@ from treg_core.sources import check_same_vocabulary, load_tokenizer
 from treg_train.checkpoint import FINISHED, latest_checkpoint
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.index import Reading, ShardIndex
+from treg_train.objectives import method
 from treg_train.plan import MemoryPlan, plan_run
 
 
@@ -64,7 +65,8 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
 def reading(config: TrainConfig) -> Reading:
     """The columns this run reads of each pair."""
     return Reading(config.reward_column, ref_logps=config.ref_model is None, signal=config.signal_columns,
-                   swap=config.swap_pairs)
+                   swap=config.swap_pairs,
+                   ref_topk=method(config.loss).needs_reference_distribution and config.ref_model is None)
 
 
 def compute_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from treg_core.forward import TopKReference, selected_token_logprobs
 from treg_train.collate import ModelInputs, collate, micro_batches, scatter_tokens
 from treg_train.index import TrainingPair
 from treg_train.losses import LossSettings, SideTokens, preference_loss, token_reward_agreement
 from treg_train.metrics import MetricWindow
-from treg_train.objectives import method
+from treg_train.objectives import WEIGHTINGS, method
 from treg_train.readers import EvalReader, rank_slice
 
 
@@ -67,18 +68,29 @@ class Objective:
     def losses(self, inputs: ModelInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-pair losses [pairs] and per-pair metrics, each summed later over the pairs."""
         args = (inputs.input_ids, inputs.position_ids, inputs.predict_index, inputs.targets)
-        out = self.policy(*args, with_log_sum_sq=method(self.settings.loss_type).pair_weight == "wpo")
-        logps = scatter_tokens(out.logps, inputs.token_mask)
-        log_sum_sq = None if out.log_sum_sq is None else scatter_tokens(out.log_sum_sq, inputs.token_mask)
+        row = method(self.settings.loss_type)
+        ref_logps, reference = inputs.ref_logps, None  # the shards' unless a reference is held
         if self.reference is not None:
             with torch.no_grad():
-                ref_logps = scatter_tokens(self.reference(*args).logps, inputs.token_mask)
-        else:
-            ref_logps = inputs.ref_logps
+                if row.needs_reference_distribution:  # its states once: its log-probs here, its distribution beside
+                    reference = self.reference.exact_reference(self.reference(*args, hidden_only=True))  # the policy's
+                    flat = selected_token_logprobs(reference.hidden, reference.output_layer, inputs.targets,
+                                                   reference.transform, self.reference.chunk_rows).logps
+                else:
+                    flat = self.reference(*args).logps
+            ref_logps = scatter_tokens(flat, inputs.token_mask)
+        elif row.needs_reference_distribution:
+            reference = TopKReference(inputs.ref_topk_ids, inputs.ref_topk_logps)
+        out = self.policy(*args, with_log_sum_sq=row.pair_weight == "wpo", reference=reference,
+                          with_hidden=WEIGHTINGS[self.settings.weighting].reads_hidden_states)
+        per_token = {name: None if values is None else scatter_tokens(values, inputs.token_mask)
+                     for name, values in (("logps", out.logps), ("log_sum_sq_probs", out.log_sum_sq), ("kl", out.kl),
+                                          ("hidden", out.hidden))}
         n = inputs.num_pairs
-        sides = [SideTokens(logps[rows], ref_logps[rows], inputs.rewards[rows], inputs.token_mask[rows],
-                            None if log_sum_sq is None else log_sum_sq[rows],
-                            None if inputs.signal is None else inputs.signal[rows])
+        sides = [SideTokens(rewards=inputs.rewards[rows], mask=inputs.token_mask[rows],
+                            signal=None if inputs.signal is None else inputs.signal[rows],
+                            ref_logps=ref_logps[rows], prompt_length=inputs.prompt_lengths[rows],
+                            **{name: None if values is None else values[rows] for name, values in per_token.items()})
                  for rows in (slice(0, n), slice(n, 2 * n))]
         losses, metrics = preference_loss(*sides, self.settings)
         metrics["token_reward_agreement"] = token_reward_agreement(*sides, self.settings.beta) * n

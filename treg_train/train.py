@@ -30,6 +30,7 @@ from treg_train.config import TrainConfig
 from treg_train.lora import LoraSettings
 from treg_train.metrics import MetricSink, peak_memory_gb
 from treg_train.model import PolicyOptions, load_sharded, use_padding_free
+from treg_train.objectives import method
 from treg_train.preflight import Preflight, leftover_note, lock_output, preflight
 from treg_train.readers import EvalReader, TrainingStream
 from treg_train.state import LogWindow, Run, Runtime, setup_distributed
@@ -134,7 +135,9 @@ def _build_models(config: TrainConfig, rt: Runtime, compute_dtype: torch.dtype,
         trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         print(f"treg-train: LoRA r={lora.r}, alpha {lora.alpha:g} on {lora.target_modules}: {trained / 1e6:.2f} M "
               f"trainable parameters of {sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M", file=sys.stderr)
-    reference = load_sharded(config.ref_model, rt.mesh, mixed, options, trainable=False) if config.ref_model else None
+    reference = load_sharded(config.ref_model, rt.mesh, mixed, options, trainable=False,
+                             whole_output_layer=method(config.loss).needs_reference_distribution) \
+        if config.ref_model else None
     return policy, reference
 
 

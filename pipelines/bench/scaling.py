@@ -34,8 +34,9 @@ def synthetic_provenance():
 
     return Provenance(
         model="synthetic", model_revision=None, scorer_model="synthetic", dpo_model=None, reverse_dpo_model=None,
-        tokenizer_hash="synthetic", dataset="synthetic", dataset_config=None, input_fingerprint="synthetic",
-        split="train", columns={}, token_rewards="contrastive", revision_prompts={}, reward_transform="synthetic",
+        ref_topk=0, ce_scores=False, tokenizer_hash="synthetic", dataset="synthetic", dataset_config=None,
+        input_fingerprint="synthetic", split="train", columns={}, token_rewards="contrastive", revision_prompts={},
+        reward_transform="synthetic",
         max_length=2048, max_prompt_length=1800, max_model_len=4096, backend="synthetic", dtype="float32",
         num_workers=1, shard_size=SHARD_ROWS, treg_version="synthetic")
 

@@ -27,6 +27,9 @@ LABELS = {
     "tis_dpo": "TIS-DPO (T-REG's prompts)",
     "tis_dpo_models": "TIS-DPO (DPO / reverse-DPO models)",
     "sepo": "SePO",
+    "tdpo2": "TDPO2 (reference in memory)",
+    "otpo": "OTPO",
+    "cdpo": "cDPO (DPO / reverse-DPO models as positive / negative)",
 }
 # (regularized, its base): the differences the benchmark is about.
 PAIRED = (("dpo_reg", "dpo"), ("simpo_reg", "simpo"), ("wpo_reg", "wpo"), ("dporeward_reg", "dpo"))

@@ -68,12 +68,18 @@ METHODS = {
     "tis_dpo": ["--loss", "tis_dpo"],
     "tis_dpo_models": ["--loss", "tis_dpo", "--tis-dpo-weights", "models"],
     "sepo": ["--loss", "sepo"],
+    "tdpo2": ["--loss", "tdpo2"],  # with the starting policy as --ref-model: the exact KL
+    "otpo": ["--loss", "otpo", "--otpo-epsilon", "0.1"],  # the authors' ε with β 0.1 (their 3B settings)
+    "cdpo": ["--loss", "cdpo"],
 }
+WITH_REFERENCE = ("tdpo2",)  # the starting policy held in memory as --ref-model
 REVERSE_DPO = ["--loss", "dpo", "--swap-pairs"]  # TIS-DPO's reverse-DPO model, trained for the models, not measured
 DEFAULT_METHODS = ("dpo", "dpo_reg", "simpo", "simpo_reg", "wpo", "wpo_reg", "dporeward_reg")
-TOKEN_METHODS = ("dpo", "dpo_reg", "simpo", "d2po", "confpo", "tgdpo", "tis_dpo", "tis_dpo_models", "sepo")
+TOKEN_METHODS = ("dpo", "dpo_reg", "simpo", "d2po", "confpo", "tgdpo", "tis_dpo", "tis_dpo_models", "sepo", "tdpo2",
+                 "otpo", "cdpo")
 OWN_BETA = ("simpo", "simpo_reg", "confpo", "sepo")  # trained at their own β (and γ), not Settings.dpo_beta
-ON_DPO_MODELS = ("dporeward_reg", "tgdpo", "sepo", "tis_dpo_models")  # read the pool scored with the DPO models
+# Read the pool scored with the DPO models (cDPO: as its positive and negative models, --ce-scores).
+ON_DPO_MODELS = ("dporeward_reg", "tgdpo", "sepo", "tis_dpo_models", "cdpo")
 # The α grid: with 0 (plain DPO) and 0.25 (the default, dpo_reg) these make the paper's grid.
 ALPHAS = (0.1, 0.5, 1.0)
 
@@ -186,7 +192,8 @@ def noisy_copy(rows: list[dict], share: float, seed: int) -> list[dict]:
 
 def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, settings: Settings, enforce_eager: bool,
           dpo_models: tuple[Path, Path] | None = None) -> Path:
-    """treg-score on the pairs; with `dpo_models`, also the token log-probs of the DPO and reverse-DPO models."""
+    """treg-score on the pairs; with `dpo_models`, also the token log-probs of the DPO and reverse-DPO models, and
+    their contrastive estimate as cDPO's positive and negative models."""
     template = pairs.parent / "revision-prompts.yaml"
     template.write_text(yaml.safe_dump(world.REVISION_PROMPTS))
     command = [str(Path(sys.executable).parent / "treg-score"), "--model", str(model_dir), "--dataset", str(pairs),
@@ -194,7 +201,8 @@ def score(model_dir: Path, pairs: Path, scored: Path, pool: Pool, settings: Sett
                "--max-length", str(pool.max_length), "--max-prompt-length", str(pool.max_prompt_length),
                "--batch-size", "256", "--overwrite", "--backend", settings.backend, "--no-reward-check"]
     command += ["--enforce-eager"] if enforce_eager else []
-    command += ["--dpo-model", str(dpo_models[0]), "--reverse-dpo-model", str(dpo_models[1])] if dpo_models else []
+    command += ["--dpo-model", str(dpo_models[0]), "--reverse-dpo-model", str(dpo_models[1]),
+                "--ce-scores"] if dpo_models else []
     run(command, scored.with_suffix(".log"))
     return scored
 
@@ -284,6 +292,7 @@ def train(method: str, model_dir: Path, scored: Path, pool: Pool, regime: Regime
                "--micro-batch-tokens", "4096", "--logging-steps", "5", "--save-steps", "0", "--seed", str(seed)]
     command += [] if method in OWN_BETA else ["--beta", str(settings.dpo_beta)]
     command += [] if alpha is None else ["--alpha", str(alpha)]
+    command += ["--ref-model", str(model_dir)] if method in WITH_REFERENCE else []
     run(command, out.with_suffix(".log"), env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out / "final"
 

@@ -9,6 +9,9 @@ from typing import Protocol
 import numpy as np
 
 ScoreRequest = tuple[list[int], list[int]]  # (prefix ids, response ids)
+# Per response token, the K most likely next tokens: ids [L, K] int32 and their log-probs [L, K] float32, by log-prob
+# (most likely first), ties by token id.
+TopK = tuple[np.ndarray, np.ndarray]
 BACKENDS = ("vllm", "hf")
 
 
@@ -20,6 +23,7 @@ class EngineOptions:
     max_model_len: int = 4096
     engine: dict = field(default_factory=dict)  # vllm.LLM's own arguments (ScoreConfig's engine settings)
     batch_tokens: int = 16384  # hf back-end only: tokens per forward (padded)
+    topk: int = 0  # the largest K `score_topk` will be asked for (vLLM sizes its max_logprobs by it); 0: never
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -31,4 +35,13 @@ class Scorer(Protocol):
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]: ...
 
+    def score_topk(self, requests: list[ScoreRequest], k: int) -> list[TopK]: ...
+
     def close(self) -> None: ...
+
+
+def sorted_topk(ids: np.ndarray, logps: np.ndarray) -> TopK:
+    """Each row's K entries by log-prob, most likely first, ties by token id: one order whatever the back-end."""
+    order = np.lexsort((ids, -logps), axis=-1)
+    return (np.take_along_axis(ids, order, -1).astype(np.int32),
+            np.take_along_axis(logps, order, -1).astype(np.float32))

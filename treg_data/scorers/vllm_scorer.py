@@ -14,16 +14,22 @@ the prefix, which is most of each sequence (the revision prompts quote the whole
   only, never the values.
 Neither is trusted on faith: a scorer's first sequences also go through the plain path (every row's
 log-prob, no prefix cache), and a disagreement stops the run (`check_against_every_row`).
+
+The top-K tokens at each response position (`score_topk`, treg-score --ref-topk) are vLLM's prompt log-probs with
+`prompt_logprobs=K`: each position's entries are the actual token (with its rank), then the K most likely, ranks
+1..K. Where the scores take `cached_prefix_rows` they do too (only the response rows are run); elsewhere every
+position of the sequence is run, without the cache, as `prompt_logprob_token_ids` has no top-K form.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import numpy as np
 
 from treg_core.errors import UserError
-from treg_data.scorers.base import EngineOptions, ScoreRequest
+from treg_data.scorers.base import EngineOptions, ScoreRequest, TopK, sorted_topk
 from treg_data.scorers.cpu_engine import CPU_BLOCK_SIZE, cpu_engine_environment
 from treg_data.scorers.engine_log import OutputTail, root_cause, start_failure
 from treg_data.scorers.watchdog import RESUME, EngineWatchdog, children_pids
@@ -34,6 +40,7 @@ CHECKED_SEQUENCES = 8
 # model in the same precision; what they may differ in is kernel order (batch shapes, cached KV), a fraction of
 # the precision's resolution. A path reading the wrong rows is off by nats.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05, "auto": 0.1}
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's own max_logprobs: a larger --ref-topk raises it
 
 
 class VLLMScorer:
@@ -53,6 +60,7 @@ class VLLMScorer:
                     max_model_len=options.max_model_len,
                     enable_prefix_caching=True,  # read only by the cached_prefix_rows path
                     block_size=CPU_BLOCK_SIZE if current_platform.is_cpu() else None,
+                    **({"max_logprobs": options.topk} if options.topk > DEFAULT_MAX_LOGPROBS else {}),
                     **options.engine,
                 )
             except (RuntimeError, ValueError) as err:  # an engine process failed to start, or vLLM refused a setting
@@ -72,17 +80,36 @@ class VLLMScorer:
         self.rerun_sequences = 0  # sequences run again because the cache reached into their response
 
     def score(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        try:
+        with self._engine_death_said():
             scored = (self.score_token_id_rows if self.scoring_path == "token_id_rows"
                       else self.score_cached_prefix_rows)(requests)
             if not self.checked:
                 self.check_against_every_row(requests[:CHECKED_SEQUENCES], scored[:CHECKED_SEQUENCES])
-        except EngineDeadError:  # it stopped and said so (a Ctrl-C only it received): faster than the watchdog
+        return scored
+
+    def score_topk(self, requests: list[ScoreRequest], k: int) -> list[TopK]:
+        """Per request, the K most likely tokens at each response position and their log-probs (base.TopK)."""
+        def extract(flat, prefix: list[int], response: list[int]) -> TopK:
+            return flat_response_topk(flat, prefix, response, k)
+
+        with self._engine_death_said():
+            if self.scoring_path == "cached_prefix_rows":
+                return self._cached_prefix_rows(requests, k, extract)
+            outputs = self.llm.generate(_prompts(requests), self.flat_params(read_cache=False, prompt_logprobs=k),
+                                        use_tqdm=False)
+        return [extract(out.prompt_logprobs, prefix, response)
+                for (prefix, response), out in zip(requests, outputs, strict=True)]
+
+    @contextmanager
+    def _engine_death_said(self):
+        """An engine that stopped and said so (a Ctrl-C only it received) as one line: faster than the watchdog."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except EngineDeadError:
             cause = root_cause(self.engine_log.settled()) or "it stopped on a signal or an error it reported above"
             raise UserError(f"the {self.watchdog.what} engine died: {cause}; {RESUME}") from None
-        return scored
 
     def check_against_every_row(self, requests: list[ScoreRequest], scored: list[np.ndarray]) -> None:
         """The fast path's first sequences against the plain one (every row's log-prob, no prefix cache), which
@@ -116,24 +143,32 @@ class VLLMScorer:
 
     def score_cached_prefix_rows(self, requests: list[ScoreRequest]) -> list[np.ndarray]:
         """Per chunk: the prefixes into the prefix cache, then the sequences, whose cached positions are not run."""
+        return self._cached_prefix_rows(requests, 0, flat_response_logprobs)
+
+    def _cached_prefix_rows(self, requests: list[ScoreRequest], prompt_logprobs: int, extract) -> list:
+        """score_cached_prefix_rows with `prompt_logprobs` most likely tokens per position besides the actual one;
+        `extract(prompt_logprobs, prefix, response)` makes each sequence's result."""
         fill = self._sampling_params(max_tokens=1, detokenize=False)
-        scored: list[np.ndarray] = []
+        scored: list = []
         for start, stop in prefix_chunks(requests, self.chunk_tokens):
             chunk = requests[start:stop]
             prefixes = {tuple(prefix[:-1]) for prefix, _ in chunk if len(prefix) > 1}
             self.llm.generate(_prompts([(list(p), []) for p in prefixes]), fill, use_tqdm=False)
-            outputs = self.llm.generate(_prompts(chunk), self.flat_params(read_cache=True), use_tqdm=False)
+            outputs = self.llm.generate(_prompts(chunk), self.flat_params(read_cache=True,
+                                                                          prompt_logprobs=prompt_logprobs),
+                                        use_tqdm=False)
             # A cache hit that reaches into the response (a repeated sequence, or two responses with a
             # common start) leaves response rows unset: run those sequences again without the cache.
             again = [i for i, out in enumerate(outputs) if (out.num_cached_tokens or 0) > len(chunk[i][0]) - 1]
             if again:
-                rerun = self.llm.generate(_prompts([chunk[i] for i in again]), self.flat_params(read_cache=False),
+                rerun = self.llm.generate(_prompts([chunk[i] for i in again]),
+                                          self.flat_params(read_cache=False, prompt_logprobs=prompt_logprobs),
                                           use_tqdm=False)
                 for i, out in zip(again, rerun, strict=True):
                     outputs[i] = out
             self.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs)
             self.rerun_sequences += len(again)
-            scored += [flat_response_logprobs(out.prompt_logprobs, prefix, response)
+            scored += [extract(out.prompt_logprobs, prefix, response)
                        for (prefix, response), out in zip(chunk, outputs, strict=True)]
         return scored
 
@@ -142,10 +177,11 @@ class VLLMScorer:
         self.watchdog.stop()
         self.llm.llm_engine.engine_core.shutdown()
 
-    def flat_params(self, read_cache: bool):
-        """Prompt log-probs of the actual token at every position run; with read_cache, prefixes come from the cache."""
-        return self._sampling_params(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False,
-                                     skip_reading_prefix_cache=not read_cache)
+    def flat_params(self, read_cache: bool, prompt_logprobs: int = 0):
+        """Prompt log-probs of the actual token at every position run, and of the `prompt_logprobs` most likely ones;
+        with read_cache, prefixes come from the cache."""
+        return self._sampling_params(max_tokens=1, prompt_logprobs=prompt_logprobs, flat_logprobs=True,
+                                     detokenize=False, skip_reading_prefix_cache=not read_cache)
 
     def _row_params(self, prefix: list[int], response: list[int]):
         # Row i scores prompt token start + i + 1: start at the last prefix position.
@@ -188,3 +224,25 @@ def flat_response_logprobs(flat, prefix: list[int], response: list[int]) -> np.n
     if not np.array_equal(token_ids, np.asarray(response)):
         raise RuntimeError("vLLM returned log-probs for other tokens than the response; report this as a bug")
     return np.asarray(flat.logprobs, dtype=np.float32)[starts]
+
+
+def flat_response_topk(flat, prefix: list[int], response: list[int], k: int) -> TopK:
+    """Pick the response positions' K most likely tokens out of a FlatLogprobs of the whole sequence (prompt_logprobs
+    k): position p's entries are the actual token, with its rank, then those of ranks 1..k."""
+    if flat is None or len(flat) < len(prefix) + len(response):
+        raise RuntimeError("vLLM returned no prompt log-probs for some response positions; report this as a bug")
+    first = len(prefix)
+    starts = np.asarray(flat.start_indices[first:first + len(response)], dtype=np.int64)
+    ends = np.asarray(flat.end_indices[first:first + len(response)], dtype=np.int64)
+    if not len(response):
+        return np.zeros((0, k), dtype=np.int32), np.zeros((0, k), dtype=np.float32)
+    low, high = int(starts[0]), int(ends[-1])  # only the response's entries are converted
+    token_ids = np.asarray(flat.token_ids[low:high])
+    if not np.array_equal(ends - starts, np.full(len(response), k + 1)) or not np.array_equal(
+            token_ids[starts - low], np.asarray(response)):
+        raise RuntimeError("vLLM returned prompt log-probs for other tokens than the response, or not the top "
+                           f"{k} of each; report this as a bug")
+    index = starts[:, None] - low + 1 + np.arange(k)  # the entries after the actual token's
+    if not (np.asarray(flat.ranks[low:high])[index] == np.arange(1, k + 1)).all():
+        raise RuntimeError(f"vLLM's prompt log-probs at a response position are not ranks 1..{k}; report this as a bug")
+    return sorted_topk(token_ids[index], np.asarray(flat.logprobs[low:high], dtype=np.float32)[index])
