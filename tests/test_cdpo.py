@@ -98,3 +98,14 @@ def test_cdpo_trains_on_shards_scored_with_a_positive_and_a_negative_model(tiny_
     refused = run(train_command("--model", tiny_model, "--data", tmp_path / "plain", "--output", tmp_path / "run2",
                                 "--loss", "cdpo", "--max-steps", "1", "--global-batch-size", "4"))
     assert_one_line_error(refused, "ce_logps", "--ce-scores")
+
+
+@pytest.mark.parametrize("flags", [("--loss", "cdpo"), ("--loss", "dpo_reg", "--token-weighting", "cdpo")])
+def test_swapped_pairs_are_refused_with_cdpo_weights(flags, tmp_path):
+    """cDPO's weights mark the rejected answer's critical tokens by a positive model against a negative one: with
+    chosen and rejected swapped they would contrast the wrong way, so the settings are refused before any work."""
+    from helpers import assert_one_line_error, run, train_command
+
+    result = run(train_command("--model", tmp_path / "m", "--data", tmp_path / "d", "--output", tmp_path / "o",
+                               *flags, "--swap-pairs"))
+    assert_one_line_error(result, "--swap-pairs with cDPO's weights", "--chosen-column rejected")

@@ -114,3 +114,19 @@ def test_ce_scores_without_a_negative_model_is_refused(tiny_model, tmp_path):
                                "--dpo-model", tiny_model, "--ce-scores", "--backend", "hf"))
     assert_one_line_error(result, "--ce-scores", "--reverse-dpo-model")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_one_model_as_both_is_said_before_scoring(tmp_path, capsys):
+    """The estimate of one model against itself is that model's own log-probs: a contrast of nothing, said when the
+    settings are read (as a token signal that will be 0 is), in words of cDPO's negative model."""
+    from treg_data.config import ScoreConfig
+    from treg_data.signals import warn_on_settings
+
+    same = ScoreConfig(dataset="d", model="m", output="o", dpo_model="pos", reverse_dpo_model="pos", ce_scores=True)
+    warn_on_settings(same)
+    assert "*_ce_logps will be that model's own log-probs" in capsys.readouterr().err
+    for config in (ScoreConfig(dataset="d", model="m", output="o", dpo_model="pos", reverse_dpo_model="neg",
+                               ce_scores=True),
+                   ScoreConfig(dataset="d", model="m", output="o", dpo_model="pos", reverse_dpo_model="pos")):
+        warn_on_settings(config)
+        assert "*_ce_logps" not in capsys.readouterr().err

@@ -170,3 +170,23 @@ def test_every_run_prints_its_plan_first(tiny_model, learnable_shards, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     plan_line = next(line for line in result.stderr.splitlines() if "memory plan:" in line)
     assert "GB per device" in plan_line and "checkpointing: none" in plan_line
+
+
+def test_tdpo_s_kl_is_planned_from_the_reference_in_memory_and_from_the_shards_top_k(tmp_path):
+    """TDPO's KL widens the log-prob chunk: by the reference's logits and log-probs beside the policy's with
+    --ref-model, by the policy's log-probs outside the top K without one (the shards' top-K); a reference is planned
+    only where one is held."""
+    from treg_train.plan import Planner
+
+    model, planner = str(llama_1b_shape(tmp_path / "config-only")), Planner("cuda", torch.bfloat16, 0.0)
+
+    def parts(**settings) -> dict:
+        from treg_train.config import TrainConfig
+
+        return planner.plans(TrainConfig(model=model, **settings), 1)["none"].parts
+
+    dpo, top_k, exact = parts(loss="dpo"), parts(loss="tdpo2"), parts(loss="tdpo2", ref_model=model)
+    block = 1024 * 128256 / 2**30  # GiB per byte of one chunk's [rows, vocabulary] entries
+    assert top_k["log-prob chunk"] - dpo["log-prob chunk"] == pytest.approx(4 * block)
+    assert exact["log-prob chunk"] - dpo["log-prob chunk"] == pytest.approx(8 * block)
+    assert top_k["reference model"] == 0 < exact["reference model"]

@@ -99,3 +99,29 @@ def test_otpo_trains_a_real_model(tiny_model, learnable_shards, tmp_path):
     lines = [line for line in read_metrics(tmp_path / "run") if "loss" in line]
     assert len(lines) == 2 and all(math.isfinite(line["loss"]) for line in lines)
     assert lines[-1]["skipped_zero_weights"] == 0
+
+
+def test_a_transport_the_sinkhorn_cannot_compute_is_counted_not_blamed_on_the_policy():
+    """Below some ε POT's stabilised Sinkhorn overflows in float32 and the weights are NaN: each such pair is
+    counted (the step stops the run on it), and only where the hidden states themselves are finite."""
+    states, logps, ref_logps, mask, lengths = _batch(seed=1)
+    chosen, rejected = _sides(states, logps, ref_logps, mask, lengths)
+    with pytest.warns(UserWarning, match="did not converge"):
+        _, failed = preference_loss(chosen, rejected, LossSettings("otpo", weighting="otpo", otpo_epsilon=1e-30))
+    assert failed["otpo_not_finite"].tolist() == [1.0] * 4
+    _, fine = preference_loss(chosen, rejected, LossSettings("otpo", weighting="otpo"))
+    assert fine["otpo_not_finite"].tolist() == [0.0] * 4
+    chosen.hidden[0, 0, 0] = math.nan  # a policy gone NaN is not the Sinkhorn's doing
+    with pytest.warns(UserWarning):
+        _, blown = preference_loss(chosen, rejected, LossSettings("otpo", weighting="otpo", otpo_epsilon=1e-30))
+    assert blown["otpo_not_finite"].tolist() == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_a_run_whose_transport_overflows_stops_naming_the_epsilon(tiny_model, learnable_shards, tmp_path):
+    from helpers import assert_one_line_error, run, train_command
+
+    result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",
+                               "--loss", "otpo", "--otpo-epsilon", "1e-30", "--max-steps", "1",
+                               "--global-batch-size", "4"))
+    assert_one_line_error(result, "OTPO's token weights are not finite", "raise --otpo-epsilon")
+    assert not (tmp_path / "run" / "final").exists()

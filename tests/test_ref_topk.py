@@ -164,3 +164,13 @@ def test_vllm_flat_prompt_logprobs_give_the_ranks_after_the_actual_token_ties_by
         flat_response_topk(flat, prefix, [7, 9], k)
     with pytest.raises(RuntimeError, match="top 4"):
         flat_response_topk(flat, prefix, response, 4)
+
+
+def test_the_top_k_ids_are_not_taken_for_token_rewards():
+    """--reward-column names a per-token column; the top-K ids are K token ids per token, as `ids` are one."""
+    from treg_train.config import TrainConfig
+    from treg_train.config import validate as validate_training
+
+    for name in ("ids", "ref_topk_ids"):
+        with pytest.raises(UserError, match=f"--reward-column {name} holds token ids"):
+            validate_training(TrainConfig(model="m", data="d", output="o", reward_column=name))

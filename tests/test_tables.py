@@ -92,3 +92,20 @@ def test_treg_inspect_takes_beta_and_the_method_from_the_run_of_its_checkpoint(t
     (tmp_path / "model").mkdir()
     assert checkpoint_beta(str(tmp_path / "model"), None) == (0.01, "")
     assert "give --beta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record", ["loss: simpo\nbeta: null\n", "beta: [unclosed\n", "loss: dpo\nbeta: true\n", None])
+def test_treg_inspect_refuses_a_run_whose_record_gives_no_beta(tmp_path, record):
+    """A treg-train run's model whose config.yaml gives no usable β (an older run's null, a broken or missing file):
+    DPO's 0.01 would be a guess shown as the run's (a SimPO run trains with β = 10), so --beta is asked for."""
+    from treg_core.errors import UserError
+    from treg_data.inspect_cli import checkpoint_beta
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / ".treg").write_text("treg-train\n")
+    if record is not None:
+        (run / "config.yaml").write_text(record)
+    with pytest.raises(UserError, match="give --beta"):
+        checkpoint_beta(str(run / "final"), None)
+    assert checkpoint_beta(str(run / "final"), 0.5)[0] == 0.5  # --beta wins

@@ -175,3 +175,28 @@ def test_tdpo2_trains_on_the_top_k_its_shards_store(tiny_model, tmp_path):
     lines = [line for line in read_metrics(tmp_path / "run") if "kl/chosen" in line]
     assert len(lines) == 2 and lines[0]["kl/chosen"] == pytest.approx(0, abs=1e-6)  # the policy is the reference
     assert lines[1]["kl/chosen"] > 1e-6  # after an update it is not
+
+
+def test_a_reference_of_another_output_width_is_refused_and_one_beside_top_k_shards_says_it_wins(tiny_model, tmp_path):
+    """One tokenizer on output layers of two widths passes the vocabulary check, but the exact KL compares the two
+    distributions token by token: refused in one line before any model loads. A reference of the policy's width over
+    shards that store a top-K too: the run says which of the two its KL comes from."""
+    import json
+    import shutil
+
+    from helpers import assert_one_line_error, hf_score_config, make_learnable_pairs, run, train_command, write_jsonl
+
+    from treg_data import pipeline
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_learnable_pairs(4))
+    pipeline.run(hf_score_config(tiny_model, data, tmp_path / "scored", ref_topk=2))
+    wide = shutil.copytree(tiny_model, tmp_path / "wide")
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    common = ("--model", tiny_model, "--data", tmp_path / "scored", "--loss", "tdpo1", "--max-steps", "1",
+              "--global-batch-size", "4")
+    refused = run(train_command(*common, "--output", tmp_path / "refused", "--ref-model", wide))
+    assert_one_line_error(refused, "output layers of 512 and 576 tokens", "--ref-topk")
+    result = run(train_command(*common, "--output", tmp_path / "run", "--ref-model", tiny_model))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gives TDPO's KL exactly" in result.stderr and "top-2 tokens the shards" in result.stderr

@@ -17,6 +17,7 @@ from treg_core.contract import (
     SIDES,
     SIGNALS,
     column,
+    model_identity,
     open_shard,
     recorded_zero,
     shard_files,
@@ -50,6 +51,11 @@ def warn_on_settings(config) -> list[tuple[str, str]]:
         print(f"treg-score: warning: {flags} are one model ({config.dpo_model}): *_{first} will equal *_{second}, "
               f"so {rewards}the token signal *_{first} - *_{second} that treg-train's token weightings read will be "
               f"0 on every token; give {SIGNALS[first, second].needs}", file=sys.stderr)
+    if config.ce_scores and model_identity(config.dpo_model) == model_identity(config.reverse_dpo_model):
+        print(f"treg-score: warning: --ce-scores with one model as --dpo-model and --reverse-dpo-model "
+              f"({config.dpo_model}): softmax(2·log π − log π) is π, so *_ce_logps will be that model's own log-probs "
+              "and cDPO's weights contrast nothing; give a negative model (trained on incorrect answers) as "
+              "--reverse-dpo-model", file=sys.stderr)
     return signals
 
 

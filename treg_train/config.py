@@ -18,7 +18,7 @@ from treg_core.command_line import (
     share,
     within,
 )
-from treg_core.contract import COLUMN_RANGES, LOGPROB_RANGE
+from treg_core.contract import COLUMN_RANGES, COLUMNS, ID_KINDS, LOGPROB_RANGE
 from treg_core.errors import UserError
 from treg_train.losses import LossSettings
 from treg_train.objectives import (
@@ -246,11 +246,17 @@ def validate(config: TrainConfig) -> TrainConfig:
          f"family divides by their sum, which can then be 0 or negative; combine {config.token_weighting} with "
          "dpo_reg or wpo_reg"),
         (config.tis_dpo_weights in ("prompts", "models"), "--tis-dpo-weights must be prompts or models"),
+        (config.loss not in METHODS or not (config.swap_pairs and config.weighting == "cdpo"),
+         "--swap-pairs with cDPO's weights: they mark the rejected answer's critical tokens by the contrast of the "
+         "positive model (--dpo-model) against the negative one (--reverse-dpo-model), so swapped they would weigh "
+         "the new rejected answers by the contrast the wrong way round; leave --swap-pairs out, or score the swapped "
+         "pairs (treg-score --chosen-column rejected --rejected-column chosen) with the two models exchanged"),
         (COLUMN_RANGES.get(config.reward_column) != LOGPROB_RANGE,
          f"--reward-column {config.reward_column} holds log-probs, not token rewards; give rewards, dpo_rewards or "
          "a per-token column of your own"),
-        (config.reward_column != "ids", "--reward-column ids holds token ids, not token rewards; give rewards, "
-                                        "dpo_rewards or a per-token column of your own"),
+        (config.reward_column not in COLUMNS or COLUMNS[config.reward_column].kind not in ID_KINDS,
+         f"--reward-column {config.reward_column} holds token ids, not token rewards; give rewards, dpo_rewards or a "
+         "per-token column of your own"),
         (config.lr_scheduler_type in ("cosine", "linear", "constant"),
          "--lr-scheduler-type must be cosine, linear or constant"),
         (config.report_to in ("none", "tensorboard", "wandb"), "--report-to must be none, tensorboard or wandb"),

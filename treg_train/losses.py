@@ -237,7 +237,17 @@ def preference_loss(chosen: SideTokens, rejected: SideTokens,
         metrics.update({"kl/chosen": kl_w.detach(), "kl/rejected": kl_l.detach()})
     if kept_w is not None:
         metrics["skipped_zero_weights"] = without_gradient(kept_w, kept_l, settings.loss_type).float()
+    if settings.weighting == "otpo":
+        metrics["otpo_not_finite"] = transport_failed(chosen, rejected, weights).float()
     return losses, metrics
+
+
+def transport_failed(chosen: SideTokens, rejected: SideTokens,
+                     weights: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The pairs [pairs] whose OTPO weights are not finite though both answers' hidden states are: POT's Sinkhorn
+    overflowed (an --otpo-epsilon too small for it), not the policy."""
+    finite = [torch.isfinite(values).flatten(1).all(-1) for values in (chosen.hidden, rejected.hidden, *weights)]
+    return finite[0] & finite[1] & ~(finite[2] & finite[3])
 
 
 def with_sequential_kl(margin: torch.Tensor, chosen: SideTokens, rejected: SideTokens,

@@ -9,7 +9,8 @@ Parts of the peak (per device, GiB):
 - activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
   and decoder layer), less what checkpointing recomputes;
 - log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient (and the reference's
-  logits and log-probs of the same rows, where TDPO's exact KL reads them);
+  logits and log-probs of the same rows, where TDPO's exact KL reads them; the policy's log-probs over the
+  vocabulary outside the reference's top K, where TDPO's KL reads the shards' top-K);
 - reference model (--ref-model): its fp32 weights, sharded, and its gathered layers (the output layer whole, for
   TDPO's exact KL);
 - on a CPU the whole process counts (peak RSS): the process itself, and rank 0 holding a full fp32
@@ -82,6 +83,7 @@ class Budget:
     checkpointing: str = "none"  # one of MODES
     reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
     reference_distribution: bool = False  # its whole distribution beside the policy's, chunk by chunk (TDPO)
+    reference_topk: bool = False  # the shards' top-K of the reference beside the policy's rows (TDPO without it)
 
 
 @dataclass(frozen=True)
@@ -129,13 +131,16 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
     world, width = budget.world_size, budget.compute_dtype.itemsize
     root = shape.total_params - shape.layers * shape.layer_params
     trained = shape.trainable_params / max(shape.total_params, 1)
+    # TDPO's KL, per entry of a chunk: the reference's logits and log-probs beside the policy's, or (top-K) the
+    # policy's log-probs with the K masked out
+    kl_bytes = 8 if budget.reference_distribution else 4 if budget.reference_topk else 0
     parts = {
         "parameters": shape.total_params * 4 / world,
         "gradients": shape.trainable_params * 4 / world,
         "optimizer": shape.trainable_params * 8 / world,
         "gathered layers": (root * (1 + trained) + shape.layer_params * (2 + trained)) * width,
         "activations": activation_bytes_per_token(shape, budget.compute_dtype, budget.checkpointing) * budget.tokens,
-        "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width + (8 if budget.reference_distribution else 0)),
+        "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width + kl_bytes),
         "reference model": (shape.total_params * 4 / world + (root + 2 * shape.layer_params) * width
                             if budget.reference else 0.0),
         "process and loading": 0.0,
@@ -200,10 +205,11 @@ class Planner:
         return self.shapes[config.lora_r]
 
     def plans(self, config, world_size: int) -> dict[str, MemoryPlan]:
-        exact_kl = bool(config.ref_model) and method(config.loss).needs_reference_distribution
+        kl = method(config.loss).needs_reference_distribution
         budget = Budget(world_size, self.compute_dtype, tokens_per_forward(config, world_size),
                         config.logprob_chunk_rows, self.device_type, reference=bool(config.ref_model),
-                        reference_distribution=exact_kl)
+                        reference_distribution=kl and bool(config.ref_model),
+                        reference_topk=kl and not config.ref_model)
         return {mode: plan(self.shape(config), replace(budget, checkpointing=mode), self.process_gb) for mode in MODES}
 
     def least(self, config, world_size: int) -> MemoryPlan:

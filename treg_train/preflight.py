@@ -18,7 +18,7 @@ from treg_core.contract import model_identity, tokenizer_fingerprint
 from treg_core.errors import UserError
 from treg_core.folders import check_folder, lock_folder
 from treg_core.precision import DTYPES, dtype_name
-from treg_core.sources import check_same_vocabulary, load_tokenizer
+from treg_core.sources import check_same_vocabulary, load_model_config, load_tokenizer
 from treg_train.checkpoint import FINISHED, latest_checkpoint
 from treg_train.config import TrainConfig, changed_on_resume
 from treg_train.index import Reading, ShardIndex
@@ -51,8 +51,14 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     if config.ref_model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.ref_model, what="--ref-model"), config.ref_model,
                               flag="--ref-model")
+        check_same_output_layer(config)
     index = ShardIndex(config.data, reading(config), holdout=config.eval_fraction)
     check_scored_for_the_model(config, tokenizer, index, config.data)
+    if is_main and config.ref_model and method(config.loss).needs_reference_distribution and \
+            index.provenance.ref_topk:
+        print(f"treg-train: --ref-model {config.ref_model} gives TDPO's KL exactly, over its whole distribution; the "
+              f"top-{index.provenance.ref_topk} tokens the shards in {config.data} store (treg-score --ref-topk) are "
+              "not read", file=sys.stderr)
     dtype = compute_dtype(config.dtype, device)
     if is_main and config.ref_model is None:
         warn_on_precision_mismatch(index.provenance.dtype, dtype_name(dtype), config.data)
@@ -60,6 +66,20 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     memory, note = plan_run(config, world_size, device, dtype)
     return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note,
                      extension_note(Path(config.output), checkpoint, total_steps))
+
+
+def check_same_output_layer(config: TrainConfig) -> None:
+    """TDPO's exact KL compares the policy's and --ref-model's distributions token by token: the two output layers
+    must have as many rows (one tokenizer may sit on output layers padded to different widths)."""
+    if not method(config.loss).needs_reference_distribution:
+        return
+    widths = [load_model_config(path, flag).get_text_config().vocab_size
+              for path, flag in ((config.model, "--model"), (config.ref_model, "--ref-model"))]
+    if widths[0] != widths[1]:
+        raise UserError(f"--model and --ref-model have output layers of {widths[0]} and {widths[1]} tokens, but "
+                        f"--loss {config.loss} compares their distributions token by token (TDPO's KL); give a "
+                        "--ref-model with --model's output layer, or leave --ref-model out and train on shards "
+                        "scored with treg-score --ref-topk K")
 
 
 def reading(config: TrainConfig) -> Reading:

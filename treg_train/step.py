@@ -135,6 +135,7 @@ class StepResult:
     tokens: int  # real tokens this rank forwarded
     learning: int  # pairs of the global batch (every rank's) that the objective learns from
     first_loss: float  # the mean loss of this rank's first micro-batch, before the update
+    transport_failed: int = 0  # pairs of the global batch whose OTPO weights POT could not compute (losses.py)
 
 
 def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]], batching: Batching,
@@ -142,8 +143,9 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
     """Forward and backward of this rank's micro-batches (`rank_micro_batches`) of one global batch, gradients
     clipped; the update is the caller's, once it has seen that everything was finite."""
     world_size = dist.get_world_size()
-    # Summed over the ranks in one collective: pairs whose loss is not finite, pairs the objective learns from.
-    counts, tokens, first_loss = torch.zeros(2, device=batching.device), 0, math.nan
+    # Summed over the ranks in one collective: pairs whose loss is not finite, pairs the objective learns from, pairs
+    # whose OTPO transport is not finite.
+    counts, tokens, first_loss = torch.zeros(3, device=batching.device), 0, math.nan
     for index, (batch, real) in enumerate(micro):
         inputs = batching.inputs(batch)
         objective.policy.set_requires_gradient_sync(index == len(micro) - 1)  # reduce-scatter on the last only
@@ -153,6 +155,7 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
         if real:
             counts[0] += (~torch.isfinite(losses.detach())).sum()
             counts[1] += inputs.num_pairs - values.get("skipped_zero_weights", torch.zeros(())).sum()
+            counts[2] += values.get("otpo_not_finite", torch.zeros(())).sum()
             tokens += inputs.num_tokens
             first_loss = float(losses.detach().mean()) if index == 0 else first_loss
         add_pair_metrics(metrics, losses.detach(), values, inputs.num_pairs, real)
@@ -161,9 +164,9 @@ def train_step(objective: Objective, micro: list[tuple[list[TrainingPair], bool]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm or math.inf)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     dist.all_reduce(counts)  # every rank decides alike
-    not_finite, learning = counts.tolist()
+    not_finite, learning, transport_failed = counts.tolist()
     return StepResult(grad_norm, not_finite == 0 and bool(torch.isfinite(grad_norm)), tokens, round(learning),
-                      first_loss)
+                      first_loss, round(transport_failed))
 
 
 def evaluate(objective: Objective, reader: EvalReader, batching: Batching, chunk_size: int) -> dict[str, float]:

@@ -230,10 +230,15 @@ def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
     result = train_step(run.objective, micro, run.batching, run.config.global_batch_size, run.config.max_grad_norm,
                         window.metrics)
     window.compiling += compile_seconds() - before
+    if result.transport_failed:  # the count is over every rank: all stop together
+        raise UserError(f"OTPO's token weights are not finite for {result.transport_failed} pair(s) of global batch "
+                        f"{run.step + 1}: POT's Sinkhorn overflowed at --otpo-epsilon {run.config.otpo_epsilon:g}; "
+                        "the run stopped before that update and nothing was exported; "
+                        f"{change_and_rerun(run.output, 'raise --otpo-epsilon (its authors use 0.1 to 1)')}")
     if not result.finite:  # every rank stops together, before the update that would spoil the weights
         raise UserError(f"the loss or the gradient is not finite at step {run.step + 1} "
                         f"(gradient norm {float(result.grad_norm):.3g}); the run stopped before that update and "
-                        f"nothing was exported; check the data, or {lower_learning_rate(run.output)}")
+                        f"nothing was exported; check the data, or {change_and_rerun(run.output)}")
     if result.learning == 0:  # the count is over every rank: all stop together
         raise UserError(f"no pair of global batch {run.step + 1} gives the loss anything to learn: "
                         f"{nothing_learned(run.config)}; the run stopped and nothing was exported")
@@ -291,15 +296,16 @@ def _check_weights(run: Run, what: str) -> None:
     problem = weights_problem(run.objective, run.batching, run.start) if run.start else None
     if problem:
         raise UserError(f"the weights after the update at step {run.step} {problem}; the run stopped before writing "
-                        f"its {what} and nothing was exported; {lower_learning_rate(run.output)}")
+                        f"its {what} and nothing was exported; {change_and_rerun(run.output)}")
 
 
-def lower_learning_rate(output: Path) -> str:
-    """The command after a diverged run: --resume keeps the learning rate, so a lower one is a new run."""
+def change_and_rerun(output: Path, change: str = "lower --learning-rate") -> str:
+    """The command after a diverged run: --resume keeps the settings (the learning rate, or what `change` changes),
+    so other ones are a new run."""
     newest = latest_checkpoint(output)
     if newest is None:
-        return "lower --learning-rate and run the command again"
-    return (f"lower --learning-rate and start a new --output (this one keeps the run's good checkpoints, the newest "
+        return f"{change} and run the command again"
+    return (f"{change} and start a new --output (this one keeps the run's good checkpoints, the newest "
             f"{newest})")
 
 
