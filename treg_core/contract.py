@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from treg_core.errors import UserError, unreadable
-from treg_core.folders import MARKER
+from treg_core.folders import owned_by
 
 SIDES = ("chosen", "rejected")
 CONTEXTS = ("ref", "better", "worse")  # what precedes a response when it is scored: policy prompt, x_better, x_worse
@@ -441,8 +441,7 @@ def read_worker_manifest(path: Path) -> WorkerManifest:
 
 def started_scoring(root: Path) -> bool:
     """treg-score marked the folder as its own (a worker that has written no shard yet)."""
-    marker = root / MARKER
-    return marker.is_file() and marker.read_text(encoding="utf-8", errors="replace").strip() == "treg-score"
+    return owned_by(root, "treg-score")
 
 
 def read_manifest(folder: str | Path) -> Manifest:

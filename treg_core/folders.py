@@ -33,6 +33,14 @@ RUN = f"{LOCK}.run"  # the layout of the run sharing the folder's lock; its own 
 _held = {}  # the open lock files of this process, by path: a lock lasts as long as its file stays open
 
 
+def owned_by(folder: str | Path, command: str) -> bool:
+    """Whether `command` marked `folder` as its own."""
+    try:
+        return (Path(folder) / MARKER).read_text(encoding="utf-8", errors="replace").strip() == command
+    except OSError:
+        return False
+
+
 def check_folder(path: str | Path, command: str) -> bool:
     """Raise unless `command` may write into `path`; True when `command` wrote there before."""
     path = Path(path)

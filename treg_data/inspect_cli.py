@@ -21,7 +21,7 @@ from treg_core.contract import (
     tokenizer_fingerprint,
 )
 from treg_core.errors import UserError
-from treg_core.folders import MARKER
+from treg_core.folders import owned_by
 from treg_core.html import page_path
 from treg_core.sources import check_same_vocabulary, load_tokenizer
 
@@ -98,7 +98,7 @@ def checkpoint_beta(checkpoint: str, given: float | None) -> tuple[float, str]:
     if isinstance(run_beta, (int, float)) and not isinstance(run_beta, bool) and 0 < run_beta < math.inf:
         print(f"treg-inspect: β = {run_beta:g}, from {record.resolve()}", file=sys.stderr)
         return float(run_beta), trained_as
-    if is_folder_of(record.parent, "treg-train"):  # a run's model whose record gives no β: DPO's would be a guess
+    if owned_by(record.parent, "treg-train"):  # a run's model whose record gives no β: DPO's would be a guess
         found = ("is missing" if not record.is_file() else "cannot be read as the run's settings" if not settings else
                  "records no β (an older treg wrote null for the loss's default)" if run_beta is None else
                  f"records beta: {run_beta!r}, not a positive number")
@@ -107,14 +107,6 @@ def checkpoint_beta(checkpoint: str, given: float | None) -> tuple[float, str]:
     print(f"treg-inspect: β = 0.01 (DPO's): {checkpoint} is not the model of a treg-train run that records its β; "
           "give --beta, the β it was trained with", file=sys.stderr)
     return 0.01, trained_as
-
-
-def is_folder_of(folder: Path, command: str) -> bool:
-    """Whether `command` marked `folder` as its own (treg_core.folders)."""
-    try:
-        return (folder / MARKER).read_text(encoding="utf-8").strip() == command
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def check_checkpoint(checkpoint: str, provenance: Provenance) -> None:
