@@ -27,7 +27,8 @@ def official_ot_weights(hidden, loss_mask, len_chosen: int, reg: float, reg_m: f
         cost_matrix = torch.nan_to_num(cost_matrix, nan=1e10)
         a = torch.ones(chosen_mask.shape[1]) * P_mask_i
         b = torch.ones(chosen_mask.shape[1]) * Q_mask_i
-        G_uot = ot.unbalanced.sinkhorn_unbalanced(a, b, cost_matrix, reg, reg_m, method="sinkhorn_stabilized")
+        G_uot = ot.unbalanced.sinkhorn_unbalanced(a, b, cost_matrix, reg, reg_m, method="sinkhorn_stabilized",
+                                                  reg_type="entropy")  # POT 0.9.4's default, which the authors pin
         _scale_coeff = G_uot.sum() / min(a.sum(), b.sum())
         chosen_weight[i], rejected_weight[i] = G_uot.sum(axis=-1) / _scale_coeff, G_uot.sum(axis=0) / _scale_coeff
     return chosen_weight, rejected_weight

@@ -304,7 +304,9 @@ def otpo_weights(chosen: SideTokens, rejected: SideTokens, epsilon: float,
         if largest > 1:
             cost = cost / largest
         mass = [torch.ones(len(h), dtype=cost.dtype, device=cost.device) for h in states]
-        plan = ot.unbalanced.sinkhorn_unbalanced(*mass, cost, epsilon, reg_m, method="sinkhorn_stabilized")
+        # reg_type "entropy": the authors' POT 0.9.4's default (later versions default to "kl", another plan)
+        plan = ot.unbalanced.sinkhorn_unbalanced(*mass, cost, epsilon, reg_m, method="sinkhorn_stabilized",
+                                                 reg_type="entropy")
         scale = plan.sum() / min(len(states[0]), len(states[1]))
         for side, values, side_weights in zip((chosen, rejected), (plan.sum(1), plan.sum(0)), weights):
             side_weights[pair][side.mask[pair]] = (values / scale).to(side_weights.dtype)
