@@ -18,9 +18,7 @@ import torch
 from treg_core.contract import LOGPROB_RANGE
 from treg_core.errors import UserError
 from treg_data.scorers.base import EngineOptions, ScoreRequest
-from treg_data.scorers.hf_scorer import HFScorer
-
-CHUNK_ROWS = 1024  # response rows per output-layer call: one [rows, vocabulary] fp32 block of each model's
+from treg_data.scorers.hf_scorer import OUTPUT_CHUNK_ROWS, HFScorer
 
 
 class ContrastiveEstimate:
@@ -51,7 +49,7 @@ class ContrastiveEstimate:
             chosen = [requests[i] for i in batch]
             positive, negative = self.positive.response_hidden(chosen), self.negative.response_hidden(chosen)
             targets = torch.tensor([t for _, response in chosen for t in response], device=positive.device)
-            chunks = [slice(start, start + CHUNK_ROWS) for start in range(0, len(targets), CHUNK_ROWS)]
+            chunks = [slice(start, start + OUTPUT_CHUNK_ROWS) for start in range(0, len(targets), OUTPUT_CHUNK_ROWS)]
             values = torch.cat([contrastive_logps(self.positive.logits(positive[rows]),
                                                   self.negative.logits(negative[rows]), targets[rows])
                                 for rows in chunks])

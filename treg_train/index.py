@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from treg_core.contract import (
     COLUMN_RANGES,
+    COLUMNS,
     SIDES,
     SIGNALS,
     Provenance,
@@ -40,7 +41,7 @@ from treg_core.contract import (
 from treg_core.errors import UserError, first_line
 from treg_core.sources import is_hub_id
 
-TOPK_COLUMNS = ("ref_topk_ids", "ref_topk_logps")  # treg-score --ref-topk: K values per token
+TOPK_COLUMNS = tuple(n for n, c in COLUMNS.items() if c.written_with == "--ref-topk")  # K values per token
 
 
 @dataclass

@@ -17,7 +17,9 @@ from treg_core.forward import TokenLogprobs, at_least_fp32, packed, response_pos
 from treg_core.precision import DTYPES
 from treg_data.scorers.base import EngineOptions, ScoreRequest, TopK, sorted_topk
 
-TOPK_CHUNK_ROWS = 1024  # response rows per output-layer call of score_topk: one [rows, vocabulary] fp32 block
+# Response rows per output-layer call outside the kernel (score_topk, the contrastive estimate): one
+# [rows, vocabulary] fp32 block at a time.
+OUTPUT_CHUNK_ROWS = 1024
 
 
 class HFScorer:
@@ -97,8 +99,8 @@ class HFScorer:
         architecture's logit transform, fp32 log-softmax), keeping each row's top K instead of one target's."""
         hidden = self.response_hidden(requests)
         ids, logps = [], []
-        for start in range(0, hidden.shape[0], TOPK_CHUNK_ROWS):
-            logits = self.logits(hidden[start:start + TOPK_CHUNK_ROWS])
+        for start in range(0, hidden.shape[0], OUTPUT_CHUNK_ROWS):
+            logits = self.logits(hidden[start:start + OUTPUT_CHUNK_ROWS])
             top = torch.topk(logits - torch.logsumexp(logits, dim=-1, keepdim=True), k, dim=-1)
             ids.append(top.indices.cpu())
             logps.append(top.values.cpu())
