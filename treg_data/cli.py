@@ -3,6 +3,7 @@ field is a flag; `--config recipe.yaml` supplies values that flags override."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from treg_core.command_line import run_cli, settings_command
@@ -10,13 +11,22 @@ from treg_core.contract import SKIPPED, read_manifest
 from treg_core.errors import UserError
 from treg_data.config import ScoreConfig, validate
 from treg_data.signals import warn_on_settings, warn_on_shards
+from treg_data.status import folder_status
 
 
 def score(config: ScoreConfig) -> None:
     """Score every response token of a preference dataset with the contrastive reward of T-REG."""
+    if config.status:  # a report on a folder: nothing else is needed, and nothing is scored or written
+        report = folder_status(config.status)
+        print(report.text())
+        sys.exit(report.exit_code)
     validate(config)
     zero_by_settings = warn_on_settings(config)
-    if config.data_parallel_size > 1:
+    if config.executor == "ray":
+        from treg_data.ray_executor import run_on_ray
+
+        summary = run_on_ray(config)
+    elif config.data_parallel_size > 1:
         from treg_data.data_parallel import run_data_parallel
 
         summary = run_data_parallel(config, config.data_parallel_size)

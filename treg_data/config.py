@@ -14,6 +14,7 @@ from treg_data.revision_prompts import AUTO
 from treg_data.scorers import BACKENDS, EngineOptions
 
 TOKEN_REWARDS = ("contrastive", "edit-diff")
+EXECUTORS = ("local", "ray")
 MAX_REF_TOPK = 100  # --ref-topk: K ids and log-probs per response token, 8 bytes each before compression
 INPUT, MODEL, SCORING, OUTPUT, DISTRIBUTED = "Input", "Model", "Scoring", "Output", "Distributed"
 
@@ -92,6 +93,10 @@ class ScoreConfig:
     push_to_hub: str | None = setting(
         None, OUTPUT, "Upload the finished dataset to this Hub repository (ORG/NAME).")
     hub_private: bool = setting(False, OUTPUT, "With --push-to-hub: create the repository as private.")
+    status: str | None = setting(
+        None, OUTPUT, "Report how far this treg-score output folder is (workers finished, in progress, not started; "
+        "the command that finishes it) and exit: 0 finished, 3 unfinished, 2 not a treg-score folder. Nothing else "
+        "is needed, and nothing is scored, written or locked.")
     # distributed
     tensor_parallel_size: int = engine_setting(1, DISTRIBUTED, "vLLM tensor parallel size.")
     data_parallel_size: int = setting(
@@ -99,6 +104,17 @@ class ScoreConfig:
         "folder.")
     num_workers: int = setting(1, DISTRIBUTED, "Split the input into this many contiguous parts...")
     worker_index: int = setting(0, DISTRIBUTED, "...and score this one (0-based).")
+    executor: str = setting(
+        "local", DISTRIBUTED, "local: score in this process (or --data-parallel-size processes); ray: hand the "
+        "--num-workers parts to --num-actors scoring actors on a Ray cluster (pip install 'treg[ray]').")
+    ray_address: str | None = setting(
+        None, DISTRIBUTED, "With --executor ray: the cluster to join, as ray.init takes it ('auto', "
+        "'ray://host:10001'); default: start or join a local one.")
+    num_actors: int = setting(
+        1, DISTRIBUTED, "With --executor ray: scoring actors, one engine each (--tensor-parallel-size GPUs per actor "
+        "on GPU machines, else a share of the CPU cores). The input is cut into --num-workers parts (default: one per "
+        "actor; a rerun must give the same): more parts than actors balance the load, as an actor that finishes "
+        "early takes the next part.")
 
     @property
     def columns(self) -> Columns:
@@ -130,7 +146,7 @@ class ScoreConfig:
 RANGES = {
     **{name: (at_least(1), "at least 1") for name in ("max_length", "max_prompt_length", "batch_size", "shard_size",
                                                       "num_workers", "data_parallel_size", "tensor_parallel_size",
-                                                      "max_edit_tokens")},
+                                                      "max_edit_tokens", "num_actors")},
     "max_model_len": (optional(above(0)), "a positive number of tokens (leave it out for the default)"),
     "worker_index": (at_least(0), "an integer >= 0"),
     "seed": (at_least(0), "an integer >= 0"),
@@ -141,7 +157,7 @@ RANGES = {
 
 def validate(config: ScoreConfig) -> ScoreConfig:
     """Settings that cannot work, refused before anything is read or started; each message says the fix."""
-    require(config, ("dataset", "model", "output"))
+    require(config, () if config.status else ("dataset", "model", "output"))  # --status reads a folder, no more
     if config.dtype not in DTYPE_CHOICES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {config.dtype!r}")
     if config.backend not in BACKENDS:
@@ -150,6 +166,7 @@ def validate(config: ScoreConfig) -> ScoreConfig:
     if config.worker_index >= config.num_workers:
         raise UserError(f"--worker-index {config.worker_index} must be below --num-workers {config.num_workers} "
                         "(workers count from 0)")
+    _check_executor(config)
     if config.dpo_model and config.scorer_model and config.scorer_model != config.model:
         raise UserError("--dpo-model needs the reference log-probs of --model itself, but --scorer-model computes "
                         "them; score the DPO rewards in a run without --scorer-model")
@@ -167,3 +184,20 @@ def validate(config: ScoreConfig) -> ScoreConfig:
         raise UserError("--reverse-dpo-model is one half of a contrastive pair: give the DPO model too, "
                         "--dpo-model")
     return config
+
+
+def _check_executor(config: ScoreConfig) -> None:
+    """Ray hands out the parts itself; its settings mean nothing to a local run."""
+    if config.executor not in EXECUTORS:
+        raise UserError(f"--executor must be one of {', '.join(EXECUTORS)}, got {config.executor!r}")
+    if config.executor == "local":
+        for flag, given in (("--num-actors", config.num_actors != 1), ("--ray-address", config.ray_address)):
+            if given:
+                raise UserError(f"{flag} is a setting of --executor ray: add --executor ray, or leave it out")
+        return
+    if config.data_parallel_size > 1:
+        raise UserError("--executor ray runs its own scoring actors: give --num-actors "
+                        f"{config.data_parallel_size} instead of --data-parallel-size {config.data_parallel_size}")
+    if config.worker_index:
+        raise UserError("--executor ray scores every part of the input itself: leave out --worker-index (give "
+                        "--num-workers alone to choose how many parts)")

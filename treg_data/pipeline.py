@@ -32,7 +32,7 @@ from treg_data.scorers import EngineOptions, Scorer, build_scorer
 from treg_data.scoring import score_pairs
 from treg_data.shards import ShardCutter, ShardStore, merge_manifests
 
-__all__ = ["ScoreConfig", "Summary", "run"]
+__all__ = ["PartScorer", "ScoreConfig", "Summary", "run"]
 
 SHOWN_SKIPS = 5
 
@@ -70,8 +70,93 @@ class Summary:
 
 
 def run(config: ScoreConfig) -> Summary:
+    """Score this worker's part of the input (--worker-index of --num-workers)."""
     started = time.perf_counter()
-    validate(config)
+    parts = PartScorer(config)
+    try:
+        return parts.score(config.worker_index, started)
+    finally:
+        parts.close()
+
+
+class PartScorer:
+    """What every part of one run shares, set up once: the tokenizer (checked against the other models'), the
+    prompt sets, the length limits, the input and the engines, which start on the first pair to score and then
+    serve every part this process is given (one under `run`, several in a treg-score --executor ray actor)."""
+
+    def __init__(self, config: ScoreConfig):
+        self.config = config = validate(config)
+        self.tokenizer = _checked_tokenizer(config)
+        self.candidates = candidate_prompt_sets(config)
+        model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
+        self.dtype = resolve_dtype(config.dtype, model_config)
+        self.max_model_len = resolve_max_model_len(
+            config.max_model_len, model_context(model_config), config.max_length,
+            max((revision_overhead(self.tokenizer, c) for c in self.candidates), default=0))
+        self.limits = LengthLimits(config.max_length, config.max_prompt_length, self.max_model_len)
+        self.source = open_source(config.dataset, config.split, config.dataset_config)
+        self.engine = _Engine(config.backend, config.engine_options(self.dtype, self.max_model_len),
+                              config.other_engine_options(self.dtype, self.max_model_len), config.ce_scores)
+        self.revision_prompts = self.candidates[0] if len(self.candidates) == 1 else None
+        self.check: dict | None = None  # the reward check, measured once for every part
+        self._checked = False
+
+    def score(self, worker_index: int, started: float | None = None) -> Summary:
+        """Score part `worker_index` of --num-workers into --output, continuing after its last complete shard;
+        a part found finished is only merged."""
+        config, started = self.config, started or time.perf_counter()
+        start, stop = worker_range(self.source.num_rows, config.num_workers, worker_index)
+        _check_columns(list(islice(self.source.rows(start, stop), config.batch_size)), config)
+        # The prompt set is part of the provenance: under auto it is chosen before the folder is read.
+        if config.revision_prompts == AUTO and not self._checked:
+            self.revision_prompts, self.check = self._reward_check(None)
+        store = ShardStore(config.output, config.split, worker_index, config.num_workers,
+                           provenance(config, self.tokenizer, self.revision_prompts, self.source.fingerprint,
+                                      self.dtype, self.max_model_len))
+        progress = store.resume(start, config.overwrite)
+        seconds_before = self.engine.seconds
+        if progress.finished:
+            print(f"{config.output}: worker {worker_index}'s part is already scored; nothing to do", file=sys.stderr)
+            return self._summary(progress, start, stop, started, merge_manifests(store.root, config.num_workers),
+                                 progress.tokens, progress.rows, seconds_before)
+        if config.reward_check and self.revision_prompts and not self._checked:
+            _, self.check = self._reward_check(self.revision_prompts)
+        if progress.next_input > start:
+            print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}",
+                  file=sys.stderr)
+        tokens_before, rows_before = progress.tokens, progress.rows
+        # Re-read from the start of the chunk the last run was in, so every chunk holds the same
+        # pairs as in an uninterrupted run and batch-dependent rounding cannot differ.
+        chunk_start = progress.next_input - (progress.next_input - start) % config.batch_size
+        encoder = PairEncoder(self.tokenizer, self.revision_prompts, self.limits,
+                              config.max_edit_tokens if config.token_rewards == "edit-diff" else None)
+        duplicate_ids = _score_chunks(self.source.rows(chunk_start, stop), stop - chunk_start, config, encoder,
+                                      self.engine, ShardCutter(store, progress, config.shard_size))
+        manifest = store.finish(progress, start, stop, self.engine.scoring_path, self.check)
+        return self._summary(progress, start, stop, started, manifest, tokens_before, rows_before, seconds_before,
+                             duplicate_ids)
+
+    def _reward_check(self, chosen: RevisionPrompts | None) -> tuple[RevisionPrompts, dict | None]:
+        self._checked = True
+        return run_check(self.engine.main(), self.tokenizer, self.limits, chosen, self.config.seed)
+
+    def _summary(self, progress, start: int, stop: int, started: float, manifest: Path | None, tokens_before: int,
+                 rows_before: int, seconds_before: float, duplicate_ids: int = 0) -> Summary:
+        """This part's summary: what this run added to the tokens, rows and scorer time it found (`*_before`)."""
+        return Summary(
+            output=Path(self.config.output), pairs_read=stop - start, pairs_scored=progress.rows,
+            skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
+            seconds=time.perf_counter() - started, score_seconds=self.engine.seconds - seconds_before,
+            scoring_path=self.engine.scoring_path, manifest=manifest, pairs_scored_now=progress.rows - rows_before,
+            duplicate_ids=duplicate_ids,
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _checked_tokenizer(config: ScoreConfig):
+    """--model's tokenizer, once every other model is found to share its vocabulary."""
     tokenizer = load_tokenizer(config.model, config.model_revision, config.chat_template, needs_chat_template=True)
     if config.scorer_model and config.scorer_model != config.model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.scorer_model, needs_chat_template=True),
@@ -80,60 +165,7 @@ def run(config: ScoreConfig) -> Summary:
         flag = "--dpo-model" if name == "dpo" else "--reverse-dpo-model"
         check_same_vocabulary(tokenizer, load_tokenizer(model, chat_template=config.chat_template,
                                                         needs_chat_template=True), model, flag=flag)
-    candidates = candidate_prompt_sets(config)
-    model_config = load_model_config(config.scorer_model or config.model, config.model_revision)
-    dtype = resolve_dtype(config.dtype, model_config)
-    max_model_len = resolve_max_model_len(config.max_model_len, model_context(model_config), config.max_length,
-                                          max((revision_overhead(tokenizer, c) for c in candidates), default=0))
-    limits = LengthLimits(config.max_length, config.max_prompt_length, max_model_len)
-
-    source = open_source(config.dataset, config.split, config.dataset_config)
-    start, stop = worker_range(source.num_rows, config.num_workers, config.worker_index)
-    _check_columns(list(islice(source.rows(start, stop), config.batch_size)), config)
-    engine = _Engine(config.backend, config.engine_options(dtype, max_model_len),
-                     config.other_engine_options(dtype, max_model_len), config.ce_scores)
-    try:
-        # The prompt set is part of the provenance: under auto it is chosen before the folder is read.
-        revision_prompts, check = (candidates[0] if len(candidates) == 1 else None), None
-        if config.revision_prompts == AUTO:
-            revision_prompts, check = run_check(engine.main(), tokenizer, limits, None, config.seed)
-        store = ShardStore(config.output, config.split, config.worker_index, config.num_workers,
-                           provenance(config, tokenizer, revision_prompts, source.fingerprint, dtype, max_model_len))
-        progress = store.resume(start, config.overwrite)
-        if progress.finished:
-            print(f"{config.output}: this worker's part is already scored; nothing to do", file=sys.stderr)
-            return _summary(config, progress, start, stop, started, engine,
-                            merge_manifests(store.root, config.num_workers), progress.tokens, progress.rows)
-        if config.reward_check and revision_prompts and check is None:
-            _, check = run_check(engine.main(), tokenizer, limits, revision_prompts, config.seed)
-        if progress.next_input > start:
-            print(f"resuming after {progress.next_shard} complete shard(s), at input row {progress.next_input}",
-                  file=sys.stderr)
-        tokens_before, rows_before = progress.tokens, progress.rows
-        # Re-read from the start of the chunk the last run was in, so every chunk holds the same
-        # pairs as in an uninterrupted run and batch-dependent rounding cannot differ.
-        chunk_start = progress.next_input - (progress.next_input - start) % config.batch_size
-        encoder = PairEncoder(tokenizer, revision_prompts, limits,
-                              config.max_edit_tokens if config.token_rewards == "edit-diff" else None)
-        duplicate_ids = _score_chunks(source.rows(chunk_start, stop), stop - chunk_start, config, encoder, engine,
-                                      ShardCutter(store, progress, config.shard_size))
-    finally:
-        engine.close()
-    manifest = store.finish(progress, start, stop, engine.scoring_path, check)
-    return _summary(config, progress, start, stop, started, engine, manifest, tokens_before, rows_before,
-                    duplicate_ids)
-
-
-def _summary(config: ScoreConfig, progress, start: int, stop: int, started: float, engine: _Engine,
-             manifest: Path | None, tokens_before: int, rows_before: int, duplicate_ids: int = 0) -> Summary:
-    """This run's summary: what it added to the tokens and rows it found done (`*_before`)."""
-    return Summary(
-        output=Path(config.output), pairs_read=stop - start, pairs_scored=progress.rows,
-        skipped_by_reason=progress.skip_counts(), tokens=progress.tokens - tokens_before,
-        seconds=time.perf_counter() - started, score_seconds=engine.seconds,
-        scoring_path=engine.scoring_path, manifest=manifest, pairs_scored_now=progress.rows - rows_before,
-        duplicate_ids=duplicate_ids,
-    )
+    return tokenizer
 
 
 def candidate_prompt_sets(config: ScoreConfig) -> list[RevisionPrompts]:
