@@ -108,6 +108,33 @@ def test_launch_scripts_build_the_right_commands(tmp_path):
     assert out[-1] == "--resume"
 
 
+def test_the_multinode_script_requeues_a_run_that_stopped_for_a_signal(tmp_path):
+    """Slurm's part faked (srun runs its command; scontrol names the head node and records a requeue): the script
+    hands torchrun the rendezvous, makes its agent ignore SIGUSR1, and requeues only when the run wrote stopped.json
+    (torchrun exits 1 either way)."""
+    (tmp_path / "torchrun").write_text('#!/usr/bin/env bash\ntrap -p USR1 > "$FAKE/trap"; printf "%s\\n" "$@" > '
+                                       '"$FAKE/args"\n[ -n "${STOP:-}" ] && echo {} > "$OUT/stopped.json"; exit 1\n')
+    (tmp_path / "srun").write_text('#!/usr/bin/env bash\nexec "$@"\n')
+    (tmp_path / "scontrol").write_text('#!/usr/bin/env bash\n[ "$1" = requeue ] && echo "$2" > "$FAKE/requeued"\n'
+                                       'echo node-a\n')
+    for name in ("torchrun", "srun", "scontrol"):
+        (tmp_path / name).chmod(0o755)
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "stopped.json").write_text("{}")  # an earlier stop's: removed before the run starts
+    train = ROOT / "pipelines/recipes/llama3-8b-instruct/dpo_reg.yaml"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "FAKE": str(tmp_path), "OUT": str(out),
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "77"}
+    script = ["bash", ROOT / "pipelines/launch/train_multinode.sbatch", train, out]
+    failed = subprocess.run(script, capture_output=True, text=True, env=env)
+    assert failed.returncode == 1 and not (tmp_path / "requeued").exists() and not (out / "stopped.json").exists()
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[:4] == ["--nnodes", "2", "--nproc-per-node", "8"] and "node-a:29500" in args and args[-1] == "--resume"
+    assert "USR1" in (tmp_path / "trap").read_text()  # the agent ignores it; the ranks take it
+    stopped = subprocess.run(script, capture_output=True, text=True, env={**env, "STOP": "1"})
+    assert stopped.returncode == 1 and (tmp_path / "requeued").read_text().strip() == "77"
+
+
 def test_shipped_quickstart_pairs_are_valid_and_varied():
     from treg_data.pairs import Columns, parse_pair
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -63,8 +65,9 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, trainer_sta
         torch.save({"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    tmp / f"rng-{rank:05d}.pt")
-        if rank == 0:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if rank == 0:  # the world size too: a resume on another number of processes re-seeds (resume_random_state)
+            state_record = {**trainer_state, "world_size": dist.get_world_size()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state_record, indent=2))
     except (Exception, CheckpointException) as err:  # a full disk: nothing half-written is left under any name
         shutil.rmtree(tmp, ignore_errors=True)
         if _interrupted(err):  # Ctrl-C reached a rank's writer: said as Ctrl-C, not as a full disk
@@ -99,17 +102,45 @@ def _sharded_state(model, optimizer) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG; returns the trainer state saved with them."""
+    """Restore model, optimizer and this rank's random state; returns the trainer state saved with them. The
+    weights and the optimizer state are DTensors that torch.distributed.checkpoint reshards, so the run may go on
+    with another number of processes than wrote the checkpoint."""
     # strict=False only lets the frozen weights be absent; dcp.load refuses a checkpoint that lacks any other.
     state = _sharded_state(model, optimizer)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=TRAINABLE)
     set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng = torch.load(path / f"rng-{dist.get_rank():05d}.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    resume_random_state(path, trainer_state)
+    return trainer_state
+
+
+def saved_world_size(path: Path, trainer_state: dict) -> int:
+    """The number of processes that wrote the checkpoint: recorded, or (older checkpoints) one RNG file each."""
+    return trainer_state.get("world_size") or len(list(path.glob("rng-*.pt")))
+
+
+def resume_random_state(path: Path, trainer_state: dict) -> None:
+    """This rank's random state as saved, where as many processes resume as wrote the checkpoint; otherwise no
+    rank's saved state is its own, and each is seeded afresh from (--seed, step, rank), the same on every resume."""
+    rank, world_size, written_by = dist.get_rank(), dist.get_world_size(), saved_world_size(path, trainer_state)
+    if world_size == written_by:
+        rng = torch.load(path / f"rng-{rank:05d}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return
+    seed, step = trainer_state.get("config", {}).get("seed", 0), trainer_state["step"]
+    torch.manual_seed(reseeded(seed, step, rank))  # every device's generator, CUDA's too
+    if rank == 0:
+        print(f"treg-train: the run resumes on {world_size} process(es) where it was written by {written_by}: the "
+              "same global batches follow, but each process's random state (dropout) is re-seeded from --seed, the "
+              "step and its rank", file=sys.stderr)
+
+
+def reseeded(seed: int, step: int, rank: int) -> int:
+    """A seed that depends on all three, mixed by numpy's SeedSequence (no salted hash: the same in every process)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0])
 
 
 def keep_finished_export(output: Path) -> None:

@@ -17,12 +17,17 @@ def run_training(config: TrainConfig) -> None:
     if config.plan:
         return print_plan(config)
     from treg_train.checkpoint import rerun_advice
+    from treg_train.stopping import EXIT_STOPPED, Stopped
     from treg_train.train import train
 
     try:
         result = train(config)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; {rerun_advice(config.output)}") from None
+    except Stopped as stop:  # a stop signal, at a step boundary, with a checkpoint: an exit code a requeue keys on
+        if stop.is_main:
+            print(f"treg-train: {stop}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     if result:
         metrics = result["metrics"]
         print(f"treg-train finished: {result['steps']} steps, loss {metrics.get('loss', float('nan')):.4f}, "

@@ -32,6 +32,7 @@ from treg_train.objectives import (
     reference_free,
     signal_columns,
 )
+from treg_train.stopping import EXIT_STOPPED, STOPPED, stop_signals_problem
 
 RUN, OBJECTIVE, OPTIMISATION, MEMORY, LORA, BOOKKEEPING, EVALUATION = (
     "Run", "Objective", "Optimisation", "Memory and speed", "LoRA", "Bookkeeping", "Evaluation")
@@ -127,6 +128,12 @@ class TrainConfig:
         500, BOOKKEEPING, "Write a checkpoint every this many steps (0: none; the model is exported at the end).")
     resume: bool = setting(False, BOOKKEEPING, "Continue from the newest complete checkpoint in --output.")
     report_to: str = setting("none", BOOKKEEPING, "none, tensorboard or wandb (metrics.jsonl is always written).")
+    stop_signals: str = setting(
+        "SIGTERM,SIGUSR1", BOOKKEEPING, "Signals that stop the run at the next step boundary: it saves a "
+        f"checkpoint, writes {STOPPED} and exits with {EXIT_STOPPED}, for --resume to continue (\"\": none).")
+    collective_timeout: float = setting(
+        10.0, BOOKKEEPING, "Minutes a process waits in a collective for the others: a process of the run that died "
+        "or hangs ends the run with an error after at most this long.")
     # Evaluation: the training objective's quantities on held-out pairs, without a gradient.
     eval_data: str | None = setting(
         None, EVALUATION, "Held-out pairs to evaluate on: a treg-score output folder or Hub dataset id, scored "
@@ -217,6 +224,7 @@ RANGES = {
     "save_steps": (at_least(0), "an integer >= 0 (0: no checkpoints)"),
     "eval_fraction": (within(0, 1), "in [0, 1)"),
     "eval_steps": (at_least(0), "an integer >= 0 (0: only at the end)"),
+    "collective_timeout": (above(0), "a positive number of minutes"),
 }
 
 
@@ -277,14 +285,18 @@ def validate(config: TrainConfig) -> TrainConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    problem = stop_signals_problem(config.stop_signals)
+    if problem:
+        raise UserError(problem)
     return config
 
 
 # What a --resume may change: bookkeeping, and --max-steps to extend a run. Everything else
 # (the objective, the data order, the schedule, the model) would silently mix two runs; so would
 # --eval-fraction (it decides which pairs are trained on) and --eval-data (one curve, two sets).
+# Gradient checkpointing recomputes the same numbers; --stop-signals and --collective-timeout say when a run stops.
 CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to", "eval_steps",
-                        "gradient_checkpointing", "plan")  # checkpointing recomputes the same numbers
+                        "gradient_checkpointing", "plan", "stop_signals", "collective_timeout")
 
 
 def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:

@@ -46,7 +46,7 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
         raise UserError(f"--global-batch-size {config.global_batch_size} must be a multiple of the "
                         f"{world_size} processes")
     check_packages(config)
-    checkpoint = check_output(Path(config.output), config, world_size)
+    checkpoint = check_output(Path(config.output), config)
     tokenizer = load_tokenizer(config.model, what="--model")
     if config.ref_model:
         check_same_vocabulary(tokenizer, load_tokenizer(config.ref_model, what="--ref-model"), config.ref_model,
@@ -146,7 +146,7 @@ def lock_output(config: TrainConfig, is_main: bool) -> None:
     if is_main:
         try:
             lock_folder(config.output, "treg-train")
-            check_output(Path(config.output), config, dist.get_world_size() if dist.is_initialized() else 1)
+            check_output(Path(config.output), config)
         except UserError as err:
             refusal = [str(err)]
     if dist.is_initialized():
@@ -155,9 +155,11 @@ def lock_output(config: TrainConfig, is_main: bool) -> None:
         raise UserError(refusal[0])
 
 
-def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | None:
+def check_output(output: Path, config: TrainConfig) -> Path | None:
     """The run folder must be new, empty, the folder of a start that failed before its first checkpoint (started
-    again), or this run's own with --resume and the same settings. Returns the checkpoint to resume from."""
+    again), or this run's own with --resume and the same settings. Returns the checkpoint to resume from. The
+    number of processes may differ from the checkpoint's (any that divides --global-batch-size, checked first):
+    the weights and optimizer state are resharded, the global batches are the same (checkpoint.load_checkpoint)."""
     ours = check_folder(output, "treg-train")
     checkpoint = latest_checkpoint(output) if ours else None
     if not config.resume:
@@ -186,10 +188,6 @@ def check_output(output: Path, config: TrainConfig, world_size: int) -> Path | N
         if config.max_steps is None or config.max_steps <= step:
             raise UserError(f"--resume: the run in {output} finished at step {step} and exported its model to "
                             f"{output / 'final'}; nothing to resume (a larger --max-steps trains it on)")
-    saved_world = len(list(checkpoint.glob("rng-*.pt")))  # one per process
-    if world_size != saved_world:
-        raise UserError(f"--resume: {checkpoint} was written by {saved_world} process(es), this run has "
-                        f"{world_size}; resume it with {saved_world} (torchrun --nproc-per-node {saved_world})")
     if config.max_steps is not None and config.max_steps < saved["step"]:
         raise UserError(f"--resume: --max-steps {config.max_steps} is below the step {saved['step']} of the newest "
                         f"checkpoint, {checkpoint}; give at least {saved['step']}")

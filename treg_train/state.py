@@ -7,6 +7,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -53,9 +54,27 @@ def launch_problem(env) -> str | None:
     return None
 
 
-def setup_distributed() -> Runtime:
+def runtime_of_started_group() -> Runtime:
+    """The Runtime of a process group that a launcher started before treg-train (and ends after it). Its backend
+    decides the device: nccl, this process's GPU by LOCAL_RANK (Ray Train sets it, the workers of a node in the
+    order of their GPUs, so it indexes this worker's GPU in CUDA_VISIBLE_DEVICES); gloo, the CPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if "nccl" in dist.get_backend():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return Runtime(dist.get_rank(), dist.get_world_size(), device, mesh)
+
+
+def setup_distributed(collective_timeout: float = 10.0) -> Runtime:
     """torchrun sets RANK/WORLD_SIZE; a plain `treg-train` is a world of one. Checked before the process group
-    starts, for init_process_group reports a missing variable as a traceback."""
+    starts, for init_process_group reports a missing variable as a traceback. A collective waits at most
+    `collective_timeout` minutes for the other processes (torch's own 30 would hold every device that long)."""
+    if dist.is_initialized():  # a launcher started the group (Ray Train's TorchTrainer): the run is its processes
+        return runtime_of_started_group()
     problem = launch_problem(os.environ)
     if problem:
         raise UserError(problem)
@@ -66,13 +85,16 @@ def setup_distributed() -> Runtime:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from torch.distributed.device_mesh import init_device_mesh
 
+    timeout = timedelta(minutes=collective_timeout)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl")
+        # A collective past the timeout aborts the process: a hung NCCL kernel would otherwise wait forever.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return Runtime(dist.get_rank(), dist.get_world_size(), device, mesh)
 

@@ -5,6 +5,8 @@ then the export. The run folder's metric sinks are closed however the run ends."
 from __future__ import annotations
 
 import math
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ from tqdm import tqdm
 
 from treg_core.atomic import write_json
 from treg_core.attention import default_attention
-from treg_core.errors import UserError, check_interrupted
+from treg_core.errors import UserError, check_interrupted, first_line
 from treg_core.folders import claim_folder
 from treg_core.precision import DTYPES, checkpoint_dtype, dtype_name
 from treg_train.checkpoint import (
@@ -24,6 +26,7 @@ from treg_train.checkpoint import (
     keep_finished_export,
     latest_checkpoint,
     load_checkpoint,
+    rerun_advice,
     save_checkpoint,
 )
 from treg_train.config import TrainConfig
@@ -46,14 +49,17 @@ from treg_train.step import (
     weights_problem,
     weights_rms,
 )
+from treg_train.stopping import STOPPED, Stopped, StopSignals
 
 
 def train(config: TrainConfig) -> dict:
-    rt = setup_distributed()
+    ours = not dist.is_initialized()  # a group a launcher started (Ray Train's) is the launcher's to end
+    rt = setup_distributed(config.collective_timeout)
     try:
         return _train(config, rt)
     finally:
-        dist.destroy_process_group()
+        if ours:
+            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, rt: Runtime) -> dict:
@@ -68,6 +74,12 @@ def _train(config: TrainConfig, rt: Runtime) -> dict:
         _export_final_model(run, checked.tokenizer)
         if rt.is_main:  # written last: a run with it finished, and --resume says so
             write_json(run.output / FINISHED, {"step": run.step})
+    except (dist.DistError, RuntimeError) as err:
+        if not lost_process(err):
+            raise
+        when = f"during step {run.step + 1}" if run.step < run.total_steps else "while the final model was exported"
+        raise UserError(f"another process of the run stopped or stopped answering {when} "
+                        f"({collective_error(err)}); {rerun_advice(run.output)}") from None
     finally:
         run.sink.close(failed=sys.exc_info()[0] is not None)
     return {"steps": run.step, "final": str(run.output / "final"), "metrics": last} if rt.is_main else {}
@@ -101,6 +113,7 @@ def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
         claim_folder(config.output, "treg-train")  # only now that every check passed, on every rank
         if checked.checkpoint is None:  # lines of a start that failed before its first checkpoint are not this run's
             (Path(config.output) / "metrics.jsonl").unlink(missing_ok=True)
+        (Path(config.output) / STOPPED).unlink(missing_ok=True)  # this run goes on from where that one stopped
     padding_free = use_padding_free(objective.policy.lm, config.padding_free)
     batching = Batching(config.max_length, config.micro_batch_tokens, padding_free, rt.device,
                         pack_lengths(config.micro_batch_tokens) if attention == "flex_attention" else ())
@@ -200,22 +213,57 @@ def _train_steps(run: Run) -> dict:
     bar = tqdm(total=run.total_steps, initial=run.step, desc="training", unit="step", disable=not run.rt.is_main,
                file=sys.stderr)
     last = {}
-    while run.step < run.total_steps:
-        check_interrupted()
-        epoch, _, mine = next(batches)
-        grad_norm = _update(run, mine, window)
-        bar.update(1)
-        if run.step % config.logging_steps == 0 or run.step == run.total_steps:
-            last = _log_window(run, window, bar, grad_norm, epoch)
-        due = run.step == run.total_steps or config.eval_steps and run.step % config.eval_steps == 0
-        if run.evaluator is not None and due:
-            began = time.perf_counter()
-            _evaluate(run, bar)  # after the last step too: on the weights the export writes
-            window.start += time.perf_counter() - began  # the throughput logged is training's alone
-        if config.save_steps and run.step % config.save_steps == 0 and run.step < run.total_steps:
-            _save_checkpoint(run)  # not at the last step: the export follows
+    with StopSignals(config.stop_signals) as stop:
+        while run.step < run.total_steps:
+            check_interrupted()
+            epoch, _, mine = next(batches)
+            grad_norm = _update(run, mine, window)
+            bar.update(1)
+            if run.step % config.logging_steps == 0 or run.step == run.total_steps:
+                last = _log_window(run, window, bar, grad_norm, epoch)
+            due = run.step == run.total_steps or config.eval_steps and run.step % config.eval_steps == 0
+            if run.evaluator is not None and due:
+                began = time.perf_counter()
+                _evaluate(run, bar)  # after the last step too: on the weights the export writes
+                window.start += time.perf_counter() - began  # the throughput logged is training's alone
+            saved = bool(config.save_steps) and run.step % config.save_steps == 0 and run.step < run.total_steps
+            if saved:
+                _save_checkpoint(run)  # not at the last step: the export follows
+            # On every rank alike, at every step boundary but the last (the export follows it): one all-reduce.
+            received = stop.agreed(run.rt.device) if run.step < run.total_steps else None
+            if received:
+                _stop(run, received, saved, bar)
     bar.close()
     return last
+
+
+def _stop(run: Run, received: signal.Signals, saved: bool, bar: tqdm) -> None:
+    """A stop signal came to a process: every process saves this step's checkpoint (unless it just did), rank 0
+    marks the run folder as stopped (for a requeue to look for), and all exit."""
+    if not saved:
+        _save_checkpoint(run)
+    bar.close()
+    checkpoint = latest_checkpoint(run.output)
+    if run.rt.is_main:
+        write_json(run.output / STOPPED, {"signal": received.name, "step": run.step, "checkpoint": str(checkpoint)})
+    raise Stopped(f"stopped by {received.name} at step {run.step} with a checkpoint in {checkpoint}; rerun with "
+                  "--resume to continue", run.rt.is_main)
+
+
+# What gloo says when the other end of a collective is gone: its connection closed, or the timeout passed.
+LOST_PROCESS = re.compile(r"gloo/transport|Connection (closed|reset) by peer|Timed out waiting", re.I)
+
+
+def lost_process(err: BaseException) -> bool:
+    """Whether a collective failed because another process of the run died or hangs (NCCL's errors are
+    DistBackendError; gloo's, plain RuntimeError)."""
+    return isinstance(err, dist.DistError) or bool(LOST_PROCESS.search(str(err)))
+
+
+def collective_error(err: BaseException) -> str:
+    """The gist of a backend's error: its first sentence, without the source location gloo puts first."""
+    text = re.sub(r"^\[[^\]]*:\d+\]\s*", "", first_line(err))
+    return text.split(". ")[0].rstrip(".")
 
 
 def _update(run: Run, mine: list, window: LogWindow) -> torch.Tensor:
