@@ -32,6 +32,7 @@ from treg_data.scorers.watchdog import RESUME
 
 RAY_RECORD = ".treg-ray.json"  # how the run was launched; hidden, so treg-push never uploads it
 INSTALL = "pip install 'treg[ray]'"
+SHUTDOWN_SECONDS = 10  # how long the processes of a local cluster get to end by themselves
 
 
 def run_on_ray(config):
@@ -55,7 +56,7 @@ def run_on_ray(config):
     try:
         results = _score_parts(ray, config, parts)
     finally:
-        ray.shutdown()
+        _shut_down(ray)
     results += [_finished_part(root, i, num_parts) for i in finished if i not in parts]
     return _summary(config, results, merge_manifests(root, num_parts), started)
 
@@ -73,6 +74,23 @@ def _import_ray():
     except ImportError:
         raise UserError(f"--executor ray needs Ray Data: {INSTALL}") from None
     return ray
+
+
+def _shut_down(ray) -> None:
+    """Leave the cluster; a local one this command started ends with it, its actors and their engines too. Ray's
+    workers notice their raylet is gone only after a while, and an actor left behind would hold its engine's memory
+    after the command returned: what still runs a few seconds after the shutdown is killed."""
+    import psutil
+
+    started = psutil.Process().children(recursive=True)  # none where the command joined a running cluster
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=SHUTDOWN_SECONDS)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=SHUTDOWN_SECONDS)
 
 
 def _connect(ray, address: str | None) -> None:
