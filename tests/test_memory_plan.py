@@ -89,6 +89,7 @@ def test_auto_checkpoints_only_as_much_as_the_device_needs(tmp_path, monkeypatch
 
     tiny_model = str(build_tiny_model(tmp_path / "six-layers", num_layers=6))
     config = TrainConfig(model=tiny_model, micro_batch_tokens=65536, max_length=2048)
+    monkeypatch.setattr(plans, "process_memory_gb", lambda: 0.25)  # not the test process's, which grows over a suite
     cpu = torch.device("cpu")
     full = {mode: plans.plan_run(TrainConfig(model=tiny_model, micro_batch_tokens=65536, max_length=2048,
                                              gradient_checkpointing=flag), 1, cpu, torch.float32)[0].peak_memory_gb
@@ -124,6 +125,7 @@ def _not_fitting(monkeypatch, model: Path, gb: float, device: str = "cuda", worl
     from treg_train.config import TrainConfig
 
     monkeypatch.setattr(plans, "device_memory_gb", lambda device: gb)
+    monkeypatch.setattr(plans, "process_memory_gb", lambda: 0.25)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     memory, note = plans.plan_run(TrainConfig(model=str(model), **settings), world_size, torch.device(device), dtype,
                                   strict=False)
