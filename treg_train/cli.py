@@ -35,15 +35,24 @@ def run_training(config: TrainConfig) -> None:
 
 
 def print_plan(config: TrainConfig) -> None:
-    """The memory plan as a table, then as one JSON object on the last line; nothing is loaded."""
+    """The memory plan as a table, then as one JSON object on the last line; no weight is loaded, and of --data
+    (where given) only the pairs' token counts are read, for forwards as long as the data makes them."""
     import torch
 
+    from treg_train.index import ShardIndex
     from treg_train.plan import plan_run
-    from treg_train.preflight import compute_dtype
+    from treg_train.preflight import compute_dtype, reading
 
+    lengths, unread = None, None
+    if config.data:
+        try:
+            lengths = ShardIndex(config.data, reading(config), holdout=config.eval_fraction).pair_lengths()
+        except UserError as err:  # planned as without data, and said why
+            unread = f"--data was not read, so the plan is the settings' worst case: {err}"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    memory, note = plan_run(config, planned_world_size(), device, compute_dtype(config.dtype, device), strict=False)
-    print(memory.table() + (f"\n  {note}" if note else ""))
+    memory, note = plan_run(config, planned_world_size(), device, compute_dtype(config.dtype, device), strict=False,
+                            lengths=lengths)
+    print("\n".join([memory.table(), *(f"  {line}" for line in (unread, note) if line)]))
     print(memory.json())
 
 

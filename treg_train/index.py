@@ -241,6 +241,22 @@ class ShardIndex:
         self.groups_read += 1
         return table
 
+    def pair_lengths(self) -> np.ndarray:
+        """Each pair's (prompt, chosen, rejected) token counts on this index's side of the split, [pairs, 3], for
+        the memory plan. The shards record no lengths, so the three token-id columns are read, row group by row
+        group (no other column, nothing kept but the counts)."""
+        names, shards, counts = ["prompt_ids", column(SIDES[0], "ids"), column(SIDES[1], "ids")], {}, []
+        for group, (file_index, row_group, _) in enumerate(self.groups):
+            rows, file = self.rows(group), self.files[file_index]
+            if not len(rows):
+                continue
+            with reading_shard(file):
+                shard = shards.setdefault(file_index, open_shard(file))
+                table = shard.read_row_group(row_group, columns=names)
+            lengths = [pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False) for name in names]
+            counts.append(np.stack(lengths, axis=1)[np.asarray(rows)])
+        return np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
+
     def check_every_group(self) -> None:
         """Read and check every row group on this index's side of the split now, rather than when it is reached:
         for held-out pairs, which are read only when the run evaluates, after its steps."""

@@ -7,8 +7,10 @@ Parts of the peak (per device, GiB):
 - gathered layers: FSDP2's unsharded copies in the compute dtype: the root (embeddings, output layer)
   for the whole step, two decoder layers (one computing, one prefetched), and one layer's gradients;
 - activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
-  and decoder layer), less what checkpointing recomputes;
-- log-prob chunk: one chunk of output-layer rows in fp32, with its temporaries and gradient (and the reference's
+  and decoder layer), less what checkpointing recomputes; `tokens` is the longest forward the data's lengths
+  can make (`longest_forward`), or without the data a full one (`tokens_per_forward`);
+- log-prob chunk: one chunk of output-layer rows in fp32 (no more than a forward's response tokens, where the
+  data's lengths are known), with its temporaries and gradient (and the reference's
   logits and log-probs of the same rows, where TDPO's exact KL reads them; the policy's log-probs over the
   vocabulary outside the reference's top K, where TDPO's KL reads the shards' top-K);
 - reference model (--ref-model): its fp32 weights, sharded, and its gathered layers (the output layer whole, for
@@ -23,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from treg_train.objectives import method
@@ -84,28 +87,40 @@ class Budget:
     reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
     reference_distribution: bool = False  # its whole distribution beside the policy's, chunk by chunk (TDPO)
     reference_topk: bool = False  # the shards' top-K of the reference beside the policy's rows (TDPO without it)
+    from_data: bool = False  # `tokens` from the data's lengths; else a full forward, the settings' worst case
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
     parts: dict[str, float]  # GiB
     checkpointing: str
+    tokens: int = 0  # of the longest forward planned
+    from_data: bool = False  # that forward from the data's lengths, not the settings' worst case
 
     @property
     def peak_memory_gb(self) -> float:
         return sum(self.parts.values())
 
+    @property
+    def forwards(self) -> str:
+        """What the activations were planned for."""
+        if self.from_data:
+            return f"forwards of at most {self.tokens} tokens, from the data's lengths"
+        return f"assumes full forwards of {self.tokens} tokens: give --data to plan from the data's lengths"
+
     def line(self) -> str:
         shown = ", ".join(f"{name} {gb:.2f}" for name, gb in self.parts.items() if gb >= 0.005)
-        return f"memory plan: {self.peak_memory_gb:.2f} GB per device ({shown}; checkpointing: {self.checkpointing})"
+        return (f"memory plan: {self.peak_memory_gb:.2f} GB per device ({shown}; checkpointing: {self.checkpointing}; "
+                f"{self.forwards})")
 
     def table(self) -> str:
         rows = [f"  {name:<22} {gb:10.2f} GB" for name, gb in self.parts.items()]
         return "\n".join(["memory plan, per device:", *rows, f"  {'peak':<22} {self.peak_memory_gb:10.2f} GB",
-                          f"  checkpointing: {self.checkpointing}"])
+                          f"  checkpointing: {self.checkpointing}", f"  {self.forwards}"])
 
     def json(self) -> str:
         return json.dumps({"peak_memory_gb": round(self.peak_memory_gb, 3), "checkpointing": self.checkpointing,
+                           "forward_tokens": self.tokens, "from_data": self.from_data,
                            "parts": {k: round(v, 3) for k, v in self.parts.items()}})
 
 
@@ -149,7 +164,8 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         loading = loading_bytes(shape, world)
         training = sum(parts.values())
         parts["process and loading"] = process_gb * GIB + max(0.0, loading - training)
-    return MemoryPlan({name: value / GIB for name, value in parts.items()}, budget.checkpointing)
+    return MemoryPlan({name: value / GIB for name, value in parts.items()}, budget.checkpointing, budget.tokens,
+                      budget.from_data)
 
 
 def loading_bytes(shape: ModelShape, world_size: int) -> float:
@@ -186,8 +202,53 @@ def model_shape(config) -> ModelShape:
 
 
 def tokens_per_forward(config, world_size: int) -> int:
-    """The most tokens one forward holds: --micro-batch-tokens, or a process's share of the global batch if less."""
+    """The most tokens one forward holds whatever the data: --micro-batch-tokens, or a process's share of the global
+    batch at --max-length if less."""
     return min(config.micro_batch_tokens, config.global_batch_size // world_size * 2 * config.max_length)
+
+
+def longest_forward(lengths: np.ndarray, max_length: int, max_tokens: int, pairs_per_rank: int,
+                    padding_free: bool) -> int:
+    """The most tokens one forward can hold when the collator (collate.micro_batches) cuts a rank's share of a
+    global batch, `pairs_per_rank` of these pairs, into micro-batches of at most `max_tokens` tokens. `lengths`
+    holds each pair's (prompt, chosen, rejected) token counts, [pairs, 3]; pairs longer than `max_length` are
+    skipped, as training skips them. Packed: the longest pairs' [chosen; rejected] tokens together, up to
+    `max_tokens` (a bound: the packer may stop short of it by less than a pair). Padded: 2 x pairs x the longest
+    sequence among them, for each pair with as many pairs no longer than it as fit."""
+    prompt, chosen, rejected = np.asarray(lengths, dtype=np.int64).reshape(-1, 3).T
+    longest = prompt + np.maximum(chosen, rejected)
+    kept = longest <= max_length
+    if not kept.any():
+        return 0
+    if padding_free:
+        tokens = np.sort((2 * prompt + chosen + rejected)[kept])[::-1]
+        return int(max(tokens[0], min(max_tokens, tokens[:pairs_per_rank].sum())))  # one pair is never cut
+    longest = np.sort(longest[kept])
+    no_longer = np.arange(1, len(longest) + 1)  # pairs no longer than each (ties: at least)
+    fitting = np.maximum(1, max_tokens // np.maximum(2 * longest, 1))
+    pairs = np.minimum(np.minimum(no_longer, pairs_per_rank), fitting)
+    return int((2 * pairs * longest).max())
+
+
+def most_response_tokens(lengths: np.ndarray, max_length: int, pairs_per_rank: int) -> int:
+    """The most response tokens one forward can predict, the rows the log-prob kernel chunks: those of the
+    `pairs_per_rank` pairs (no longer than `max_length`) with the most."""
+    prompt, chosen, rejected = np.asarray(lengths, dtype=np.int64).reshape(-1, 3).T
+    responses = (chosen + rejected)[prompt + np.maximum(chosen, rejected) <= max_length]
+    return int(np.sort(responses)[::-1][:pairs_per_rank].sum())
+
+
+def packs_pairs(config, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the run will pack its pairs without padding, decided as train.py decides it: --padding-free, else
+    whether the attention it will run is variable-length (model.use_padding_free)."""
+    from treg_core.attention import VARLEN_IMPLEMENTATIONS, default_attention
+    from treg_core.sources import load_model_config
+
+    if config.padding_free is not None:
+        return config.padding_free
+    attention = config.attn_implementation or default_attention(load_model_config(config.model, "--model"), device,
+                                                                 dtype)[0]
+    return attention in VARLEN_IMPLEMENTATIONS
 
 
 @dataclass
@@ -197,6 +258,8 @@ class Planner:
     device_type: str
     compute_dtype: torch.dtype
     process_gb: float  # the process's own resident memory (CPU)
+    lengths: np.ndarray | None = None  # the training pairs' (prompt, chosen, rejected) token counts; None: unknown
+    padding_free: bool = True  # how the run batches them (packs_pairs)
     shapes: dict[int, ModelShape] = field(default_factory=dict)  # by --lora-r
 
     def shape(self, config) -> ModelShape:
@@ -204,12 +267,31 @@ class Planner:
             self.shapes[config.lora_r] = model_shape(config)
         return self.shapes[config.lora_r]
 
+    def tokens(self, config, world_size: int) -> int:
+        """The most tokens one forward holds: from the data's lengths where known, else a full forward."""
+        if self.lengths is None:
+            return tokens_per_forward(config, world_size)
+        tokens = longest_forward(self.lengths, config.max_length, config.micro_batch_tokens,
+                                 config.global_batch_size // world_size, self.padding_free)
+        if self.padding_free and config.attn_implementation == "flex_attention":  # packs padded to a few lengths
+            from treg_train.step import pack_lengths
+
+            tokens = next((n for n in pack_lengths(config.micro_batch_tokens) if n >= tokens), tokens)
+        return tokens
+
+    def chunk_rows(self, config, world_size: int) -> int:
+        """The log-prob kernel's rows at a time: --logprob-chunk-rows, or the response tokens of a forward if fewer."""
+        if self.lengths is None:
+            return config.logprob_chunk_rows
+        responses = most_response_tokens(self.lengths, config.max_length, config.global_batch_size // world_size)
+        return min(config.logprob_chunk_rows, responses, self.tokens(config, world_size))
+
     def plans(self, config, world_size: int) -> dict[str, MemoryPlan]:
         kl = method(config.loss).needs_reference_distribution
-        budget = Budget(world_size, self.compute_dtype, tokens_per_forward(config, world_size),
-                        config.logprob_chunk_rows, self.device_type, reference=bool(config.ref_model),
+        budget = Budget(world_size, self.compute_dtype, self.tokens(config, world_size),
+                        self.chunk_rows(config, world_size), self.device_type, reference=bool(config.ref_model),
                         reference_distribution=kl and bool(config.ref_model),
-                        reference_topk=kl and not config.ref_model)
+                        reference_topk=kl and not config.ref_model, from_data=self.lengths is not None)
         return {mode: plan(self.shape(config), replace(budget, checkpointing=mode), self.process_gb) for mode in MODES}
 
     def least(self, config, world_size: int) -> MemoryPlan:
@@ -229,15 +311,17 @@ def with_checkpointing(mode: str) -> str:
     return "without activation checkpointing" if mode == "none" else f"with activation checkpointing on {mode}"
 
 
-def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype,
-             strict: bool = True) -> tuple[MemoryPlan, str | None]:
+def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype, strict: bool = True,
+             lengths: np.ndarray | None = None) -> tuple[MemoryPlan, str | None]:
     """The plan for these settings and the checkpointing they ask for; with --gradient-checkpointing auto, the
-    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). When nothing
-    fits: a UserError, or without `strict` the smallest plan the settings allow and a line saying it does not fit
-    and what would."""
+    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). `lengths`: the
+    training pairs' token counts (ShardIndex.pair_lengths), for forwards as long as the data makes them; without
+    them, full ones. When nothing fits: a UserError, or without `strict` the smallest plan the settings allow and a
+    line saying it does not fit and what would."""
     from treg_train.config import CHECKPOINTING
 
-    planner = Planner(device.type, compute_dtype, process_memory_gb() if device.type == "cpu" else 0.0)
+    planner = Planner(device.type, compute_dtype, process_memory_gb() if device.type == "cpu" else 0.0, lengths,
+                      lengths is None or packs_pairs(config, device, compute_dtype))
     plans = planner.plans(config, world_size)
     available = device_memory_gb(device)
     fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
@@ -292,7 +376,8 @@ def advice(planner: Planner, config, world_size: int, limit: float) -> str:
         return planner.least(replace(config, **settings), processes).peak_memory_gb
 
     chosen = []  # of each kind of change, the least that fits, or else the one that lowers the peak most
-    for changes in (fewer_tokens(config, world_size), more_checkpointing(config, world_size),
+    for changes in (fewer_tokens(config, planner.tokens(config, world_size), world_size),
+                    more_checkpointing(config, world_size),
                     lora_adapters(config, world_size), more_processes(config, world_size, planner.device_type)):
         peaks = [(change, gives(change)) for change in changes]
         fitting = [(change, gb) for change, gb in peaks if gb <= limit]
@@ -311,9 +396,10 @@ def advice(planner: Planner, config, world_size: int, limit: float) -> str:
             f"together they need {together:.1f} GB: use a device with more memory, or a smaller --model"))
 
 
-def fewer_tokens(config, world_size: int) -> list[Change]:
-    """--micro-batch-tokens halved down to one pair of --max-length (the least it may be)."""
-    least, now = 2 * config.max_length, tokens_per_forward(config, world_size)
+def fewer_tokens(config, now: int, world_size: int) -> list[Change]:
+    """--micro-batch-tokens halved from the `now` tokens of the longest forward, down to one pair of --max-length
+    (the least it may be)."""
+    least = 2 * config.max_length
     values = [now // 2**k for k in range(1, 64) if now // 2**k > least] + ([least] if now > least else [])
     return [(f"lower --micro-batch-tokens to {v} (now {config.micro_batch_tokens})", {"micro_batch_tokens": v},
              world_size) for v in values]

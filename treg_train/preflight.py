@@ -63,7 +63,7 @@ def preflight(config: TrainConfig, world_size: int, device: torch.device, is_mai
     if is_main and config.ref_model is None:
         warn_on_precision_mismatch(index.provenance.dtype, dtype_name(dtype), config.data)
     held_out, total_steps = eval_index(config, tokenizer, index), count_steps(config, index)
-    memory, note = plan_run(config, world_size, device, dtype)
+    memory, note = plan_run(config, world_size, device, dtype, lengths=index.pair_lengths())
     return Preflight(checkpoint, tokenizer, index, held_out, dtype, total_steps, memory, note,
                      extension_note(Path(config.output), checkpoint, total_steps))
 
