@@ -109,7 +109,8 @@ class TrainConfig:
         "liger-kernel's fused Triton kernels (pip install liger-kernel): less activation memory, faster.")
     plan: bool = setting(
         False, MEMORY, "Print the memory plan (per-device peak, in parts) for these settings and exit, without "
-        "loading weights or data; needs only --model.")
+        "loading weights; needs only --model. With --data, only the pairs' token counts are read, and the activations "
+        "are planned for the longest forward they make; without it, for full forwards of --micro-batch-tokens.")
     shuffle_buffer: int = setting(10_000, MEMORY, "Pairs held for shuffling while streaming the shards.")
     logprob_chunk_rows: int = setting(1024, MEMORY, "Positions per chunk of the log-prob kernel (bounds its memory).")
     # LoRA: the reference log-probs come from the shards, so no second (reference) model is held either way.
