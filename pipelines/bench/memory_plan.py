@@ -5,7 +5,7 @@
 
 The first trains each shape for two steps with and without activation checkpointing and LoRA, each run in a
 fresh process, and prints the plan the run printed at its start beside the peak it logged (peak RSS on a CPU,
-peak allocated memory on a GPU). Forwards are filled close to --micro-batch-tokens, which the plan assumes.
+peak allocated memory on a GPU). The pairs fill the forwards close to --micro-batch-tokens.
 
 --calibrate counts, for one decoder layer of each architecture family, the bytes of every storage its forward
 saves for the backward (autograd's saved-tensor hooks) at several shapes and precisions, and fits them to
