@@ -107,6 +107,13 @@ class TrainConfig:
     use_liger_kernel: bool = setting(
         False, MEMORY, "On CUDA, replace the decoder layers' RMSNorm, SwiGLU/GeGLU and rotary embedding with "
         "liger-kernel's fused Triton kernels (pip install liger-kernel): less activation memory, faster.")
+    sharding: str = setting(
+        "auto", MEMORY, "How the processes of a run share the model (FSDP2): full_shard (weights, gradients and "
+        "optimizer state split over the processes; each layer gathered for its forward and again for its backward), "
+        "shard_grad_op (gathered once, kept from forward to backward; gradients and optimizer state split), no_shard "
+        "(every process holds the whole model, its gradients and AdamW state, as DDP; gradients all-reduced once a "
+        "step) or auto: on a CPU (gloo) no_shard where the memory plan fits it, else shard_grad_op, else full_shard; "
+        "on GPUs full_shard (the others are not measured there). One process: moot. The plan line says which.")
     plan: bool = setting(
         False, MEMORY, "Print the memory plan (per-device peak, in parts) for these settings and exit, without "
         "loading weights; needs only --model. With --data, only the pairs' token counts are read, and the activations "
@@ -192,6 +199,7 @@ def build_config(config_file: str | None, overrides: dict) -> TrainConfig:
 
 
 CHECKPOINTING = {"auto": None, "false": "none", "selective": "every other layer", "true": "every layer"}
+SHARDINGS = ("auto", "full_shard", "shard_grad_op", "no_shard")  # auto: the first of plan.shardings that fits
 
 
 # Every numeric setting's meaningful range, checked before any work: (check, what the value must be, and why).
@@ -242,6 +250,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     checks = [
         (config.gradient_checkpointing in CHECKPOINTING,
          f"--gradient-checkpointing must be one of {', '.join(CHECKPOINTING)}, got {config.gradient_checkpointing!r}"),
+        (config.sharding in SHARDINGS,
+         f"--sharding must be one of {', '.join(SHARDINGS)}, got {config.sharding!r}"),
         (config.loss in METHODS, f"--loss must be one of {', '.join(METHODS)}, got {config.loss!r}"),
         (config.token_weighting in (None, *WEIGHTINGS),
          f"--token-weighting must be one of {', '.join(WEIGHTINGS)}, got {config.token_weighting!r}"),
@@ -295,9 +305,10 @@ def validate(config: TrainConfig) -> TrainConfig:
 # What a --resume may change: bookkeeping, and --max-steps to extend a run. Everything else
 # (the objective, the data order, the schedule, the model) would silently mix two runs; so would
 # --eval-fraction (it decides which pairs are trained on) and --eval-data (one curve, two sets).
-# Gradient checkpointing recomputes the same numbers; --stop-signals and --collective-timeout say when a run stops.
+# Gradient checkpointing and the sharding compute the same numbers (a checkpoint's weights and optimizer state are
+# resharded as it loads); --stop-signals and --collective-timeout say when a run stops.
 CHANGEABLE_ON_RESUME = ("resume", "output", "logging_steps", "save_steps", "max_steps", "report_to", "eval_steps",
-                        "gradient_checkpointing", "plan", "stop_signals", "collective_timeout")
+                        "gradient_checkpointing", "sharding", "plan", "stop_signals", "collective_timeout")
 
 
 def changed_on_resume(saved: dict, current: TrainConfig) -> list[str]:

@@ -1,8 +1,8 @@
 """The policy (treg_core.forward.TokenLogprobs: log-probs of the response tokens only), its FSDP2
-sharding (fully_shard per decoder layer, then the root), and loading it so that a node holds one
-full copy of the checkpoint, not one per process. What changes speed and memory but not the numbers
-(activation checkpointing, regional compilation, Liger's kernels) is applied to the meta-device model
-before sharding, as FSDP2 wants it."""
+sharding (fully_shard per decoder layer, then the root; --sharding says what is split), and loading it so
+that a node holds one full copy of the checkpoint, not one per process. What changes speed and memory but not
+the numbers (activation checkpointing, regional compilation, Liger's kernels) is applied to the meta-device
+model before sharding, as FSDP2 wants it."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class PolicyOptions:
     checkpointing: str = "none"  # "none", "every other layer" or "every layer" (treg_train.plan.MODES)
     compile: bool = False  # regional: each decoder layer
     liger: bool = False  # liger-kernel's fused layers (CUDA)
+    sharding: str = "full_shard"  # treg_train.plan.SHARDINGS (or ONE_PROCESS: full_shard over one)
 
 
 def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: PolicyOptions = PolicyOptions(), *,
@@ -67,12 +68,15 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: Poli
     backward too), the output layer is left unsharded: a whole copy on every rank, in the compute precision."""
     import torch.distributed as dist
 
-    lm = prepare_layers(empty_causal_lm(path, options.attn_implementation), options if trainable else
-                        PolicyOptions(options.attn_implementation, options.chunk_rows, liger=options.liger))
+    # A frozen model has no backward to keep its layers gathered for: whole (no_shard) or sharded fully.
+    frozen = PolicyOptions(options.attn_implementation, options.chunk_rows, liger=options.liger,
+                           sharding="no_shard" if options.sharding == "no_shard" else "full_shard")
+    lm = prepare_layers(empty_causal_lm(path, options.attn_implementation), options if trainable else frozen)
     if lora is not None:
         lm = add_adapters(lm, lora, path)
     model = shard_model(TokenLogprobs(lm, options.chunk_rows), mesh, param_dtype, trainable,
-                        whole={lm.get_output_embeddings().weight} if whole_output_layer else None)
+                        whole={lm.get_output_embeddings().weight} if whole_output_layer else None,
+                        sharding=(options if trainable else frozen).sharding)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     model.to_empty(device=mesh.device_type)
     full = {}
@@ -85,8 +89,12 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: Poli
     dist.broadcast_object_list(saved_buffers, src=0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if isinstance(parameter, DTensor):
+            if isinstance(parameter, DTensor) and split(parameter):
                 scatter_rows(full.get(checkpoint_key(name)), parameter.to_local(), parameter.shape)
+            elif isinstance(parameter, DTensor):  # replicated (no_shard): every rank holds all of it
+                if dist.get_rank() == 0:
+                    parameter.to_local().copy_(full[checkpoint_key(name)])
+                dist.broadcast(parameter.to_local(), src=0)
             else:  # left whole by FSDP: every rank holds all of it
                 if dist.get_rank() == 0:
                     parameter.copy_(full[checkpoint_key(name)])
@@ -97,6 +105,12 @@ def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: Poli
             if name in saved_buffers[0]:
                 dist.broadcast(buffer, src=0)
     return model
+
+
+def split(parameter: DTensor) -> bool:
+    """Whether the processes hold different parts of a parameter (not under no_shard, nor in a world of one)."""
+    return any(placement.is_shard() and size > 1
+               for placement, size in zip(parameter.placements, parameter.device_mesh.shape))
 
 
 def prepare_layers(lm: nn.Module, options: PolicyOptions) -> nn.Module:
@@ -164,15 +178,19 @@ def decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, trainable: bool = True,
-                whole: set | None = None) -> TokenLogprobs:
+                whole: set | None = None, sharding: str = "full_shard") -> TokenLogprobs:
     """FSDP2: each decoder layer is a unit, the root holds embeddings, final norm and lm_head (but the parameters
-    `whole`, which it leaves unsharded). Mixed precision computes in `param_dtype` and reduces gradients in fp32."""
+    `whole`, which it leaves unsharded). Mixed precision computes in `param_dtype` and reduces gradients in fp32.
+    shard_grad_op keeps each layer gathered from its forward to its backward (one all-gather a step, not two);
+    no_shard is HSDP over `mesh` (state.Runtime.mesh_for: replicated over the processes, a shard of one), whose
+    gradients are all-reduced once a step."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
               else MixedPrecisionPolicy())
+    # FSDP2's own order of all-gathers: explicit prefetching (set_modules_to_forward_prefetch) made gloo runs slower.
     for layer in decoder_layers(model.lm):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=sharding != "shard_grad_op")
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole)
     if not trainable:
         model.requires_grad_(False)

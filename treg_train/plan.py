@@ -2,10 +2,13 @@
 before any weight or data is loaded, and the activation checkpointing that makes it fit.
 
 Parts of the peak (per device, GiB):
-- parameters: every weight in fp32 (the master copy), sharded over the processes;
-- gradients and optimizer: fp32 gradients and AdamW's two moments of the trainable weights, sharded;
+- parameters: every weight in fp32 (the master copy), sharded over the processes (whole under no_shard);
+- gradients and optimizer: fp32 gradients and AdamW's two moments of the trainable weights, sharded (whole
+  under no_shard);
 - gathered layers: FSDP2's unsharded copies in the compute dtype: the root (embeddings, output layer)
-  for the whole step, two decoder layers (one computing, one prefetched), and one layer's gradients;
+  for the whole step, two decoder layers (one computing, one prefetched), and one layer's gradients; under
+  shard_grad_op every decoder layer's, kept from its forward to its backward; under no_shard FSDP2 still copies
+  each layer into its unsharded buffer as it computes, so the same as full_shard;
 - activations: what a forward of `tokens` tokens keeps for its backward (ACTIVATION_BYTES, per token
   and decoder layer), less what checkpointing recomputes; `tokens` is the longest forward the data's lengths
   can make (`longest_forward`), or without the data a full one (`tokens_per_forward`);
@@ -32,6 +35,10 @@ from treg_train.objectives import method
 
 GIB = 2**30
 MODES = ("none", "every other layer", "every layer")  # what auto tries, in order
+# What --sharding auto tries on a CPU, in order: the least traffic over gloo first (no_shard all-reduces the gradients
+# once a step; shard_grad_op gathers each layer once; full_shard twice, and reduce-scatters). One process: no sharding.
+SHARDINGS = ("no_shard", "shard_grad_op", "full_shard")
+ONE_PROCESS = "one process"
 FIT_SHARE = 0.85  # of the device's memory, the most a plan may take
 
 # Bytes kept for the backward per token and decoder layer, by architecture and compute dtype: coefficients of
@@ -84,6 +91,7 @@ class Budget:
     chunk_rows: int
     device_type: str
     checkpointing: str = "none"  # one of MODES
+    sharding: str = "full_shard"  # one of SHARDINGS, or ONE_PROCESS
     reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
     reference_distribution: bool = False  # its whole distribution beside the policy's, chunk by chunk (TDPO)
     reference_topk: bool = False  # the shards' top-K of the reference beside the policy's rows (TDPO without it)
@@ -96,6 +104,7 @@ class MemoryPlan:
     checkpointing: str
     tokens: int = 0  # of the longest forward planned
     from_data: bool = False  # that forward from the data's lengths, not the settings' worst case
+    sharding: str = "full_shard"  # one of SHARDINGS, or ONE_PROCESS
 
     @property
     def peak_memory_gb(self) -> float:
@@ -110,17 +119,18 @@ class MemoryPlan:
 
     def line(self) -> str:
         shown = ", ".join(f"{name} {gb:.2f}" for name, gb in self.parts.items() if gb >= 0.005)
-        return (f"memory plan: {self.peak_memory_gb:.2f} GB per device ({shown}; checkpointing: {self.checkpointing}; "
-                f"{self.forwards})")
+        return (f"memory plan: {self.peak_memory_gb:.2f} GB per device ({shown}; sharding: {self.sharding}; "
+                f"checkpointing: {self.checkpointing}; {self.forwards})")
 
     def table(self) -> str:
         rows = [f"  {name:<22} {gb:10.2f} GB" for name, gb in self.parts.items()]
         return "\n".join(["memory plan, per device:", *rows, f"  {'peak':<22} {self.peak_memory_gb:10.2f} GB",
-                          f"  checkpointing: {self.checkpointing}", f"  {self.forwards}"])
+                          f"  checkpointing: {self.checkpointing}", f"  sharding: {self.sharding}",
+                          f"  {self.forwards}"])
 
     def json(self) -> str:
         return json.dumps({"peak_memory_gb": round(self.peak_memory_gb, 3), "checkpointing": self.checkpointing,
-                           "forward_tokens": self.tokens, "from_data": self.from_data,
+                           "sharding": self.sharding, "forward_tokens": self.tokens, "from_data": self.from_data,
                            "parts": {k: round(v, 3) for k, v in self.parts.items()}})
 
 
@@ -143,7 +153,9 @@ def activation_bytes_per_token(shape: ModelShape, dtype: torch.dtype, checkpoint
 
 def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPlan:
     """The expected per-device peak; `process_gb` is the process's own resident memory before loading (CPU)."""
-    world, width = budget.world_size, budget.compute_dtype.itemsize
+    width = budget.compute_dtype.itemsize
+    world = 1 if budget.sharding == "no_shard" else budget.world_size  # the shards of each weight
+    held = shape.layers if budget.sharding == "shard_grad_op" else 2  # decoder layers gathered at once
     root = shape.total_params - shape.layers * shape.layer_params
     trained = shape.trainable_params / max(shape.total_params, 1)
     # TDPO's KL, per entry of a chunk: the reference's logits and log-probs beside the policy's, or (top-K) the
@@ -153,7 +165,7 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         "parameters": shape.total_params * 4 / world,
         "gradients": shape.trainable_params * 4 / world,
         "optimizer": shape.trainable_params * 8 / world,
-        "gathered layers": (root * (1 + trained) + shape.layer_params * (2 + trained)) * width,
+        "gathered layers": (root * (1 + trained) + shape.layer_params * (held + trained)) * width,
         "activations": activation_bytes_per_token(shape, budget.compute_dtype, budget.checkpointing) * budget.tokens,
         "log-prob chunk": budget.chunk_rows * shape.vocab * (12 + width + kl_bytes),
         "reference model": (shape.total_params * 4 / world + (root + 2 * shape.layer_params) * width
@@ -165,7 +177,7 @@ def plan(shape: ModelShape, budget: Budget, process_gb: float = 0.0) -> MemoryPl
         training = sum(parts.values())
         parts["process and loading"] = process_gb * GIB + max(0.0, loading - training)
     return MemoryPlan({name: value / GIB for name, value in parts.items()}, budget.checkpointing, budget.tokens,
-                      budget.from_data)
+                      budget.from_data, budget.sharding)
 
 
 def loading_bytes(shape: ModelShape, world_size: int) -> float:
@@ -286,10 +298,13 @@ class Planner:
         responses = most_response_tokens(self.lengths, config.max_length, config.global_batch_size // world_size)
         return min(config.logprob_chunk_rows, responses, self.tokens(config, world_size))
 
-    def plans(self, config, world_size: int) -> dict[str, MemoryPlan]:
+    def plans(self, config, world_size: int, sharding: str | None = None) -> dict[str, MemoryPlan]:
+        """A plan for each checkpointing mode, under `sharding` (default: the least memory the settings allow)."""
         kl = method(config.loss).needs_reference_distribution
+        sharding = sharding or shardings(config, world_size, self.device_type)[-1]
         budget = Budget(world_size, self.compute_dtype, self.tokens(config, world_size),
-                        self.chunk_rows(config, world_size), self.device_type, reference=bool(config.ref_model),
+                        self.chunk_rows(config, world_size), self.device_type, sharding=sharding,
+                        reference=bool(config.ref_model),
                         reference_distribution=kl and bool(config.ref_model),
                         reference_topk=kl and not config.ref_model, from_data=self.lengths is not None)
         return {mode: plan(self.shape(config), replace(budget, checkpointing=mode), self.process_gb) for mode in MODES}
@@ -307,6 +322,17 @@ class Planner:
         return self.process_gb + loading_bytes(self.shape(config), world_size) / GIB
 
 
+def shardings(config, world_size: int, device_type: str) -> tuple[str, ...]:
+    """The shardings the run may use, in the order --sharding auto prefers them: one process has nothing to shard;
+    --sharding names one; auto on a CPU (gloo) tries SHARDINGS, on GPUs keeps full_shard (the others are not
+    measured there)."""
+    if world_size == 1:
+        return (ONE_PROCESS,)
+    if config.sharding != "auto":
+        return (config.sharding,)
+    return SHARDINGS if device_type == "cpu" else ("full_shard",)
+
+
 def with_checkpointing(mode: str) -> str:
     return "without activation checkpointing" if mode == "none" else f"with activation checkpointing on {mode}"
 
@@ -314,20 +340,24 @@ def with_checkpointing(mode: str) -> str:
 def plan_run(config, world_size: int, device: torch.device, compute_dtype: torch.dtype, strict: bool = True,
              lengths: np.ndarray | None = None) -> tuple[MemoryPlan, str | None]:
     """The plan for these settings and the checkpointing they ask for; with --gradient-checkpointing auto, the
-    least checkpointing that fits 85% of the device (and a line saying why, when it is not none). `lengths`: the
-    training pairs' token counts (ShardIndex.pair_lengths), for forwards as long as the data makes them; without
-    them, full ones. When nothing fits: a UserError, or without `strict` the smallest plan the settings allow and a
-    line saying it does not fit and what would."""
+    least checkpointing that fits 85% of the device (and a line saying why, when it is not none); with --sharding
+    auto, the first of `shardings` under which that fits. `lengths`: the training pairs' token counts
+    (ShardIndex.pair_lengths), for forwards as long as the data makes them; without them, full ones. When nothing
+    fits: a UserError, or without `strict` the smallest plan the settings allow and a line saying it does not fit and
+    what would."""
     from treg_train.config import CHECKPOINTING
 
     planner = Planner(device.type, compute_dtype, process_memory_gb() if device.type == "cpu" else 0.0, lengths,
                       lengths is None or packs_pairs(config, device, compute_dtype))
-    plans = planner.plans(config, world_size)
     available = device_memory_gb(device)
-    fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
+    requested = CHECKPOINTING[config.gradient_checkpointing]
+    for sharding in shardings(config, world_size, device.type):  # the last is the least memory: kept if none fits
+        plans = planner.plans(config, world_size, sharding)
+        fitting = [mode for mode in MODES if plans[mode].peak_memory_gb <= FIT_SHARE * available]
+        if requested in fitting or (requested is None and fitting):
+            break
     if not fitting:
         return does_not_fit(planner, config, world_size, available, strict)
-    requested = CHECKPOINTING[config.gradient_checkpointing]
     if requested is not None:
         note = None if requested in fitting else (
             f"warning: {with_checkpointing(requested)} the plan needs {plans[requested].peak_memory_gb:.1f} GB, more "
@@ -377,7 +407,7 @@ def advice(planner: Planner, config, world_size: int, limit: float) -> str:
 
     chosen = []  # of each kind of change, the least that fits, or else the one that lowers the peak most
     for changes in (fewer_tokens(config, planner.tokens(config, world_size), world_size),
-                    more_checkpointing(config, world_size),
+                    more_checkpointing(config, world_size), more_sharding(config, world_size),
                     lora_adapters(config, world_size), more_processes(config, world_size, planner.device_type)):
         peaks = [(change, gives(change)) for change in changes]
         fitting = [(change, gb) for change, gb in peaks if gb <= limit]
@@ -411,6 +441,13 @@ def more_checkpointing(config, world_size: int) -> list[Change]:
         return []
     return [(f"--gradient-checkpointing true (now {config.gradient_checkpointing})",
              {"gradient_checkpointing": "true"}, world_size)]
+
+
+def more_sharding(config, world_size: int) -> list[Change]:
+    """--sharding full_shard where the settings asked for less (auto already tries it), on several processes."""
+    if world_size == 1 or config.sharding in ("auto", "full_shard"):
+        return []
+    return [(f"--sharding full_shard (now {config.sharding})", {"sharding": "full_shard"}, world_size)]
 
 
 def lora_adapters(config, world_size: int) -> list[Change]:

@@ -180,7 +180,8 @@ def check_output(output: Path, config: TrainConfig) -> Path | None:
     changed = changed_on_resume(saved["config"], config)
     if changed:
         raise UserError(f"--resume: this run was started with other settings: {', '.join(changed)}; a resumed run "
-                        "may change only --max-steps, --logging-steps, --save-steps, --report-to and --eval-steps; "
+                        "may change only --max-steps, --logging-steps, --save-steps, --report-to, --eval-steps, "
+                        "--gradient-checkpointing and --sharding; "
                         "start a new --output")
     finished = output / FINISHED
     if finished.is_file():

@@ -31,6 +31,16 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def mesh_for(self, sharding: str):
+        """The device mesh FSDP2 shards over: the processes in one dimension, or for no_shard a 2-D mesh that
+        replicates over them and shards over one (HSDP), so that the weights stay DTensors that checkpoints, resumes
+        under another sharding and the export read as they read sharded ones."""
+        if sharding != "no_shard":
+            return self.mesh
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.world_size, 1), mesh_dim_names=("replicate", "shard"))
+
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets and env:// reads
 

@@ -98,7 +98,7 @@ def _setup(config: TrainConfig, rt: Runtime, checked: Preflight) -> Run:
     lock_output(config, rt.is_main)  # before any model loads: a busy folder costs seconds, not a load
     attention = _attention(config, rt, checked.compute_dtype)
     options = PolicyOptions(attention, config.logprob_chunk_rows, checked.memory.checkpointing, config.compile,
-                            config.use_liger_kernel)
+                            config.use_liger_kernel, checked.memory.sharding)
     objective = Objective(*_build_models(config, rt, checked.compute_dtype, options), settings=config.loss_settings())
     fused = rt.device.type == "cuda"
     optimizer, scheduler = build_optimizer(config, objective.policy, checked.total_steps, fused=fused)
@@ -143,12 +143,13 @@ def _build_models(config: TrainConfig, rt: Runtime, compute_dtype: torch.dtype,
     frozen checkpoint plus adapters: no second copy of the model either way."""
     mixed = compute_dtype if compute_dtype != torch.float32 else None
     lora = LoraSettings.of(config)
-    policy = load_sharded(config.model, rt.mesh, mixed, options, lora=lora)
+    mesh = rt.mesh_for(options.sharding)
+    policy = load_sharded(config.model, mesh, mixed, options, lora=lora)
     if rt.is_main and lora is not None:
         trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         print(f"treg-train: LoRA r={lora.r}, alpha {lora.alpha:g} on {lora.target_modules}: {trained / 1e6:.2f} M "
               f"trainable parameters of {sum(p.numel() for p in policy.parameters()) / 1e6:.1f} M", file=sys.stderr)
-    reference = load_sharded(config.ref_model, rt.mesh, mixed, options, trainable=False,
+    reference = load_sharded(config.ref_model, mesh, mixed, options, trainable=False,
                              whole_output_layer=method(config.loss).needs_reference_distribution) \
         if config.ref_model else None
     return policy, reference

@@ -4,6 +4,11 @@ at the same activation-checkpointing setting.
 
     python pipelines/bench/train_vs_trl.py --size medium --pairs 48 --steps 6 --batch 8 --processes 1,2
 
+Several processes: treg's sharding against TRL's DDP (the `dpo_reg_*shard*` and `dpo_reg_gradop` sides):
+
+    python pipelines/bench/train_vs_trl.py --size medium --pairs 40 --steps 5 --batch 8 --processes 2 \
+        --sides trl_gc,trl,dpo_reg_fullshard,dpo_reg_gradop,dpo_reg_noshard,dpo_reg_gc_noshard
+
 What each side runs (TRL 1.16, read from its source):
 - TRL always with `precompute_ref_log_probs` (the reference log-probs are computed in one pass before
   training, not timed, as treg reads them from its shards). Its `gradient_checkpointing` defaults to True;
@@ -12,7 +17,8 @@ What each side runs (TRL 1.16, read from its source):
   only) swaps in Liger's RMSNorm, SwiGLU and RoPE kernels.
 - treg-train reads the reference log-probs from the shards, computes the response tokens' log-probs only,
   in chunks, and cuts each batch into forwards of --micro-batch-tokens (its default unless a row says
-  otherwise). Its attention defaults to `varlen` over packed sequences (no padding).
+  otherwise). Its attention defaults to `varlen` over packed sequences (no padding). With several processes
+  it runs FSDP2 under torchrun: --sharding auto (no_shard on a CPU where it fits) unless a row names one.
 
 Needs `pip install trl` (not a treg dependency). CPU by default; on a GPU both sides use it, in bf16.
 tokens/s counts real (unpadded) tokens of [prompt+chosen; prompt+rejected] over all processes, median over
@@ -59,6 +65,14 @@ TREG_SIDES = {
                False),
     "dpo_reg": ("treg-train dpo_reg, --gradient-checkpointing false", {"gradient_checkpointing": "false"}, False),
     "dpo_reg_gc": ("treg-train dpo_reg, --gradient-checkpointing true", {"gradient_checkpointing": "true"}, False),
+    "dpo_reg_fullshard": ("treg-train dpo_reg, --gradient-checkpointing false --sharding full_shard",
+                          {"gradient_checkpointing": "false", "sharding": "full_shard"}, False),
+    "dpo_reg_gradop": ("treg-train dpo_reg, --gradient-checkpointing false --sharding shard_grad_op",
+                       {"gradient_checkpointing": "false", "sharding": "shard_grad_op"}, False),
+    "dpo_reg_noshard": ("treg-train dpo_reg, --gradient-checkpointing false --sharding no_shard",
+                        {"gradient_checkpointing": "false", "sharding": "no_shard"}, False),
+    "dpo_reg_gc_noshard": ("treg-train dpo_reg, --gradient-checkpointing true --sharding no_shard",
+                           {"gradient_checkpointing": "true", "sharding": "no_shard"}, False),
     "selective": ("treg-train dpo_reg, --gradient-checkpointing selective",
                   {"gradient_checkpointing": "selective"}, False),
     "sdpa": ("treg-train dpo_reg, --attn-implementation sdpa (padded), --gradient-checkpointing false",
@@ -183,7 +197,7 @@ def launch(args, side: str, processes: int, timeout: float | None = None) -> dic
            "peak_memory_gb": max(r["peak_memory_gb"] for r in results),
            "compile_seconds": max(r["compile_seconds"] for r in results)}
     if side in TREG_SIDES:
-        plan = re.search(r"memory plan: ([\d.]+) GB.*checkpointing: ([a-z ]+)\)", done.stderr)
+        plan = re.search(r"memory plan: ([\d.]+) GB.*checkpointing: ([a-z ]+);", done.stderr)
         out["planned_gb"], out["checkpointing"] = float(plan.group(1)), plan.group(2)
     else:
         out["checkpointing"] = TRL_CONFIGS[side][2]
