@@ -23,6 +23,7 @@ def test_scaling_benchmark(tmp_path):
     assert rows[0][3] == "300" and rows[2][3] == "600"  # the reader saw every pair
 
 
+@pytest.mark.slow
 def test_training_benchmark_against_trl(tmp_path):
     out = _run("train_vs_trl.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
                "--max-length", "256", "--processes", "1,2", "--work", str(tmp_path),
@@ -44,12 +45,14 @@ def test_scoring_benchmark(tmp_path):
     assert "treg scorer over plain prefill" in out and "the prefix cache served" in out
 
 
+@pytest.mark.slow
 def test_loading_benchmark(tmp_path):
     out = _run("loading.py", "--size", "tiny", "--processes", "2", "--work", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
     assert len(rows) == 2 and "rank 0 reads and sends shards" in out
 
 
+@pytest.mark.slow
 def test_lora_memory_benchmark(tmp_path):
     out = _run("lora_memory.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",
                "--max-length", "256", "--work", str(tmp_path))

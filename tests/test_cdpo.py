@@ -67,6 +67,7 @@ def test_identical_answers_weighed_alike_leave_log_2_at_every_position():
     assert losses.item() == pytest.approx(math.log(2), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_cdpo_trains_on_shards_scored_with_a_positive_and_a_negative_model(tiny_model, tmp_path):
     """treg-score --ce-scores with two models, then treg-train --loss cdpo on those shards; without the column the
     run is refused naming the flag that writes it."""

@@ -29,6 +29,7 @@ def _flags(command) -> list[str]:
             for name in param.opts + param.secondary_opts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("columns", [80, 200])
 @pytest.mark.parametrize("module", COMMANDS)
 def test_help_shows_every_flag_whole(module, columns):

@@ -50,6 +50,7 @@ def _assert_same_losses(resumed: list[dict], uninterrupted: list[dict]) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("written_by, resumed_on", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_processes_trains_the_same_steps(tiny_model, learnable_shards, uninterrupted,
                                                                       tmp_path, written_by, resumed_on):
@@ -101,6 +102,7 @@ def _two_agents(model, data, output, *extra) -> list[subprocess.CompletedProcess
     return outcomes
 
 
+@pytest.mark.slow
 def test_two_agents_as_two_nodes_train_save_and_resume(tiny_model, learnable_shards, uninterrupted, tmp_path):
     original = uninterrupted[2]  # both agents exited 0
     assert (original / "checkpoints" / "step-00000002").is_dir() and (original / "final").is_dir()

@@ -60,6 +60,7 @@ def test_packed_varlen_attention_gives_the_padded_log_probs_and_gradients(tiny_m
         torch.testing.assert_close(results["varlen"][1][name], grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_flex_attention_over_packs_rounded_up_gives_the_padded_log_probs(tiny_model):
     sequences, prompts, targets = _sequences(1)
     padded, flex = _model(tiny_model, None).eval(), _model(tiny_model, "flex_attention").eval()

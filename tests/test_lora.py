@@ -35,6 +35,7 @@ def lora_run(tiny_model, learnable_shards, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_only_the_adapters_learn_and_the_loss_falls(tiny_model, lora_run):
     from transformers import AutoModelForCausalLM
 
@@ -80,6 +81,7 @@ def test_the_adapter_alone_loads_in_peft_and_equals_the_merged_model(tiny_model,
     assert (b - c).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_the_policy_starts_at_the_checkpoint_so_the_first_dpo_loss_is_ln2(tiny_model, learnable_shards, tmp_path):
     """B = 0 and the base weights are the checkpoint's on both ranks; step 1 logs the loss before its update."""
     output = tmp_path / "init"
@@ -90,6 +92,7 @@ def test_the_policy_starts_at_the_checkpoint_so_the_first_dpo_loss_is_ln2(tiny_m
     assert first["step"] == 1 and first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, lora_run, tmp_path):
     import torch.distributed.checkpoint as dcp
 
@@ -118,6 +121,7 @@ def test_the_merged_export_scores_in_vllm(lora_run, tmp_path):
     assert "pairs scored   4" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [

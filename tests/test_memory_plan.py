@@ -69,6 +69,7 @@ def test_the_h200_measurements_are_consistent_with_the_plan(tmp_path):
     assert peak(tokens, "every layer") == pytest.approx(28.0, rel=0.25)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "small", "medium"])
 def test_the_plan_is_within_a_quarter_of_the_measured_peak(size, tmp_path_factory):
     from memory_plan import VARIANTS, measure
@@ -107,6 +108,7 @@ def test_auto_checkpoints_only_as_much_as_the_device_needs(tmp_path, monkeypatch
     assert "--lora-r" not in str(refused.value)  # the activations set the peak: LoRA would not lower it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, expected", [
     ("missing", "model folder {tmp}/missing does not exist"),
     ("empty", "the folder has no config.json"),

@@ -117,6 +117,7 @@ def test_auto_leaves_checkpointing_off_where_the_data_is_short(tiny_model, learn
     assert from_data.checkpointing == "none" and note is None and from_data.tokens < assumed.tokens
 
 
+@pytest.mark.slow
 def test_the_plan_from_short_pairs_is_close_to_the_measured_peak(tiny_model, learnable_shards, tmp_path):
     """A two-step run of the small model (45 M parameters) on the short pairs, treg-train's default
     --micro-batch-tokens and --max-length: the plan it prints (from the data) within 30% of the peak it logs, where

@@ -54,6 +54,7 @@ def _finish(process: subprocess.Popen, log: Path) -> str:
     return log.read_text()
 
 
+@pytest.mark.slow
 def test_a_stop_signal_saves_exits_75_and_resume_finishes_the_same_model(tiny_model, learnable_shards, tmp_path):
     from safetensors.torch import load_file
 

@@ -136,6 +136,7 @@ def probe_pairs(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("probe") / "pairs.jsonl", chosen + [far])
 
 
+@pytest.mark.slow
 def test_treg_probe_prints_a_table_and_the_json_last(tiny_model, probe_pairs, tmp_path):
     sets = tmp_path / "mine.yaml"
     sets.write_text("better: 'Be right. {prompt}'\nworse: 'Be wrong. {prompt}'\n")
@@ -158,6 +159,7 @@ def test_treg_probe_refuses_a_file_without_pairs(tiny_model, tmp_path):
     assert result.returncode != 0 and "no usable pair" in result.stderr
 
 
+@pytest.mark.slow
 def test_treg_score_checks_its_rewards_and_records_the_check(tiny_model, probe_pairs, tmp_path):
     base = ["--model", tiny_model, "--dataset", probe_pairs, "--backend", "hf", "--dtype", "float32"]
     checked = run(score_command(*base, "--output", tmp_path / "checked", "--reward-check"))
@@ -180,6 +182,7 @@ def test_treg_score_checks_its_rewards_and_records_the_check(tiny_model, probe_p
     assert read_manifest(tmp_path / "unchecked").reward_check is None
 
 
+@pytest.mark.slow
 def test_edit_diff_rewards_end_to_end(tiny_model, probe_pairs, tmp_path):
     scored = tmp_path / "scored"
     result = run(score_command("--model", tiny_model, "--dataset", probe_pairs, "--backend", "hf", "--dtype",

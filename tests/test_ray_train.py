@@ -70,6 +70,7 @@ def ray_run(tiny_model, learnable_shards, tmp_path_factory):
     return root, flags, launch(root, *flags)
 
 
+@pytest.mark.slow
 def test_ray_train_finishes_with_the_losses_of_torchrun(ray_run, torchrun_run):
     root, _, result = ray_run
     assert result.returncode == 0, result.stderr[-5000:]
@@ -86,6 +87,7 @@ def test_ray_train_finishes_with_the_losses_of_torchrun(ray_run, torchrun_run):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+@pytest.mark.slow
 def test_a_treg_error_of_the_workers_is_one_line(ray_run):
     """--resume reaches treg-train on the workers, which refuse the finished run: the launcher says it in one line."""
     root, flags, _ = ray_run

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from helpers import assert_one_line_error, hf_score_config, make_pairs, read_metrics, run, train_command, write_jsonl
 
 TRAIN = ["--global-batch-size", "8", "--logging-steps", "1", "--save-steps", "0"]
@@ -20,6 +21,7 @@ def _hold_lock(folder, command: str, name: str = "") -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow
 def test_a_second_training_run_into_a_folder_in_use_is_refused_and_a_killed_one_leaves_no_lock(
         tiny_model, learnable_shards, tmp_path):
     folder = tmp_path / "run"
@@ -149,6 +151,7 @@ def test_the_workers_of_one_run_share_the_folder_and_no_other_run_may_write_or_c
     assert not list((folder / "data").glob("*.parquet"))  # the other run's shards, replaced as asked
 
 
+@pytest.mark.slow
 def test_a_start_that_failed_before_its_first_checkpoint_can_be_run_again(tiny_model, learnable_shards, tmp_path):
     folder = tmp_path / "run"
     failed = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder,
@@ -183,6 +186,7 @@ def test_a_missing_reporting_package_is_found_before_the_folder_is_claimed(tiny_
 # ---- every model that meets the shards is checked against them ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_models_that_do_not_match_the_shards_are_refused_or_named(tiny_model, learnable_shards, tmp_path):
     from helpers import perturbed_copy
     from tiny_model import build_tiny_model
@@ -218,6 +222,7 @@ def test_an_attention_that_cannot_run_is_one_line_before_the_folder_is_claimed(t
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_the_training_pairs_as_eval_data_and_an_unfinished_folder_are_named(tiny_model, learnable_shards, tmp_path):
     import shutil
 
@@ -236,6 +241,7 @@ def test_the_training_pairs_as_eval_data_and_an_unfinished_folder_are_named(tiny
     assert result.returncode == 0 and "is not finished (no manifest.json)" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_checkpoint_or_the_export_is_one_line_and_leaves_nothing_partial(
         tiny_model, learnable_shards, tmp_path):
     """A file-size limit makes every large write fail as a full disk would (EFBIG instead of ENOSPC)."""

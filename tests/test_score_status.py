@@ -53,6 +53,7 @@ def status(folder) -> subprocess.CompletedProcess:
     return run(score_command("--status", folder), timeout=120)
 
 
+@pytest.mark.slow
 def test_status_reports_each_worker_and_the_resubmission(partial):
     folder, _, data = partial
     files = _listing(folder)
@@ -104,6 +105,7 @@ def test_a_ray_run_is_continued_by_its_own_command(partial, tmp_path):
     assert "sbatch" not in report.text() and report.exit_code == 3
 
 
+@pytest.mark.slow
 def test_the_printed_array_resubmission_finishes_the_folder(partial, tmp_path):
     folder, recipe, _ = partial
     copy = tmp_path / "scored"

@@ -225,6 +225,7 @@ def test_dpo_columns_are_the_models_own_log_probs_and_their_rewards(dpo_model, c
     assert largest > 1e-3  # the two models differ, so their log-ratio does too
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["tgdpo", "sepo", "tis_dpo"])
 def test_the_dpo_model_methods_train_on_those_columns(tiny_model, contrastive_scored, loss, tmp_path):
     extra = ["--tis-dpo-weights", "models"] if loss == "tis_dpo" else []

@@ -87,6 +87,7 @@ def test_a_setting_given_twice_in_config_is_refused_naming_both(text, expected, 
         load_settings(TrainConfig, str(path), {})
 
 
+@pytest.mark.slow
 def test_a_setting_given_twice_in_config_is_one_line(tmp_path):
     path = tmp_path / "settings.yaml"
     path.write_text("max_length: 512\nmax-length: 1024\n")
@@ -94,6 +95,7 @@ def test_a_setting_given_twice_in_config_is_one_line(tmp_path):
     assert_one_line_error(result, "max_length twice, as max_length and max-length")
 
 
+@pytest.mark.slow
 def test_max_grad_norm_zero_trains_without_clipping(tiny_model, learnable_shards, tmp_path):
     """0 means no clipping (transformers, TRL): the model moves, as with a loose clip, and not at all back to the
     input model."""
@@ -112,6 +114,7 @@ def test_max_grad_norm_zero_trains_without_clipping(tiny_model, learnable_shards
     assert any(not (before[k] == after[k]).all() for k in before)
 
 
+@pytest.mark.slow
 def test_weights_that_overflow_are_never_exported(tiny_model, learnable_shards, tmp_path):
     """One update at a learning rate of 1e9 leaves finite weights whose logits are not: nothing is exported."""
     result = run(train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",

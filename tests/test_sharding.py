@@ -37,12 +37,14 @@ def _assert_same_steps(run: list[dict], reference: list[dict]) -> None:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["shard_grad_op", "no_shard"])
 def test_each_sharding_trains_the_steps_full_shard_trains(runs, mode):
     _assert_same_steps(read_metrics(runs[mode]), read_metrics(runs["full_shard"]))
     assert (runs[mode] / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("written_under, resumed_under, processes", [("full_shard", "no_shard", 2),
                                                                       ("no_shard", "shard_grad_op", 1)])
 def test_a_checkpoint_resumes_under_another_sharding(tiny_model, learnable_shards, runs, tmp_path, written_under,

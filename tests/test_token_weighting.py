@@ -311,6 +311,7 @@ def _train(tiny_model, shards, output, *args):
                              "--max-steps", "2", "--logging-steps", "1", "--save-steps", "0", *args))
 
 
+@pytest.mark.slow
 def test_the_new_objectives_train_and_refuse_a_mixed_weighting(tiny_model, learnable_shards, tmp_path):
     for loss in ("d2po", "confpo", "tis_dpo"):  # tis_dpo's default pair: T-REG's prompts, in every shard
         result = _train(tiny_model, learnable_shards, tmp_path / loss, "--loss", loss)
@@ -322,6 +323,7 @@ def test_the_new_objectives_train_and_refuse_a_mixed_weighting(tiny_model, learn
     assert_one_line_error(result, "chosen_dpo_logps", "treg-score writes them with --dpo-model")
 
 
+@pytest.mark.slow
 def test_swap_pairs_trains_on_the_reversed_preference(tiny_model, learnable_shards, tmp_path):
     """The first step's metrics come before any update: swapped, chosen's are the plain run's rejected's."""
     first = {}
@@ -362,6 +364,7 @@ def self_scored(tiny_model, tmp_path_factory):
     return scored
 
 
+@pytest.mark.slow
 def test_a_signal_of_one_model_against_itself_is_said_before_scoring_and_refused_at_training(tiny_model, self_scored,
                                                                                              tmp_path):
     from treg_core.errors import UserError

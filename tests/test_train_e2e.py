@@ -35,6 +35,7 @@ def short_run(tiny_model, learnable_shards, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_loss_falls_and_reward_accuracy_rises(single):
     output, result = single
     metrics = read_metrics(output)
@@ -51,6 +52,7 @@ def test_loss_falls_and_reward_accuracy_rises(single):
     assert "treg-train finished: 12 steps" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_model, learnable_shards, single, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "two", "--save-steps", "0", processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,6 +69,7 @@ def _kill_after_first_checkpoint_and_resume(model, data, output, *extra):
     return kill_after_first_checkpoint_and_resume(command, output)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, single, tmp_path):
     resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed")
     uninterrupted = read_metrics(single[0])
@@ -75,6 +78,7 @@ def test_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, sin
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_runs_two_processes_like_torchrun(tiny_model, learnable_shards, single, tmp_path):
     output = tmp_path / "accelerate"
     with socket.socket() as s:  # a free port, as torchrun --standalone finds one
@@ -100,6 +104,7 @@ def bf16_run(tiny_model, learnable_shards, tmp_path_factory):
     return output, result
 
 
+@pytest.mark.slow
 def test_bf16_mixed_precision_learns_and_warns_about_fp32_shards(bf16_run, single):
     output, result = bf16_run
     assert "computing in bfloat16" in result.stderr
@@ -112,6 +117,7 @@ def test_bf16_mixed_precision_learns_and_warns_about_fp32_shards(bf16_run, singl
     assert json.loads((output / "final" / "config.json").read_text())["dtype"] == "float32"
 
 
+@pytest.mark.slow
 def test_bf16_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards, bf16_run, tmp_path):
     resumed = _kill_after_first_checkpoint_and_resume(tiny_model, learnable_shards, tmp_path / "killed",
                                                       "--dtype", "bfloat16")
@@ -119,6 +125,7 @@ def test_bf16_kill_and_resume_reproduces_the_losses(tiny_model, learnable_shards
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), a["step"]
 
 
+@pytest.mark.slow
 def test_rank0_loading_equals_the_checkpoint_for_untied_and_tied_embeddings(tiny_model, tmp_path):
     """Rank 0 reads, the other rank receives its shards: the result is the checkpoint exactly."""
     from families import build_family_model
@@ -158,6 +165,7 @@ def test_exported_model_scores_in_vllm(single, tmp_path):
     assert "pairs scored   4" in result.stdout and "vllm:cached_prefix_rows" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -173,6 +181,7 @@ def test_bad_flags_give_one_clear_message(tiny_model, learnable_shards, tmp_path
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_config_file_with_flags_on_top(tiny_model, learnable_shards, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {tiny_model}\ndata: {learnable_shards}\n"
@@ -202,6 +211,7 @@ def test_bad_shards_give_one_clear_message(tiny_model, tmp_path):
     assert result.returncode == 2 and "broken.parquet" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--gradient-checkpointing", "true"], ["--gradient-checkpointing", "selective"],
                                    ["--padding-free"], ["--attn-implementation", "varlen"], ["--compile"],
                                    ["--compile", "--gradient-checkpointing", "true"], ["--ref-model", "MODEL"]],

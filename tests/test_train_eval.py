@@ -55,6 +55,7 @@ def evaluated(tiny_model, learnable_shards, eval_shards, tmp_path_factory):
     return output, result
 
 
+@pytest.mark.slow
 def test_eval_metrics_equal_one_process_on_the_exported_model(evaluated, eval_shards):
     from transformers import AutoModelForCausalLM
 
@@ -91,6 +92,7 @@ def test_eval_metrics_equal_one_process_on_the_exported_model(evaluated, eval_sh
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]  # what it learned carries over to the held-out pairs
 
 
+@pytest.mark.slow
 def test_evaluation_leaves_the_training_unchanged(tiny_model, learnable_shards, eval_shards, tmp_path):
     results = {}
     for name, extra in (("plain", []), ("evaluated", ["--eval-data", eval_shards, "--eval-steps", "2"])):
@@ -122,6 +124,7 @@ def test_eval_fraction_holds_out_a_fixed_disjoint_share_of_the_pairs(learnable_s
     assert set(ids(held)) < set(ids(ShardIndex(learnable_shards, holdout=0.5, held_out=True)))
 
 
+@pytest.mark.slow
 def test_eval_fraction_trains_on_the_rest_and_evaluates_at_the_end(tiny_model, learnable_shards, tmp_path):
     kept = ShardIndex(learnable_shards, holdout=0.25).num_pairs
     command = train_command("--model", tiny_model, "--data", learnable_shards, "--output", tmp_path / "run",

@@ -45,6 +45,7 @@ def short_rejected(tiny_model, tmp_path_factory):
     return folders
 
 
+@pytest.mark.slow
 def test_a_run_in_which_no_pair_has_a_gradient_stops_naming_the_setting(tiny_model, short_rejected, tmp_path):
     # SePO keeps ⌊0.3·(L − 1)⌋ tokens of an answer: none of a rejected answer of 2 or 3 tokens.
     result = _train(tiny_model, short_rejected["short"], tmp_path / "short", "--loss", "sepo", "--max-steps", "2")
@@ -89,6 +90,7 @@ def test_a_busy_output_folder_is_refused_before_the_model_loads(tiny_model, lear
         holder.wait()
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_advises_a_command_that_works(tiny_model, learnable_shards, tmp_path):
     folder = tmp_path / "run"
     args = train_command("--model", tiny_model, "--data", learnable_shards, "--output", folder, *TRAIN,
@@ -109,6 +111,7 @@ def test_ctrl_c_before_the_first_checkpoint_advises_a_command_that_works(tiny_mo
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_continuing_a_finished_run_says_so_and_keeps_its_model(tiny_model, learnable_shards, tmp_path):
     folder = tmp_path / "run"
     result = _train(tiny_model, learnable_shards, folder, "--max-steps", "3", "--save-steps", "2")

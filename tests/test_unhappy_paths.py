@@ -47,6 +47,7 @@ def _with_a_nan_reward(shards: str, folder: Path) -> tuple[Path, str]:
     return shard, rows[3]["id"]
 
 
+@pytest.mark.slow
 def test_a_nan_token_reward_stops_the_run_naming_its_shard_and_pair(tiny_model, learnable_shards, tmp_path):
     shard, pair_id = _with_a_nan_reward(learnable_shards, tmp_path / "scored")
     result = _train(tiny_model, tmp_path / "scored", tmp_path / "run", "--max-steps", "12", "--save-steps", "0")
@@ -54,6 +55,7 @@ def test_a_nan_token_reward_stops_the_run_naming_its_shard_and_pair(tiny_model, 
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 def test_a_nan_in_the_eval_data_stops_the_run_before_its_first_step(tiny_model, learnable_shards, tmp_path):
     shard, pair_id = _with_a_nan_reward(learnable_shards, tmp_path / "held-out")
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--eval-data", tmp_path / "held-out",
@@ -63,6 +65,7 @@ def test_a_nan_in_the_eval_data_stops_the_run_before_its_first_step(tiny_model, 
     assert not metrics.exists() or not metrics.read_text().strip()  # found before any step, not after the last
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_its_step_and_exports_nothing(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "12", "--save-steps", "1",
                     "--learning-rate", "1e9")
@@ -80,6 +83,7 @@ def finished_run(tiny_model, learnable_shards, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changed", [["--loss", "dpo"], ["--global-batch-size", "4"], ["--learning-rate", "1e-4"],
                                      ["--seed", "4"]], ids=lambda c: c[0])
 def test_resume_with_other_settings_is_refused_naming_them(tiny_model, learnable_shards, finished_run, changed):
@@ -90,6 +94,7 @@ def test_resume_with_other_settings_is_refused_naming_them(tiny_model, learnable
     assert (finished_run / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_resume_may_extend_the_run_and_change_logging(tiny_model, learnable_shards, finished_run, tmp_path):
     extended = tmp_path / "extended"
     shutil.copytree(finished_run, extended)
@@ -103,6 +108,7 @@ def test_resume_may_extend_the_run_and_change_logging(tiny_model, learnable_shar
     assert lines[2]["learning_rate"] == pytest.approx(2e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))
 
 
+@pytest.mark.slow
 def test_resume_says_what_it_does(tiny_model, learnable_shards, finished_run, tmp_path):
     before = (finished_run / "metrics.jsonl").read_text()
     result = _train(tiny_model, learnable_shards, finished_run, "--max-steps", "4", "--save-steps", "2", "--resume")
@@ -140,6 +146,7 @@ def test_an_output_folder_of_other_files_is_refused(tiny_model, learnable_shards
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_an_unfinished_scoring_folder_is_refused(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", make_learnable_pairs(48))
     pipeline.run(hf_score_config(tiny_model, data, tmp_path / "scored", num_workers=3, worker_index=0))
@@ -148,6 +155,7 @@ def test_an_unfinished_scoring_folder_is_refused(tiny_model, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+@pytest.mark.slow
 def test_reference_log_probs_of_another_scorer_are_refused(tiny_model, tmp_path):
     import shutil
 
@@ -159,6 +167,7 @@ def test_reference_log_probs_of_another_scorer_are_refused(tiny_model, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_whose_pairs_are_all_too_long_still_logs_with_the_others(tiny_model, tmp_path):
     """With one pair per rank and step, the step that holds the one long pair leaves its rank with dummy forwards
     only: every rank must still reduce the same metric names, or the log line would break the collective."""
@@ -178,6 +187,7 @@ def test_a_rank_whose_pairs_are_all_too_long_still_logs_with_the_others(tiny_mod
     assert all("loss" in m for m in metrics)
 
 
+@pytest.mark.slow
 def test_max_length_below_every_pair_is_one_clear_line(tiny_model, learnable_shards, tmp_path):
     result = _train(tiny_model, learnable_shards, tmp_path / "run", "--max-steps", "3", "--max-length", "16")
     assert_one_line_error(result, "longer than --max-length 16")
@@ -219,6 +229,7 @@ def test_an_output_folder_of_other_files_is_never_written(tiny_model, tmp_path):
     assert {str(p.relative_to(theirs)): p.read_text() for p in theirs.rglob("*") if p.is_file()} == files
 
 
+@pytest.mark.slow
 def test_rows_appended_to_the_input_are_never_silently_left_out(tiny_model, tmp_path):
     rows = make_pairs(12)
     data = write_jsonl(tmp_path / "d.jsonl", rows[:8])
@@ -243,11 +254,13 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
         build_config(str(config_file), {"output": "o"})
 
 
+@pytest.mark.slow
 def test_a_model_that_does_not_load_is_one_line(learnable_shards, tmp_path):
     result = _train(str(tmp_path / "no-such-model"), learnable_shards, tmp_path / "run", "--max-steps", "2")
     assert_one_line_error(result, "cannot load the tokenizer of --model")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env, expected", [
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is set but RANK, MASTER_ADDR, MASTER_PORT are not"),
     ({"RANK": "0"}, "RANK is set but WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not"),
@@ -265,6 +278,7 @@ def test_a_partial_launch_environment_is_one_line(env, expected, tiny_model, lea
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_start_leaves_the_output_folder_usable(tiny_model, learnable_shards, tmp_path):
     result = _train(str(tmp_path / "typo"), learnable_shards, tmp_path / "run", "--max-steps", "2")
     assert result.returncode == 2
@@ -279,6 +293,7 @@ def test_max_model_len_beyond_the_models_context_is_refused_before_any_work(tiny
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_data_parallel_worker_error_is_one_line(tmp_path):
     from treg_data.data_parallel import run_data_parallel
 
@@ -287,6 +302,7 @@ def test_a_data_parallel_worker_error_is_one_line(tmp_path):
         run_data_parallel(hf_score_config("./no-such-model", data, tmp_path / "out"), 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column, value", [("chosen_ref_logps", 0.5), ("rejected_better_logps", -1e30),
                                            ("chosen_rewards", 0.75)])
 def test_shard_values_outside_their_range_are_named(tiny_model, learnable_shards, tmp_path, column, value):
@@ -357,6 +373,7 @@ def _inspect(data, *extra):
     return run([sys.executable, "-m", "treg_data.inspect_cli", data, *extra], timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["overwritten", "cut"])
 def test_a_damaged_shard_is_one_line_naming_it_in_treg_inspect(learnable_shards, tmp_path, damage):
     shutil.copytree(learnable_shards, tmp_path / "scored")
@@ -370,6 +387,7 @@ def test_a_damaged_shard_is_one_line_naming_it_in_treg_inspect(learnable_shards,
     assert not (tmp_path / "scored" / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_a_shard_damaged_in_the_middle_stops_training_in_one_line(tiny_model, learnable_shards, tmp_path):
     shutil.copytree(learnable_shards, tmp_path / "scored")
     for shard in (tmp_path / "scored" / "data").glob("*.parquet"):  # every one: whichever training reads first
@@ -468,6 +486,7 @@ def _can_act_as_a_user() -> bool:
 needs_a_user = pytest.mark.skipif(not _can_act_as_a_user(), reason="root without CAP_SETPCAP cannot drop its rights")
 
 
+@pytest.mark.slow
 @needs_a_user
 def test_a_read_only_data_folder_is_one_line_before_any_scoring(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(24))
@@ -514,6 +533,7 @@ def _file_size_limit(limit: int):
     return limited
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_leaves_no_shard_a_rerun_would_trust(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(16))
     command = [str(a) for a in score_command(
