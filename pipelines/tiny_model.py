@@ -141,11 +141,12 @@ def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: f
                        seed: int = 0) -> None:
     """Train `model` on `next_batch(step)` -> (input ids, labels, attention mask), steps 1 to `steps`: AdamW, the
     gradient clipped at 1, the learning rate warmed up over the first 5 % of the steps, then down a cosine to
-    `floor` times `lr`. Prints the loss every 100 steps."""
+    `floor` times `lr`. A progress bar shows the time left and the loss."""
     import math
-    import time
+    import sys
 
     import torch
+    from tqdm import tqdm
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
@@ -153,9 +154,9 @@ def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: f
         optimizer,
         lambda s: min(1.0, (s + 1) / warmup) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps)
                                                                                            / steps))))
-    started = time.perf_counter()
     torch.manual_seed(seed)
     model.train()
+    bar = tqdm(total=steps, desc="building", unit="step", dynamic_ncols=True, file=sys.stderr)
     for step in range(1, steps + 1):
         input_ids, labels, attention = next_batch(step)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
@@ -164,8 +165,10 @@ def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: f
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps:
-            print(f"  step {step}/{steps}  loss {loss.item():.4f}  {time.perf_counter() - started:.0f}s", flush=True)
+        bar.update(1)
+        if step % 10 == 0 or step == steps:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
 
 
 def build_trained(folder, train, seed: int = 0, **shape):
