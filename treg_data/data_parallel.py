@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from treg_core.errors import UserError
 from treg_data.scorers.cpu_engine import data_parallel_cpu_environments, split_evenly
-from treg_data.scorers.watchdog import RESUME
+from treg_data.scorers.watchdog import RESUME, WATCHDOG_INTERVAL
 
 
 def run_data_parallel(config, size: int):
@@ -102,5 +102,7 @@ def _worker(config, environment: dict[str, str], results) -> None:
     except UserError as err:
         results.put(("error", f"worker {config.worker_index}: {err}"))
     except BaseException as err:
+        if isinstance(err, Exception):  # vLLM's own error for a killed engine may come first: let the watchdog,
+            time.sleep(2 * WATCHDOG_INTERVAL)  # which names the engine that died, end this process before it is told
         results.put(("error", f"worker {config.worker_index} failed: {type(err).__name__}: {err}"))
         raise

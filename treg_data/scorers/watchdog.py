@@ -17,10 +17,11 @@ import psutil
 
 EXIT_CODE = 3
 RESUME = "complete shards are kept: rerun the same command to continue"
+WATCHDOG_INTERVAL = 1.0  # seconds between checks
 
 
 class EngineWatchdog:
-    def __init__(self, processes: list[psutil.Process], what: str, interval: float = 1.0):
+    def __init__(self, processes: list[psutil.Process], what: str, interval: float = WATCHDOG_INTERVAL):
         self.processes, self.what, self.interval = processes, what, interval
         self.stopped = threading.Event()
         threading.Thread(target=self._watch, name="treg-engine-watchdog", daemon=True).start()
