@@ -3,7 +3,7 @@
     .venv/bin/python pipelines/quickstart.py [--output runs/quickstart]
 
 1. builds (once, cached) a small local model and tokenizer that understands T-REG's revision prompts
-   (pipelines/quickstart_model.py: a few minutes the first time);
+   (pipelines/quickstart_model.py: about 100 s the first time);
 2. scores the shipped preference pairs (pipelines/data/quickstart-pairs.jsonl) with the real
    vLLM engine: treg-score;
 3. trains it with dpo_reg under torchrun, 2 processes on the CPU: treg-train;
@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/treg"), help="where the built model is kept")
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for training")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--build-steps", type=int, default=600, help="training steps of the model, when built")
+    parser.add_argument("--build-steps", type=int, default=quickstart_model.STEPS,
+                        help="training steps of the model, when built")
     args = parser.parse_args()
     output, started = Path(args.output).resolve(), time.perf_counter()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

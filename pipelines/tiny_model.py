@@ -137,11 +137,11 @@ def build_tiny_model(
     return out_dir
 
 
-def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: float = 0.0, floor: float = 0.0,
+def train_from_scratch(model, loss_at, steps: int, lr: float, weight_decay: float = 0.0, floor: float = 0.0,
                        seed: int = 0) -> None:
-    """Train `model` on `next_batch(step)` -> (input ids, labels, attention mask), steps 1 to `steps`: AdamW, the
-    gradient clipped at 1, the learning rate warmed up over the first 5 % of the steps, then down a cosine to
-    `floor` times `lr`. A progress bar shows the time left and the loss."""
+    """Train `model` on `loss_at(step)`, the loss of step 1 to `steps`: AdamW, the gradient clipped at 1, the
+    learning rate warmed up over the first 5 % of the steps, then down a cosine to `floor` times `lr`. A progress
+    bar shows the time left and the loss."""
     import math
     import sys
 
@@ -158,8 +158,7 @@ def train_from_scratch(model, next_batch, steps: int, lr: float, weight_decay: f
     model.train()
     bar = tqdm(total=steps, desc="building", unit="step", dynamic_ncols=True, file=sys.stderr)
     for step in range(1, steps + 1):
-        input_ids, labels, attention = next_batch(step)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss = loss_at(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -209,6 +209,21 @@ def token_logprobs(model, rows: list[dict], side: str) -> list:
     return result
 
 
+def checkpoint_layout(folder) -> tuple[dict, dict]:
+    """What a loader reads from a HF checkpoint besides the values: its config (less the version and dtype fields)
+    and each tensor's name, shape and dtype. An export with its starting checkpoint's layout loads wherever that
+    one did."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    ignored = {"_name_or_path", "transformers_version", "dtype", "torch_dtype"}
+    config = {k: v for k, v in AutoConfig.from_pretrained(folder).to_dict().items() if k not in ignored}
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as tensors:
+        layout = {name: (tensors.get_slice(name).get_shape(), tensors.get_slice(name).get_dtype())
+                  for name in tensors.keys()}
+    return config, layout
+
+
 def read_shard_rows(output) -> list[dict]:
     return pq.read_table(Path(output) / "data").to_pylist()
 

@@ -1,5 +1,6 @@
 """The credit-assignment benchmark: its ground truth, its AUROC, its statistics, and a smoke run
-of the whole thing (real vLLM scoring, real treg-train) on a barely trained model."""
+of the whole thing (real treg-score, real treg-train) on a barely trained model. The smoke run scores with
+`--backend hf`: four vLLM starts would be most of its time, and the engine is tested on its own."""
 
 import itertools
 import json
@@ -165,13 +166,13 @@ def test_token_studies_compare_every_method_with_dpo_and_draw_them(tmp_path):
     assert (tmp_path / "forest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.engine
+@pytest.mark.slow
 def test_smoke_run_of_the_whole_benchmark(tmp_path):
     import run
 
     methods = ["dpo", "dpo_reg", "dporeward_reg", "tis_dpo_models"]
     command = [sys.executable, str(CREDIT / "run.py"), "--smoke", "--seeds", "0", "--output", str(tmp_path / "out"),
-               "--model-dir", str(tmp_path / "model"), "--enforce-eager", "--methods", ",".join(methods)]
+               "--model-dir", str(tmp_path / "model"), "--backend", "hf", "--methods", ",".join(methods)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())["seeds"]["0"]

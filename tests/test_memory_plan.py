@@ -70,7 +70,7 @@ def test_the_h200_measurements_are_consistent_with_the_plan(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", ["tiny", "small", "medium"])
+@pytest.mark.parametrize("size", ["tiny", "small"])  # medium: pipelines/bench/memory_plan.py
 def test_the_plan_is_within_a_quarter_of_the_measured_peak(size, tmp_path_factory):
     from memory_plan import VARIANTS, measure
 

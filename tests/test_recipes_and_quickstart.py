@@ -155,7 +155,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "=== [4/4]" in out and "quickstart finished" in out and "pairs            320 scored" in out
     assert "token rewards    mean Σ r̂" in out and "on its first wrong token in" in out
     assert "reward check     AUROC" in out and "reward check: AUROC" in result.stderr  # the probe line, then summed up
-    assert (tmp_path / "cache" / "quickstart-model-v2" / "config.json").exists()  # built once, then cached
+    assert (tmp_path / "cache" / "quickstart-model-v3" / "config.json").exists()  # built once, then cached
     for path in ("scored/manifest.json", "train/final/model.safetensors", "train/metrics.jsonl", "report.html"):
         assert (tmp_path / "qs" / path).exists(), path
     metrics = [json.loads(line) for line in (tmp_path / "qs/train/metrics.jsonl").read_text().splitlines()]
@@ -165,3 +165,36 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert f"curves           {tmp_path / 'qs/curves.html'}" in out
     loss = curves.split('data-series="loss"')[1].split("</g>")[0]
     assert loss.count('class="point"') == len(metrics)
+
+
+def test_the_quickstart_builds_with_the_loss_of_its_rows_run_whole(tiny_model, tokenizer):
+    """The build runs the start its rows share once (quickstart_model.answer_loss): the same loss and gradients as
+    each row run whole, padded, with labels on the answers only."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import quickstart_model
+
+    rows = quickstart_model.examples(tokenizer)["worse"]
+    rows = random.Random(0).sample(rows, 6)
+    shared = os.path.commonprefix([prefix for prefix, _ in rows])
+    assert 0 < len(shared) < min(len(prefix) for prefix, _ in rows)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+
+    def whole() -> torch.Tensor:
+        input_ids, labels, attention = quickstart_model.batch(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits  # float64 (the HF loss is float32)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    losses, grads = [], []
+    for compute in (lambda: quickstart_model.answer_loss(model, rows, shared, tokenizer.pad_token_id), whole):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
+    assert (grads[0] - grads[1]).abs().max() <= 1e-6 * grads[1].abs().max()

@@ -112,7 +112,7 @@ class TrainConfig:
         "optimizer state split over the processes; each layer gathered for its forward and again for its backward), "
         "shard_grad_op (gathered once, kept from forward to backward; gradients and optimizer state split), no_shard "
         "(every process holds the whole model, its gradients and AdamW state, as DDP; gradients all-reduced once a "
-        "step) or auto: on a CPU (gloo) no_shard where the memory plan fits it, else shard_grad_op, else full_shard; "
+        "step) or auto: on a CPU (gloo) shard_grad_op where the memory plan fits it, else full_shard; "
         "on GPUs full_shard (the others are not measured there). One process: moot. The plan line says which.")
     plan: bool = setting(
         False, MEMORY, "Print the memory plan (per-device peak, in parts) for these settings and exit, without "

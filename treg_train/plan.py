@@ -35,9 +35,11 @@ from treg_train.objectives import method
 
 GIB = 2**30
 MODES = ("none", "every other layer", "every layer")  # what auto tries, in order
-# What --sharding auto tries on a CPU, in order: the least traffic over gloo first (no_shard all-reduces the gradients
-# once a step; shard_grad_op gathers each layer once; full_shard twice, and reduce-scatters). One process: no sharding.
+# Every sharding, the most memory first. On a CPU (gloo) --sharding auto tries AUTO_SHARDINGS in order: shard_grad_op
+# gathers each layer once a step, full_shard twice; no_shard measured slower and larger than shard_grad_op, as its
+# all-reduce of whole fp32 gradients costs more over gloo than the gathers it saves (docs/BENCHMARKS.md).
 SHARDINGS = ("no_shard", "shard_grad_op", "full_shard")
+AUTO_SHARDINGS = ("shard_grad_op", "full_shard")
 ONE_PROCESS = "one process"
 FIT_SHARE = 0.85  # of the device's memory, the most a plan may take
 
@@ -324,13 +326,13 @@ class Planner:
 
 def shardings(config, world_size: int, device_type: str) -> tuple[str, ...]:
     """The shardings the run may use, in the order --sharding auto prefers them: one process has nothing to shard;
-    --sharding names one; auto on a CPU (gloo) tries SHARDINGS, on GPUs keeps full_shard (the others are not
+    --sharding names one; auto on a CPU (gloo) tries AUTO_SHARDINGS, on GPUs keeps full_shard (the others are not
     measured there)."""
     if world_size == 1:
         return (ONE_PROCESS,)
     if config.sharding != "auto":
         return (config.sharding,)
-    return SHARDINGS if device_type == "cpu" else ("full_shard",)
+    return AUTO_SHARDINGS if device_type == "cpu" else ("full_shard",)
 
 
 def with_checkpointing(mode: str) -> str:

@@ -71,9 +71,11 @@ def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr:
         print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
               f"{steps} steps of {batch}", flush=True)
         rng = random.Random(seed)
-        train_from_scratch(model, lambda step: batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)],
-                                                             world_name),
-                           steps, lr, weight_decay=0.01, floor=0.1, seed=seed)
+        def loss_at(step: int) -> torch.Tensor:
+            input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name)
+            return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+
+        train_from_scratch(model, loss_at, steps, lr, weight_decay=0.01, floor=0.1, seed=seed)
 
     return build_trained(folder, train, seed=seed, **MODEL_SHAPE)
 

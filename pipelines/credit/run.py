@@ -435,6 +435,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="trainings at a time")
     parser.add_argument("--smoke", action="store_true", help="a minute-scale run on a barely trained model (for tests)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: skip graph compilation")
+    parser.add_argument("--backend", choices=("vllm", "hf"), help="treg-score --backend (default: the study's)")
     args = parser.parse_args()
     names = args.study.split(",")
     if unknown := sorted(set(names) - set(STUDIES)):
@@ -443,6 +444,9 @@ def main() -> None:
     if args.smoke:  # the smoke sizes, in each study's world, scorer and comparisons
         studies = {name: (replace(SMOKE, world=settings.world, backend=settings.backend,
                                   against_dpo=settings.against_dpo), methods)
+                   for name, (settings, methods) in studies.items()}
+    if args.backend:
+        studies = {name: (replace(settings, backend=args.backend), methods)
                    for name, (settings, methods) in studies.items()}
     if args.methods and (unknown := sorted(set(args.methods.split(",")) - set(METHODS))):
         sys.exit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")

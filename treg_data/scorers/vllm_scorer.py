@@ -40,6 +40,7 @@ CHECKED_SEQUENCES = 8
 # model in the same precision; what they may differ in is kernel order (batch shapes, cached KV), a fraction of
 # the precision's resolution. A path reading the wrong rows is off by nats.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05, "auto": 0.1}
+ENGINE_STOP_GRACE_S = 1.0  # seconds the engine processes get to leave before they are killed (close())
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own max_logprobs: a larger --ref-topk raises it
 
 
@@ -175,7 +176,9 @@ class VLLMScorer:
     def close(self) -> None:
         """Stop the engine processes now rather than at interpreter exit."""
         self.watchdog.stop()
-        self.llm.llm_engine.engine_core.shutdown()
+        # Every score is read by now. On a CPU vLLM's engine process outlives SIGTERM past its default grace of
+        # 5 s (its workers wait for work) and is killed then; a short grace ends it as surely, sooner.
+        self.llm.llm_engine.engine_core.shutdown(timeout=ENGINE_STOP_GRACE_S)
 
     def flat_params(self, read_cache: bool, prompt_logprobs: int = 0):
         """Prompt log-probs of the actual token at every position run, and of the `prompt_logprobs` most likely ones;
