@@ -210,9 +210,9 @@ def token_logprobs(model, rows: list[dict], side: str) -> list:
 
 
 def checkpoint_layout(folder) -> tuple[dict, dict]:
-    """What a loader reads from a HF checkpoint besides the values: its config (less the version and dtype fields)
-    and each tensor's name, shape and dtype. An export with its starting checkpoint's layout loads wherever that
-    one did."""
+    """What a loader reads from a HF checkpoint besides the values and the tokenizer: its config (less its path,
+    version and dtype fields) and each tensor's name, shape and dtype. An export with the layout of its starting
+    checkpoint (and that checkpoint's tokenizer, which the export copies) loads where that one did."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
