@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tiny_model import answer_batch, build_trained, train_from_scratch  # noqa: E402
+
 PAIRS = HERE / "data" / "quickstart-pairs.jsonl"
 MODEL_SHAPE = dict(hidden_size=128, num_layers=4, num_heads=2, intermediate_size=256)  # head_dim 64: vLLM CPU
 VERSION = "quickstart-model-v3"  # the cache folder's name: a new recipe gets a new name
@@ -51,19 +54,6 @@ def examples(tokenizer) -> dict[str, list[tuple[list[int], list[int]]]]:
     return parts
 
 
-def batch(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input ids, labels on the answer only, and the attention mask."""
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (prefix, answer) in enumerate(rows):
-        input_ids[i, : len(prefix) + len(answer)] = torch.tensor(prefix + answer)
-        labels[i, len(prefix): len(prefix) + len(answer)] = torch.tensor(answer)
-        attention[i, : len(prefix) + len(answer)] = 1
-    return input_ids, labels, attention
-
-
 def answer_loss(model, rows: list[tuple[list[int], list[int]]], shared: list[int], pad: int) -> torch.Tensor:
     """The mean next-token loss over the answers of `rows`, whose prefixes all start with `shared`.
 
@@ -72,7 +62,7 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], shared: list[int
     start = model(input_ids=torch.tensor([shared]), use_cache=True)
     cache = start.past_key_values
     cache.batch_repeat_interleave(len(rows))
-    input_ids, labels, attention = batch([(prefix[len(shared):], answer) for prefix, answer in rows], pad)
+    input_ids, labels, attention = answer_batch([(prefix[len(shared):], answer) for prefix, answer in rows], pad)
     rest = model(input_ids=input_ids, past_key_values=cache,
                  attention_mask=torch.cat([torch.ones(len(rows), len(shared), dtype=attention.dtype), attention], 1),
                  position_ids=(len(shared) + torch.arange(input_ids.shape[1])).expand(len(rows), -1)).logits
@@ -83,9 +73,6 @@ def answer_loss(model, rows: list[tuple[list[int], list[int]]], shared: list[int
 
 def build(folder: Path, steps: int = STEPS, batch_size: int = 16, lr: float = 2e-3, seed: int = 0) -> Path:
     """Train and save the model into `folder`, unless it is there (written aside, then renamed: never half there)."""
-    sys.path.insert(0, str(HERE))
-    from tiny_model import build_trained, train_from_scratch
-
     def train(model, tokenizer) -> None:
         parts = examples(tokenizer)
         shared = {name: os.path.commonprefix([prefix for prefix, _ in rows]) for name, rows in parts.items()}

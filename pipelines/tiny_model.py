@@ -137,6 +137,22 @@ def build_tiny_model(
     return out_dir
 
 
+def answer_batch(rows: list[tuple[list[int], list[int]]], pad: int):
+    """(prefix ids, answer ids) rows as right-padded input ids, labels on the answers only, and the attention
+    mask."""
+    import torch
+
+    width = max(len(prefix) + len(answer) for prefix, answer in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    labels = torch.full((len(rows), width), -100)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (prefix, answer) in enumerate(rows):
+        input_ids[i, : len(prefix) + len(answer)] = torch.tensor(prefix + answer)
+        labels[i, len(prefix): len(prefix) + len(answer)] = torch.tensor(answer)
+        attention[i, : len(prefix) + len(answer)] = 1
+    return input_ids, labels, attention
+
+
 def train_from_scratch(model, loss_at, steps: int, lr: float, weight_decay: float = 0.0, floor: float = 0.0,
                        seed: int = 0) -> None:
     """Train `model` on `loss_at(step)`, the loss of step 1 to `steps`: AdamW, the gradient clipped at 1, the

@@ -185,7 +185,7 @@ def test_the_quickstart_builds_with_the_loss_of_its_rows_run_whole(tiny_model, t
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
 
     def whole() -> torch.Tensor:
-        input_ids, labels, attention = quickstart_model.batch(rows, tokenizer.pad_token_id)
+        input_ids, labels, attention = quickstart_model.answer_batch(rows, tokenizer.pad_token_id)
         logits = model(input_ids=input_ids, attention_mask=attention).logits  # float64 (the HF loss is float32)
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
 

@@ -53,7 +53,7 @@ class PolicyOptions:
     checkpointing: str = "none"  # "none", "every other layer" or "every layer" (treg_train.plan.MODES)
     compile: bool = False  # regional: each decoder layer
     liger: bool = False  # liger-kernel's fused layers (CUDA)
-    sharding: str = "full_shard"  # treg_train.plan.SHARDINGS (or ONE_PROCESS: full_shard over one)
+    sharding: str = "full_shard"  # a --sharding but auto (or plan.ONE_PROCESS: full_shard over one)
 
 
 def load_sharded(path: str, mesh, param_dtype: torch.dtype | None, options: PolicyOptions = PolicyOptions(), *,

@@ -35,10 +35,9 @@ from treg_train.objectives import method
 
 GIB = 2**30
 MODES = ("none", "every other layer", "every layer")  # what auto tries, in order
-# Every sharding, the most memory first. On a CPU (gloo) --sharding auto tries AUTO_SHARDINGS in order: shard_grad_op
-# gathers each layer once a step, full_shard twice; no_shard measured slower and larger than shard_grad_op, as its
-# all-reduce of whole fp32 gradients costs more over gloo than the gathers it saves (docs/BENCHMARKS.md).
-SHARDINGS = ("no_shard", "shard_grad_op", "full_shard")
+# What --sharding auto tries on a CPU (gloo), in order: shard_grad_op gathers each layer once a step, full_shard
+# twice; no_shard measured slower and larger than shard_grad_op, as its all-reduce of whole fp32 gradients costs more
+# over gloo than the gathers it saves (docs/BENCHMARKS.md).
 AUTO_SHARDINGS = ("shard_grad_op", "full_shard")
 ONE_PROCESS = "one process"
 FIT_SHARE = 0.85  # of the device's memory, the most a plan may take
@@ -93,7 +92,7 @@ class Budget:
     chunk_rows: int
     device_type: str
     checkpointing: str = "none"  # one of MODES
-    sharding: str = "full_shard"  # one of SHARDINGS, or ONE_PROCESS
+    sharding: str = "full_shard"  # a --sharding but auto, or ONE_PROCESS
     reference: bool = False  # --ref-model: a frozen model of the same size, sharded too
     reference_distribution: bool = False  # its whole distribution beside the policy's, chunk by chunk (TDPO)
     reference_topk: bool = False  # the shards' top-K of the reference beside the policy's rows (TDPO without it)
@@ -106,7 +105,7 @@ class MemoryPlan:
     checkpointing: str
     tokens: int = 0  # of the longest forward planned
     from_data: bool = False  # that forward from the data's lengths, not the settings' worst case
-    sharding: str = "full_shard"  # one of SHARDINGS, or ONE_PROCESS
+    sharding: str = "full_shard"  # a --sharding but auto, or ONE_PROCESS
 
     @property
     def peak_memory_gb(self) -> float:

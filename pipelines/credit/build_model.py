@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tiny_model
 import policy  # noqa: E402
 import world  # noqa: E402
+from tiny_model import answer_batch, build_trained, train_from_scratch  # noqa: E402
 
 MODEL_SHAPE = dict(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)  # about 2 M parameters
 KINDS = ("policy", "better", "worse")
@@ -51,26 +52,18 @@ def batch_tensors(tokenizer, rng: random.Random, size: int, kind: str,
     lengths = rng.choice((world.SHORT, world.LONG))
     rows = [policy.encode(tokenizer, *example(world.random_task(rng, lengths, world_name), kind, rng))
             for _ in range(size)]
-    width = max(len(p) + len(a) for p, a in rows)
-    input_ids = torch.full((size, width), tokenizer.pad_token_id)
-    labels = torch.full((size, width), -100)
-    attention = torch.zeros((size, width), dtype=torch.long)
-    for i, (p, a) in enumerate(rows):
-        input_ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        labels[i, len(p): len(p) + len(a)] = torch.tensor(a)  # loss on the answer only
-        attention[i, : len(p) + len(a)] = 1
-    return input_ids, labels, attention
+    return answer_batch(rows, tokenizer.pad_token_id)
 
 
 def build(folder: Path = DEFAULT_FOLDER, steps: int = 2400, batch: int = 32, lr: float = 3e-3, seed: int = 0,
           world_name: str = "zero") -> Path:
     """Train and save the model of a world into `folder` (written aside, then renamed: never half there)."""
-    from tiny_model import build_trained, train_from_scratch
 
     def train(model, tokenizer) -> None:
         print(f"training a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter model, "
               f"{steps} steps of {batch}", flush=True)
         rng = random.Random(seed)
+
         def loss_at(step: int) -> torch.Tensor:
             input_ids, labels, attention = batch_tensors(tokenizer, rng, batch, KINDS[step % len(KINDS)], world_name)
             return model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
