@@ -51,15 +51,17 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes for training")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--build-steps", type=int, default=quickstart_model.STEPS,
-                        help="training steps of the model, when built")
+                        help="training steps of the model, when built (another count caches another model)")
     args = parser.parse_args()
+    if args.build_steps < 1:
+        parser.error(f"--build-steps {args.build_steps}: the model needs at least 1 training step")
     output, started = Path(args.output).resolve(), time.perf_counter()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     bin_dir = Path(sys.executable).parent
     timings = {}
 
     t = stage(1, "a small local model that understands the revision prompts")
-    model = Path(args.cache) / quickstart_model.VERSION
+    model = Path(args.cache) / quickstart_model.folder_name(args.build_steps)
     if (model / "config.json").exists():
         print(f"using the cached model in {model}")
     else:

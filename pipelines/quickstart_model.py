@@ -34,6 +34,11 @@ VERSION = "quickstart-model-v3"  # the cache folder's name: a new recipe gets a 
 STEPS = 600
 
 
+def folder_name(steps: int) -> str:
+    """The cache folder of the model trained `steps` steps: another count is another model, never the shipped one."""
+    return VERSION if steps == STEPS else f"{VERSION}-{steps}-steps"
+
+
 def examples(tokenizer) -> dict[str, list[tuple[list[int], list[int]]]]:
     """(prefix ids, answer ids) of every pair, by part; the drafts the revision prompts quote are both answers."""
     from treg_data.encoding import PairEncoder

@@ -155,7 +155,7 @@ def test_quickstart_runs_end_to_end(tmp_path):
     assert "=== [4/4]" in out and "quickstart finished" in out and "pairs            320 scored" in out
     assert "token rewards    mean Σ r̂" in out and "on its first wrong token in" in out
     assert "reward check     AUROC" in out and "reward check: AUROC" in result.stderr  # the probe line, then summed up
-    assert (tmp_path / "cache" / "quickstart-model-v3" / "config.json").exists()  # built once, then cached
+    assert (tmp_path / "cache" / "quickstart-model-v3-30-steps" / "config.json").exists()  # built once, then cached
     for path in ("scored/manifest.json", "train/final/model.safetensors", "train/metrics.jsonl", "report.html"):
         assert (tmp_path / "qs" / path).exists(), path
     metrics = [json.loads(line) for line in (tmp_path / "qs/train/metrics.jsonl").read_text().splitlines()]
