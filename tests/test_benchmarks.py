@@ -23,6 +23,12 @@ def test_scaling_benchmark(tmp_path):
     assert rows[0][3] == "300" and rows[2][3] == "600"  # the reader saw every pair
 
 
+def test_gloo_collectives_benchmark():
+    out = _run("gloo_collectives.py", "--processes", "2", "--values", "1000", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("| all-gather |", "| reduce-scatter |"))]
+    assert len(rows) == 6 and sum("treg pairwise" in row for row in rows) == 2
+
+
 @pytest.mark.slow
 def test_training_benchmark_against_trl(tmp_path):
     out = _run("train_vs_trl.py", "--size", "tiny", "--pairs", "32", "--steps", "3", "--batch", "4",

@@ -16,6 +16,7 @@ from treg_core.attention import VARLEN, VARLEN_IMPLEMENTATIONS, register
 from treg_core.errors import UserError
 from treg_core.forward import TokenLogprobs
 from treg_core.sources import load_model_config
+from treg_train.collectives import use_pairwise_collectives
 from treg_train.lora import LoraSettings, add_adapters, checkpoint_key, initial_adapter_weights
 
 
@@ -184,6 +185,7 @@ def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, tra
     shard_grad_op keeps each layer gathered from its forward to its backward (one all-gather a step, not two);
     no_shard is HSDP over `mesh` (state.Runtime.mesh_for: replicated over the processes, a shard of one), whose
     gradients are all-reduced once a step."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype
@@ -192,6 +194,8 @@ def shard_model(model: TokenLogprobs, mesh, param_dtype: torch.dtype | None, tra
     for layer in decoder_layers(model.lm):
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=sharding != "shard_grad_op")
     fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=whole)
+    if mesh.ndim == 1 and mesh.size() > 1 and dist.get_backend(mesh.get_group()) == "gloo":
+        use_pairwise_collectives(model)  # faster over gloo than its own (treg_train.collectives)
     if not trainable:
         model.requires_grad_(False)
         model.eval()

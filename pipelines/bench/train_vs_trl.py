@@ -18,7 +18,7 @@ What each side runs (TRL 1.16, read from its source):
 - treg-train reads the reference log-probs from the shards, computes the response tokens' log-probs only,
   in chunks, and cuts each batch into forwards of --micro-batch-tokens (its default unless a row says
   otherwise). Its attention defaults to `varlen` over packed sequences (no padding). With several processes
-  it runs FSDP2 under torchrun: --sharding auto (no_shard on a CPU where it fits) unless a row names one.
+  it runs FSDP2 under torchrun: --sharding auto (shard_grad_op on a CPU where it fits) unless a row names one.
 
 Needs `pip install trl` (not a treg dependency). CPU by default; on a GPU both sides use it, in bf16.
 tokens/s counts real (unpadded) tokens of [prompt+chosen; prompt+rejected] over all processes, median over
