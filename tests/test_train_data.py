@@ -5,6 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +18,7 @@ from treg_core.forward import TokenLogprobs
 from treg_train.collate import collate, micro_batches, scatter_tokens
 from treg_train.index import Reading, ShardIndex
 from treg_train.model import load_causal_lm
-from treg_train.readers import EvalReader, TrainingStream, rank_slice
+from treg_train.readers import EvalReader, TrainingStream, balanced_shares
 
 
 def test_order_covers_every_pair_once_and_depends_only_on_seed_and_epoch(learnable_shards):
@@ -45,7 +46,7 @@ def test_global_batches_resume_by_skipping_and_ranks_are_disjoint(learnable_shar
     shares = [_ids([next(TrainingStream(dataset, 0, 32).global_batches(16, rank=r, world_size=4))])[0][2]
               for r in range(4)]
     assert sorted(x for share in shares for x in share) == sorted(batch) and all(len(s) == 4 for s in shares)
-    assert rank_slice(batch, 1, 4) == shares[1]
+    assert all([x for x in batch if x in share] == share for share in shares)  # each in the batch's order
 
 
 @pytest.mark.parametrize("start_batch", [0, 4, 5])
@@ -61,7 +62,8 @@ def test_no_pair_is_dropped_when_the_global_batch_does_not_divide_them(learnable
     assert sorted(stream[:96]) == sorted(pair.id for pair in map(reader.read, *zip(*reader.coordinates())))
     shares = [[pair.id for pair in next(TrainingStream(dataset, 0, 16).global_batches(20, 4, r, 3))[2]]
               for r in range(3)]
-    assert [shares[i % 3][i // 3] for i in range(20)] == stream[80:100]  # the straddling batch, split by rank
+    assert sorted(sum(shares, [])) == sorted(stream[80:100])  # the straddling batch, split whole
+    assert sorted(map(len, shares)) == [6, 7, 7]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -73,9 +75,24 @@ def test_the_shares_of_the_ranks_make_up_the_global_batches_of_one_process(learn
                 for i in range(0, 96, 12)]
     streams = [TrainingStream(dataset, 0, 16).global_batches(12, rank=r, world_size=world_size)
                for r in range(world_size)]
+    tokens = {pair.id: pair.num_tokens for pair in map(reader.read, *zip(*reader.coordinates()))}
     for batch in expected[:10]:  # into the second epoch
         shares = [[pair.id for pair in next(stream)[2]] for stream in streams]
-        assert [shares[i % world_size][i // world_size] for i in range(12)] == batch  # rank_slice inverted
+        split = balanced_shares(np.array([tokens[pair] for pair in batch]), world_size)
+        assert shares == [[pair for pair, r in zip(batch, split) if r == rank] for rank in range(world_size)]
+
+
+def test_the_ranks_split_a_batch_into_as_many_pairs_and_about_as_many_tokens():
+    assert balanced_shares(np.array([10, 1, 10, 1]), 2) == [0, 0, 1, 1]  # 11 tokens each; every other pair: 20 and 2
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        world_size = int(rng.integers(2, 6))
+        tokens = rng.integers(1, 1000, size=int(rng.integers(world_size, 40)))
+        shares = np.array(balanced_shares(tokens, world_size))
+        counts = np.bincount(shares, minlength=world_size)
+        loads = np.bincount(shares, weights=tokens, minlength=world_size)
+        assert counts.max() - counts.min() <= 1 and counts.sum() == len(tokens)
+        assert loads.max() - loads.min() <= tokens.max(), (tokens, world_size)
 
 
 def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, monkeypatch):
@@ -101,7 +118,12 @@ def test_a_rank_reads_only_the_row_groups_holding_its_pairs(learnable_shards, mo
                                                                                   world_size=48)
             read.clear()
             mine = [pair.id for _, _, pairs in itertools.islice(stream, 2 - start) for pair in pairs]
-            coordinates = [order[48 * batch + rank] for batch in range(start, 2)]
+            tokens = dataset.tokens_by_row()
+            coordinates = []
+            for batch in range(start, 2):
+                batch_coordinates = order[48 * batch:48 * batch + 48]
+                split = balanced_shares(tokens[[dataset.first_row[g] + r for g, r in batch_coordinates]], 48)
+                coordinates.append(batch_coordinates[split.index(rank)])
             groups = {dataset.groups[group][:2] for group, _ in coordinates}
             assert sorted(read) == sorted((dataset.files[file].name, row_group) for file, row_group in groups)
             assert len(groups) < 3

@@ -11,6 +11,7 @@ no row content: an index of one side of the split lists only that side's rows.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -208,6 +209,7 @@ class ShardIndex:
         check_signal(root, reading.signal, self.provenance, self.recorded_signals)
         self.num_pairs = sum(len(self.rows(g)) for g in range(len(self.groups))) if holdout else total
         self.groups_read = 0  # row groups read so far
+        self._tokens: np.ndarray | None = None  # tokens_by_row, kept once counted
 
     def _add_file(self, index: int, file: Path):
         meta, parquet = read_shard_metadata(file), open_shard(file)
@@ -242,20 +244,40 @@ class ShardIndex:
         return table
 
     def pair_lengths(self) -> np.ndarray:
-        """Each pair's (prompt, chosen, rejected) token counts on this index's side of the split, [pairs, 3], for
-        the memory plan. The shards record no lengths, so the three token-id columns are read, row group by row
-        group (no other column, nothing kept but the counts)."""
-        names, shards, counts = ["prompt_ids", column(SIDES[0], "ids"), column(SIDES[1], "ids")], {}, []
+        """Each pair's (prompt, chosen, rejected) token counts on this index's side of the split, [pairs, 3], in
+        storage order, for the memory plan; `tokens_by_row` keeps their sums."""
+        counts = []
+
+        def kept():
+            for numbers, lengths in self._lengths_by_group():
+                counts.append(lengths)
+                yield numbers, lengths
+
+        self._tokens = _trained_tokens(kept(), self.total_rows)
+        return np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
+
+    def tokens_by_row(self) -> np.ndarray:
+        """The tokens each row of the whole folder trains, [prompt; chosen] and [prompt; rejected] (0 off this
+        index's side of the split), by its number in the folder: what a global batch's split balances. 4 bytes a
+        row, counted once (by `pair_lengths` where the memory plan read them)."""
+        if self._tokens is None:
+            self._tokens = _trained_tokens(self._lengths_by_group(), self.total_rows)
+        return self._tokens
+
+    def _lengths_by_group(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(the folder's numbers of a row group's rows on this side of the split, their (prompt, chosen, rejected)
+        token counts) for each row group that has any. The shards record no lengths, so the three token-id columns
+        are read, row group by row group (no other column, nothing kept but the counts)."""
+        names, shards = ["prompt_ids", column(SIDES[0], "ids"), column(SIDES[1], "ids")], {}
         for group, (file_index, row_group, _) in enumerate(self.groups):
-            rows, file = self.rows(group), self.files[file_index]
+            rows, file = np.asarray(self.rows(group), dtype=np.int64), self.files[file_index]
             if not len(rows):
                 continue
             with reading_shard(file):
                 shard = shards.setdefault(file_index, open_shard(file))
                 table = shard.read_row_group(row_group, columns=names)
             lengths = [pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False) for name in names]
-            counts.append(np.stack(lengths, axis=1)[np.asarray(rows)])
-        return np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
+            yield self.first_row[group] + rows, np.stack(lengths, axis=1)[rows]
 
     def check_every_group(self) -> None:
         """Read and check every row group on this index's side of the split now, rather than when it is reached:
@@ -296,3 +318,11 @@ class ShardIndex:
                   *signal, *topk[0], *topk[1]]
         ids = table.column("id").take(rows).to_pylist()
         return [TrainingPair(id, *values) for id, *values in zip(ids, *arrays)]
+
+
+def _trained_tokens(groups: Iterable[tuple[np.ndarray, np.ndarray]], total_rows: int) -> np.ndarray:
+    """Each row's [prompt; chosen] and [prompt; rejected] tokens, from ShardIndex._lengths_by_group."""
+    tokens = np.zeros(total_rows, dtype=np.int32)
+    for numbers, lengths in groups:
+        tokens[numbers] = 2 * lengths[:, 0] + lengths[:, 1] + lengths[:, 2]
+    return tokens
