@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-try:  # FSDP2's interfaces for custom collectives, in recent torch only
+try:  # FSDP2's interfaces for custom collectives and its plain buffer allocation, in recent torch only
     from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 except ImportError:
     AllGather = ReduceScatter = None
+    DefaultAllocMixin = object
 
 
 def _peers(group, round_: int) -> tuple[int, int]:
@@ -32,12 +34,7 @@ def _exchange(group, send: torch.Tensor, to: int, receive: torch.Tensor, sender:
     return [dist.isend(send, group=group, group_dst=to), dist.irecv(receive, group=group, group_src=sender)]
 
 
-class _Allocate:
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
-
-
-class PairwiseAllGather(_Allocate, AllGather or object):
+class PairwiseAllGather(DefaultAllocMixin, AllGather or object):
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         chunks = output_tensor.view(group.size(), -1)
         mine = chunks[group.rank()]
@@ -51,7 +48,7 @@ class PairwiseAllGather(_Allocate, AllGather or object):
             work.wait()
 
 
-class PairwiseReduceScatter(_Allocate, ReduceScatter or object):
+class PairwiseReduceScatter(DefaultAllocMixin, ReduceScatter or object):
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
         if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):  # what FSDP2 asks of gloo; anything else, gloo's own
             return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)

@@ -246,15 +246,9 @@ class ShardIndex:
     def pair_lengths(self) -> np.ndarray:
         """Each pair's (prompt, chosen, rejected) token counts on this index's side of the split, [pairs, 3], in
         storage order, for the memory plan; `tokens_by_row` keeps their sums."""
-        counts = []
-
-        def kept():
-            for numbers, lengths in self._lengths_by_group():
-                counts.append(lengths)
-                yield numbers, lengths
-
-        self._tokens = _trained_tokens(kept(), self.total_rows)
-        return np.concatenate(counts) if counts else np.zeros((0, 3), dtype=np.int64)
+        groups = list(self._lengths_by_group())
+        self._tokens = _trained_tokens(groups, self.total_rows)
+        return np.concatenate([lengths for _, lengths in groups]) if groups else np.zeros((0, 3), dtype=np.int64)
 
     def tokens_by_row(self) -> np.ndarray:
         """The tokens each row of the whole folder trains, [prompt; chosen] and [prompt; rejected] (0 off this

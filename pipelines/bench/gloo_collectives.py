@@ -10,9 +10,7 @@ runs on one thread, as treg-train's processes do on a CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,8 +74,6 @@ def main() -> None:
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     with tempfile.TemporaryDirectory() as work:
         mp.spawn(_worker, args=(args, str(Path(work) / "store")), nprocs=args.processes)
 
